@@ -1,0 +1,179 @@
+"""HeadCLIP checkpoints: the learned tensors in safetensors, the config as JSON.
+
+One ``.safetensors`` file holds the learned parameters (prompts, deep
+prompts, head weights) and, in its header metadata, the JSON config that
+rebuilds the model. Nothing is unpickled on load. A checkpoint's id is the
+sha256 of its bytes; the bytes are deterministic for a given model state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from . import __version__
+from .config import HeadCLIPConfig
+from .storage import open_file, read_bytes, write_bytes_atomic
+
+FORMAT = "headclip-checkpoint/1"
+METADATA_KEY = "headclip"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the backbone."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from storage."""
+
+    config: HeadCLIPConfig
+    tensors: dict[str, torch.Tensor]
+    checkpoint_id: str
+    headclip_version: str
+    uri: Optional[str] = None
+
+
+def checkpoint_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolved_config(model) -> HeadCLIPConfig:
+    """The model's config with every derived default written out."""
+    return model.config.replace(
+        vv_start_layer=model.vision.vv_start_layer,
+        map_layers=tuple(model.vision.map_layers),
+    )
+
+
+def serialize(model) -> bytes:
+    """The checkpoint bytes of ``model``'s learned state and config."""
+    tensors = {
+        name: param.detach().to("cpu", torch.float32).contiguous().clone()
+        for name, param in model.learnable_parameters().items()
+    }
+    payload = {
+        "format": FORMAT,
+        "headclip_version": __version__,
+        "config": resolved_config(model).to_dict(),
+    }
+    # A single metadata entry keeps the header's byte order fixed.
+    metadata = {METADATA_KEY: json.dumps(payload, sort_keys=True)}
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def save_checkpoint(model, uri: str, storage_options: Optional[dict] = None) -> str:
+    """Write ``model``'s checkpoint to ``uri`` (local path or fsspec URL); returns its id."""
+    data = serialize(model)
+    write_bytes_atomic(uri, data, storage_options)
+    return checkpoint_id(data)
+
+
+def _header_metadata(data: bytes, source: str) -> dict:
+    if len(data) < 8:
+        raise CheckpointError(f"{source}: not a safetensors file ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len <= 0 or 8 + header_len > len(data):
+        raise CheckpointError(f"{source}: not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except ValueError:
+        raise CheckpointError(f"{source}: not a safetensors file (header is not JSON)") from None
+    metadata = header.get("__metadata__") or {}
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(f"{source}: safetensors file without a HeadCLIP config")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def parse_checkpoint(data: bytes, source: str = "checkpoint") -> Checkpoint:
+    payload = _header_metadata(data, source)
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: unsupported checkpoint format {payload.get('format')!r}")
+    try:
+        config = HeadCLIPConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: invalid config: {err}") from None
+    tensors = load_safetensors(data)
+    return Checkpoint(config, tensors, checkpoint_id(data), payload.get("headclip_version", "?"), source)
+
+
+def read_checkpoint(uri: str, storage_options: Optional[dict] = None) -> Checkpoint:
+    """Read a checkpoint from a local path or fsspec URL."""
+    try:
+        data = read_bytes(uri, storage_options)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {uri}: {err}") from None
+    return parse_checkpoint(data, uri)
+
+
+def apply_learned_state(model, checkpoint: Checkpoint) -> None:
+    """Copy the checkpoint's tensors into ``model``, refusing any shape mismatch."""
+    params = model.learnable_parameters()
+    source = checkpoint.uri or checkpoint.checkpoint_id[:12]
+    missing = sorted(set(params) - set(checkpoint.tensors))
+    unexpected = sorted(set(checkpoint.tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: missing {missing} / unexpected {unexpected} tensors")
+    backbone = model.config.backbone
+    for name, param in params.items():
+        tensor = checkpoint.tensors[name]
+        if tensor.shape != param.shape:
+            raise CheckpointError(f"{source} does not match backbone {backbone}: {_describe(name, tensor.shape, param.shape)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(checkpoint.tensors[name].to(param.device, param.dtype))
+
+
+def _describe(name: str, got: torch.Size, want: torch.Size) -> str:
+    if name == "vision.head_weights":
+        return (f"head weights cover {got[0]} layers x {got[1]} heads, "
+                f"the backbone has {want[0]} adapted layers x {want[1]} heads")
+    if name == "prompt.deep":
+        return (f"deep prompts of {got[0]} layers x {got[1]} tokens x width {got[2]}, "
+                f"expected {want[0]} x {want[1]} x width {want[2]}")
+    return f"{name} has width {got[-1]} and {got[0]} vectors, the text tower expects width {want[-1]} and {want[0]}"
+
+
+def read_anomalyclip_prompts(uri: str, storage_options: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Read AnomalyCLIP's released prompt-learner checkpoint (a torch pickle).
+
+    Loaded with ``torch.load(weights_only=True)``, which refuses code objects.
+    Returns HeadCLIP tensors: prompt.ctx_normal, prompt.ctx_abnormal, prompt.deep.
+    """
+    import io
+
+    with open_file(uri, "rb", storage_options) as handle:
+        data = handle.read()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for bad pickles
+        raise CheckpointError(f"{uri}: not a weights-only torch file: {str(err).splitlines()[0]}") from None
+    if isinstance(state, dict) and "prompt_learner" in state:
+        state = state["prompt_learner"]
+    if not isinstance(state, dict) or "ctx_pos" not in state or "ctx_neg" not in state:
+        raise CheckpointError(f"{uri}: no AnomalyCLIP prompt_learner state (ctx_pos, ctx_neg) found")
+
+    def vectors(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.float()
+        while tensor.dim() > 2 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.dim() != 2:
+            raise CheckpointError(f"{uri}: unexpected prompt tensor shape {tuple(tensor.shape)}")
+        return tensor
+
+    prefix = "compound_prompts_text."
+    deep_keys = sorted((k for k in state if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+    if not deep_keys:
+        raise CheckpointError(f"{uri}: no compound_prompts_text.N deep prompts found")
+    return {
+        "prompt.ctx_normal": vectors(state["ctx_pos"]),
+        "prompt.ctx_abnormal": vectors(state["ctx_neg"]),
+        "prompt.deep": torch.stack([vectors(state[k]) for k in deep_keys]),
+    }

@@ -1,0 +1,235 @@
+"""The HeadCLIP model on the tiny backbone with random weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import headclip
+from headclip.vision import interpolate_pos_embedding
+
+from .conftest import tiny_config
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("size", [32, 64, 96])
+def test_output_shapes_and_ranges(size):
+    model = headclip.create_model(tiny_config(image_size=size))
+    out = model.score(_images(3, size))
+    assert out.joint_score.shape == (3,)
+    assert out.global_score.shape == (3,)
+    assert out.anomaly_map.shape == (3, size, size)
+    assert out.anomaly_map.dtype == torch.float32
+    for tensor in (out.joint_score, out.global_score, out.anomaly_map):
+        assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0
+    assert model.vision.grid == size // 16
+    assert model.vision.pos_embedding.shape == (1 + (size // 16) ** 2, 64)
+
+
+def test_default_layers_follow_the_paper():
+    config = headclip.HeadCLIPConfig()
+    assert (config.backbone, config.pretrained, config.image_size) == ("ViT-L-14-336", "openai", 518)
+    from headclip.config import default_vv_start_layer
+
+    assert default_vv_start_layer(24) == 6  # the last 19 blocks of 24
+    assert 24 - default_vv_start_layer(24) + 1 == 19
+    assert default_vv_start_layer(12) == 3
+
+
+def test_joint_score_mixes_global_and_map():
+    model = headclip.create_model(tiny_config(alpha=0.3))
+    out = model.score(_images(2, 64))
+    expected = 0.3 * out.global_score + 0.7 * out.anomaly_map.flatten(1).amax(1)
+    torch.testing.assert_close(out.joint_score, expected)
+    topk = headclip.create_model(tiny_config(aggregate="topk_mean", top_k=10))
+    out = topk.score(_images(2, 64))
+    expected = 0.5 * out.global_score + 0.5 * out.anomaly_map.flatten(1).topk(10).values.mean(1)
+    torch.testing.assert_close(out.joint_score, expected)
+
+
+def test_unit_head_weights_equal_anomalyclip_mode(tiny_model):
+    images = _images(2, 64)
+    anomalyclip = headclip.create_model(tiny_config(head_weights=False))
+    anomalyclip.load_state_dict(tiny_model.state_dict())
+    ours, ref = tiny_model.score(images), anomalyclip.score(images)
+    assert torch.equal(ours.anomaly_map, ref.anomaly_map)
+    assert torch.equal(ours.joint_score, ref.joint_score)
+    on_both = headclip.create_model(tiny_config(head_weights_on_original=True))
+    assert torch.equal(on_both.score(images).anomaly_map, ref.anomaly_map)
+
+
+def test_changing_one_head_weight_changes_the_map():
+    model = headclip.create_model(tiny_config())
+    images = _images(2, 64)
+    before = model.score(images)
+    with torch.no_grad():
+        model.vision.head_weights[-1, 2] = 0.25
+    after = model.score(images)
+    assert not torch.allclose(before.anomaly_map, after.anomaly_map)
+    # the original path, and with it the global score, is untouched by default
+    assert torch.equal(before.global_score, after.global_score)
+    both = headclip.create_model(tiny_config(head_weights_on_original=True))
+    with torch.no_grad():
+        both.vision.head_weights[-1, 2] = 0.25
+    assert not torch.equal(both.score(images).global_score, before.global_score)
+
+
+def test_batch_equals_single_images(tiny_model):
+    images = _images(4, 64, seed=3)
+    batch = tiny_model.score(images)
+    for i in range(4):
+        single = tiny_model.score(images[i:i + 1])
+        torch.testing.assert_close(single.anomaly_map[0], batch.anomaly_map[i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(single.joint_score[0], batch.joint_score[i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(single.global_score[0], batch.global_score[i], rtol=0, atol=1e-5)
+
+
+def test_optimiser_step_changes_only_learned_parameters():
+    model = headclip.create_model(tiny_config())
+    model.train()
+    assert not model.clip.training
+    backbone_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    learned_before = {k: v.detach().clone() for k, v in model.learnable_parameters().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.learnable_parameters().values()}
+    optimiser = torch.optim.Adam(trainable, lr=1e-2)
+    logits = model(model.normalize(_images(2, 64)))
+    target = torch.tensor([0, 1])
+    loss = F.cross_entropy(logits.global_logits, target) + sum(
+        F.cross_entropy(l, torch.ones(l.shape[0], *l.shape[2:], dtype=torch.long)) for l in logits.patch_logits
+    )
+    loss.backward()
+    optimiser.step()
+    for key, value in model.clip.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+    for key, param in model.learnable_parameters().items():
+        assert not torch.equal(param.detach(), learned_before[key]), key
+
+
+def test_text_features_are_cached_until_prompts_change():
+    model = headclip.create_model(tiny_config())
+    with torch.inference_mode():
+        first = model.text_features()
+        assert model.text_features() is first
+    with torch.no_grad():
+        model.prompt.ctx_abnormal.add_(0.5)
+    with torch.inference_mode():
+        second = model.text_features()
+    assert second is not first and not torch.allclose(first, second)
+
+
+def test_original_path_equals_open_clip():
+    """At the native size, with ln_post, the class token is open_clip's image embedding."""
+    model = headclip.create_model(tiny_config(image_size=224, class_token_layernorm=True))
+    images = model.normalize(_images(2, 224))
+    with torch.no_grad():
+        features = model.vision(images)
+        ours = model.vision.project(features.class_token, layernorm=True)
+        reference = model.clip.encode_image(images)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_text_path_equals_open_clip_for_real_words():
+    """With deep prompts off and context vectors set to word embeddings, the
+    prompt features are open_clip's text embedding of that sentence."""
+    model = headclip.create_model(tiny_config(deep_prompt_length=0))
+    tokenizer = __import__("open_clip").get_tokenizer("HeadCLIP-Tiny")
+    words = "a photo of the big red car on a wet grey road".split()
+    assert len(words) == 12
+    sentence = tokenizer([" ".join(words) + " object."])
+    assert int(sentence.argmax()) == 1 + 12 + 2  # one token per word, then "object", "."
+    with torch.no_grad():
+        embedded = model.clip.token_embedding(sentence)[0, 1:13]
+        model.prompt.ctx_normal.copy_(embedded)
+        ours = model.prompt()[0]
+        reference = model.clip.encode_text(sentence)[0]
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_deep_prompts_replace_tokens_in_their_layers():
+    model = headclip.create_model(tiny_config())
+    assert model.prompt.deep.shape == (8, 4, 64)  # text layers 2..9
+    with torch.no_grad():
+        base = model.prompt().clone()
+        model.prompt.deep[7].add_(1.0)  # layer 9's prompt
+        changed = model.prompt()
+    assert not torch.allclose(base, changed)
+
+
+def _plain_vv_attention(block, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """softmax(V V^T * scale) V per head and token, with explicit loops; x: (N, D)."""
+    attn = block.attn
+    heads, dim = attn.num_heads, attn.embed_dim
+    head_dim = dim // heads
+    hidden = block.ln_1(x)
+    w_v = attn.in_proj_weight[2 * dim:]
+    b_v = attn.in_proj_bias[2 * dim:]
+    values = hidden @ w_v.t() + b_v  # (N, D)
+    out = torch.zeros_like(values)
+    scale = 1.0 / math.sqrt(head_dim)
+    for h in range(heads):
+        v = values[:, h * head_dim:(h + 1) * head_dim]
+        for i in range(v.shape[0]):
+            scores = torch.stack([torch.dot(v[i], v[j]) * scale for j in range(v.shape[0])])
+            probs = torch.exp(scores - scores.max())
+            probs = probs / probs.sum()
+            mixed = sum(probs[j] * v[j] for j in range(v.shape[0]))
+            out[i, h * head_dim:(h + 1) * head_dim] = weights[h] * mixed
+    return out @ attn.out_proj.weight.t() + attn.out_proj.bias
+
+
+def test_vv_attention_of_one_block_equals_plain_loop():
+    model = headclip.create_model(tiny_config(image_size=32))
+    block = model.clip.visual.transformer.resblocks[3]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 5, 64, generator=generator, dtype=torch.float64)
+    x_vv = torch.randn(1, 5, 64, generator=generator, dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
+    model = model.double()
+    with torch.no_grad():
+        new_x, new_vv = model.vision.block_forward(block, x, x_vv, weights)
+        expected_vv = x_vv[0] + _plain_vv_attention(block, x[0], weights)
+        expected_x = block(x)  # open_clip's own block: the original path
+    torch.testing.assert_close(new_vv[0], expected_vv, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(new_x, expected_x, rtol=1e-10, atol=1e-10)
+
+
+def test_positional_embedding_interpolation():
+    pos = torch.randn(1 + 14 * 14, 8)
+    same = interpolate_pos_embedding(pos, 14)
+    assert torch.equal(same, pos)
+    resized = interpolate_pos_embedding(pos, 37)
+    assert resized.shape == (1 + 37 * 37, 8)
+    assert torch.equal(resized[0], pos[0])
+
+
+def test_invalid_settings_fail_with_one_line():
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        headclip.create_model(tiny_config(image_size=70))
+    with pytest.raises(ValueError, match="map layer 1 must lie between"):
+        headclip.create_model(tiny_config(map_layers=(1,)))
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        tiny_config(aggregate="median")
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        headclip.create_model(tiny_config(backbone="ViT-Q-99"))
+
+
+def test_several_map_layers_are_averaged():
+    model = headclip.create_model(tiny_config(map_layers=(4, 6)))
+    images = model.normalize(_images(2, 64))
+    with torch.no_grad():
+        logits = model(images)
+    assert len(logits.patch_logits) == 2
+    global_score, anomaly_map = model.anomaly_probabilities(logits)
+    mean_prob = torch.stack([l.softmax(1)[:, 1] for l in logits.patch_logits]).mean(0)
+    upsampled = F.interpolate(mean_prob[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    from headclip.smoothing import gaussian_blur
+
+    torch.testing.assert_close(anomaly_map, gaussian_blur(upsampled, 4.0))
