@@ -10,6 +10,7 @@ sha256 of a released OpenAI file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .config import HeadCLIPConfig
+from .demo_assets import resolve_asset
 from .storage import open_file
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def read_weight_file(uri: str, storage_options: Optional[dict] = None) -> tuple[
     Returns (state_dict, sha256, openai_layout). ``openai_layout`` is True for
     OpenAI's TorchScript archives and state dicts that carry their extra keys.
     """
-    with open_file(uri, "rb", storage_options) as handle:
+    with open_file(resolve_asset(uri), "rb", storage_options) as handle:
         data = handle.read()
     digest = hashlib.sha256(data).hexdigest()
     openai_layout = False
@@ -150,7 +152,7 @@ def load_backbone(config: HeadCLIPConfig, storage_options: Optional[dict] = None
             )
     quick_gelu = needs_quick_gelu(name, pretrained, openai_layout, digest, config.quick_gelu)
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
         torch.manual_seed(config.init_seed)
         if pretrained is not None and state is None:
             clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
@@ -169,6 +171,23 @@ def load_backbone(config: HeadCLIPConfig, storage_options: Optional[dict] = None
     tokenizer = open_clip.get_tokenizer(name)
     log.info("backbone %s (weights %s, quick_gelu=%s)", name, pretrained or "random", quick_gelu)
     return Backbone(clip, tokenizer, mean, std, quick_gelu, digest)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """open_clip warns of random init even when weights are loaded from a file right after."""
+    root = logging.getLogger()
+    dropper = _DropRandomInitWarning()
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
 
 
 def _load_state(clip: nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:

@@ -20,14 +20,11 @@ from safetensors.torch import save as save_safetensors
 
 from . import __version__
 from .config import HeadCLIPConfig
+from .errors import CheckpointError
 from .storage import open_file, read_bytes, write_bytes_atomic
 
 FORMAT = "headclip-checkpoint/1"
 METADATA_KEY = "headclip"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not fit the backbone."""
 
 
 @dataclass

@@ -6,11 +6,13 @@ Normalisation with the backbone's mean/std happens on the model's device
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -47,12 +49,14 @@ def resize_square(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def stack_images(arrays: Iterable[np.ndarray]) -> torch.Tensor:
+def stack_images(arrays: Iterable[np.ndarray]) -> "torch.Tensor":
     """(H, W, 3) uint8 arrays -> (B, 3, H, W) uint8 tensor."""
+    import torch
+
     batch = np.stack(list(arrays))
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
 
-def preprocess(images: Iterable[Image.Image], size: int) -> torch.Tensor:
+def preprocess(images: Iterable[Image.Image], size: int) -> "torch.Tensor":
     """PIL images -> (B, 3, size, size) uint8 tensor ready for :meth:`HeadCLIP.score`."""
     return stack_images(resize_square(image, size) for image in images)

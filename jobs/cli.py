@@ -60,7 +60,7 @@ def unit_float(text: str) -> float:
 def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> None:
     """Run ``main`` and exit with its code; known input errors become one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from headclip.checkpoint import CheckpointError
+    from headclip.errors import CheckpointError
 
     try:
         code = main(argv)

@@ -65,3 +65,26 @@ def s3_bucket(s3_server, request):
     )
     client.create_bucket(Bucket=name)
     return f"s3://{name}", s3_server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (2 CPUs); yields its address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny checkpoint at 64 px with perturbed prompts and head weights."""
+    model = headclip.create_model(tiny_config())
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in model.learnable_parameters().values():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    headclip.save_checkpoint(model, str(path))
+    return str(path)

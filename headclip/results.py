@@ -1,0 +1,64 @@
+"""Reading scoring output back: a run as a pandas DataFrame, masks and heat maps as numpy."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from .masks import decode_heatmap, decode_rle
+from .plan import run_uri
+from .schema import METADATA_RUN_CONFIG
+from .storage import filesystem
+
+
+def shard_files(run: str, storage_options: Optional[dict] = None) -> list[str]:
+    """The published shard files of a run directory (``.../run_id=<id>``), sorted."""
+    fs, path = filesystem(run, storage_options)
+    return sorted(fs.unstrip_protocol(p) if "://" in run else p
+                  for p in fs.glob(path.rstrip("/") + "/shard-*.parquet"))
+
+
+def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional[list[str]] = None) -> pd.DataFrame:
+    """All rows of a run directory, sorted by image_uri.
+
+    ``run`` is ``OUTPUT/run_id=<id>`` (see :func:`run_location`).
+    """
+    fs, _ = filesystem(run, storage_options)
+    tables = []
+    for uri in shard_files(run, storage_options):
+        with fs.open(filesystem(uri, storage_options)[1], "rb") as handle:
+            tables.append(pq.read_table(handle, columns=columns))
+    if not tables:
+        raise FileNotFoundError(f"no shard files under {run}")
+    frame = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+    return frame.sort_values("image_uri", kind="stable").reset_index(drop=True)
+
+
+def run_location(output: str, run_id: str) -> str:
+    return run_uri(output, run_id)
+
+
+def run_config(shard_uri: str, storage_options: Optional[dict] = None) -> dict:
+    """The run config stored in a shard file's key-value metadata."""
+    fs, path = filesystem(shard_uri, storage_options)
+    with fs.open(path, "rb") as handle:
+        metadata = pq.read_schema(handle).metadata or {}
+    return json.loads(metadata.get(METADATA_RUN_CONFIG, b"{}"))
+
+
+def mask(row) -> Optional[np.ndarray]:
+    """A row's mask as a (h, w) bool array (None for error rows)."""
+    rle = row["mask_rle"]
+    if rle is None or (isinstance(rle, float) and np.isnan(rle)):
+        return None
+    return decode_rle({"size": list(rle["size"]), "counts": rle["counts"]})
+
+
+def heatmap(row) -> Optional[np.ndarray]:
+    """A row's preview heat map as a (h, w) float32 array in [0, 1] (None for error rows)."""
+    data = row["anomaly_map"]
+    return None if data is None else decode_heatmap(data)

@@ -1,0 +1,281 @@
+"""The distributed scoring job: plan on the driver, score shards on Ray actors.
+
+Data flows one way: listing -> shards -> actors (decode -> model -> encode)
+-> Parquet. Each actor reserves a GPU (or CPUs), loads the model once and
+scores whole shards. A shard is done once its file is published; a rerun
+skips it. If an actor dies, its shards go to a fresh actor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from .checkpoint import read_checkpoint
+from .demo_assets import DEMO_CHECKPOINT
+from .imageio import IMAGE_EXTENSIONS
+from .listing import list_images, listing_hash
+from .plan import RunPlan, derive_run_id, make_plan, read_plan, run_uri, write_plan
+from .progress import Progress
+from .schema import STATUS_OK
+from .scorer import ScoringOptions, ShardResult, ShardScorer, ShardTask
+from .storage import filesystem, join, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobConfig:
+    """Everything a scoring run needs. ``checkpoint`` None means the demo model."""
+
+    input: str
+    output: str
+    checkpoint: Optional[str] = None
+    run_id: Optional[str] = None
+    shard_size: int = 256
+    actors: Optional[int] = None  # None: one per GPU, or CPU actors when there is none
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: Optional[float] = None
+    limit: Optional[int] = None
+    extensions: Sequence[str] = IMAGE_EXTENSIONS
+    storage_options: Optional[dict] = None
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    model_overrides: dict = field(default_factory=dict)
+    max_shard_attempts: int = 3
+    max_actor_restarts: int = 16
+    progress_interval: float = 5.0
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self.checkpoint or str(DEMO_CHECKPOINT)
+
+    def row_settings(self) -> dict[str, Any]:
+        """The settings that shape rows; they, the input and the checkpoint name a run."""
+        scoring = self.scoring
+        return {
+            "threshold": scoring.threshold,
+            "mask_threshold": scoring.mask_threshold,
+            "mask_max_side": scoring.mask_max_side,
+            "heatmap_side": scoring.heatmap_side,
+            "max_pixels": scoring.max_pixels,
+            "shard_size": self.shard_size,
+            "limit": self.limit,
+            "extensions": sorted(self.extensions),
+            "model_overrides": self.model_overrides,
+        }
+
+
+@dataclass
+class JobSummary:
+    run_id: str
+    output: str
+    images: int = 0
+    errors: int = 0
+    anomalous: int = 0
+    shards: int = 0
+    shards_skipped: int = 0
+    shards_scored: int = 0
+    actor_restarts: int = 0
+    seconds: float = 0.0
+    output_bytes: int = 0
+    checkpoint_id: str = ""
+    resumed: bool = False
+    peak_actor_rss_bytes: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        scored = self.images - self.skipped_images
+        return scored / self.seconds if self.seconds > 0 else 0.0
+
+    skipped_images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_second": round(self.images_per_second, 3)}
+
+    def lines(self) -> list[str]:
+        return [
+            f"run {self.run_id}: {self.images} images in {self.shards} shards "
+            f"({self.shards_skipped} already done), {self.errors} errors, {self.anomalous} anomalous",
+            f"throughput {self.images_per_second:.1f} images/s over {self.seconds:.1f}s, "
+            f"{self.actor_restarts} actor restarts",
+            f"output: {run_uri(self.output, self.run_id)}",
+        ]
+
+
+def prepare(config: JobConfig) -> RunPlan:
+    """Validate the checkpoint, list the input and write (or read back) the run's plan.
+
+    Raises CheckpointError, InputError or OSError before any Ray work.
+    """
+    checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
+    images = list_images(config.input, config.extensions, config.storage_options, config.limit)
+    listed = listing_hash(images)
+    settings = {**config.row_settings(), "listing_hash": listed}
+    run_id = config.run_id or derive_run_id(config.input, checkpoint.checkpoint_id, settings)
+    existing = read_plan(config.output, run_id, config.storage_options)
+    if existing is not None:
+        if existing.listing_hash != listed:
+            log.warning("run %s was planned over a different listing (%d images, now %d); continuing its "
+                        "stored plan, give a new --run-id to score the current listing", run_id,
+                        existing.images.num_rows, images.num_rows)
+        log.info("resuming run %s from its stored plan (%d images)", run_id, existing.images.num_rows)
+        return existing
+    run_config = {"input": config.input, "checkpoint": config.checkpoint_uri, **config.row_settings()}
+    plan = make_plan(run_id, config.output, images, config.shard_size, run_config, checkpoint.checkpoint_id)
+    write_plan(plan, config.storage_options)
+    return plan
+
+
+def actor_layout(config: JobConfig, resources: dict[str, float], num_shards: int) -> tuple[int, float, float]:
+    """(actors, gpus per actor, cpus per actor) for a cluster with ``resources``."""
+    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
+    if gpus > 0 and config.gpus_per_actor > 0:
+        actors = config.actors or max(1, int(gpus // config.gpus_per_actor))
+        cpus_per_actor = config.cpus_per_actor or max(1.0, min(8.0, float(int(cpus // actors))))
+        gpus_per_actor = config.gpus_per_actor
+    else:
+        default_cpus = cpus if cpus <= 4 else 4.0
+        cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
+                                                   else default_cpus)
+        actors = config.actors or max(1, int(cpus // cpus_per_actor))
+        gpus_per_actor = 0.0
+    return max(1, min(actors, num_shards)), gpus_per_actor, cpus_per_actor
+
+
+class _ScorerActor:
+    """A Ray actor around :class:`ShardScorer`: the model loads once, in ``__init__``."""
+
+    def __init__(self, kwargs: dict):
+        self.scorer = ShardScorer(**kwargs)
+
+    def score_shard(self, task: ShardTask) -> ShardResult:
+        return self.scorer.score_shard(task)
+
+
+def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, Any], None]] = None) -> JobSummary:
+    """Score every unfinished shard of ``plan`` on a pool of Ray actors.
+
+    Ray must be initialised. ``on_event(name, value)`` is told of
+    "actors" (their names) and "shard_done" (a ShardResult), for monitoring.
+    """
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    start = time.perf_counter()
+    summary = JobSummary(plan.run_id, plan.output, shards=plan.num_shards, checkpoint_id=plan.checkpoint_id,
+                         resumed=plan.resumed)
+    progress = Progress(plan.num_shards, plan.images.num_rows, config.progress_interval)
+    for result in finished_shards(plan, config.storage_options):
+        _account(summary, result)
+        progress.update(result)
+    pending = deque(i for i in range(plan.num_shards) if not progress.is_done(i))
+    if not pending:
+        return _finish(summary, plan, config, progress, start)
+    actors_n, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending))
+    log.info("run %s: %d images in %d shards on %d actors (%.2g GPU, %.2g CPU each)", plan.run_id,
+             plan.images.num_rows, plan.num_shards, actors_n, gpus, cpus)
+    scorer_kwargs = dict(run_id=plan.run_id, checkpoint=config.checkpoint_uri, options=config.scoring,
+                         storage_options=config.storage_options, run_config=plan.config,
+                         model_overrides=config.model_overrides, extra_fields=plan.extra_fields,
+                         torch_threads=max(1, int(cpus)))
+    remote_cls = ray.remote(_ScorerActor)
+    generation = [0] * actors_n
+
+    def start_actor(slot: int):
+        name = f"headclip-scorer-{plan.run_id}-{slot}-{generation[slot]}"
+        return remote_cls.options(name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=0).remote(scorer_kwargs)
+
+    actors = [start_actor(slot) for slot in range(actors_n)]
+    if on_event:
+        on_event("actors", [f"headclip-scorer-{plan.run_id}-{s}-0" for s in range(actors_n)])
+    inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, shard)
+    attempts = [0] * plan.num_shards
+    try:
+        while pending or inflight:
+            for slot in range(actors_n):
+                while pending and sum(1 for s, g, _ in inflight.values() if s == slot) < 2:
+                    shard = pending.popleft()
+                    task = ShardTask(shard, plan.shard_uri(shard), plan.shard_images(shard))
+                    inflight[actors[slot].score_shard.remote(task)] = (slot, generation[slot], shard)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=config.progress_interval)
+            for ref in ready:
+                slot, gen, shard = inflight.pop(ref)
+                try:
+                    result: ShardResult = ray.get(ref)
+                except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                    pending.appendleft(shard)
+                    if gen == generation[slot]:
+                        summary.actor_restarts += 1
+                        if summary.actor_restarts > config.max_actor_restarts:
+                            raise RuntimeError(f"too many scoring actors died ({summary.actor_restarts})") from err
+                        log.warning("scoring actor %d died (%s); shard %d goes to a new actor", slot,
+                                    type(err).__name__, shard)
+                        generation[slot] += 1
+                        actors[slot] = start_actor(slot)
+                    continue
+                except ray.exceptions.RayTaskError as err:
+                    attempts[shard] += 1
+                    if attempts[shard] >= config.max_shard_attempts:
+                        raise RuntimeError(f"shard {shard} failed {attempts[shard]} times: "
+                                           f"{str(err.cause if hasattr(err, 'cause') else err).splitlines()[0]}")
+                    log.warning("shard %d failed (attempt %d), retrying: %s", shard, attempts[shard],
+                                str(err).splitlines()[0])
+                    pending.append(shard)
+                    continue
+                _account(summary, result)
+                progress.update(result)
+                if on_event:
+                    on_event("shard_done", result)
+            progress.tick()
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    return _finish(summary, plan, config, progress, start)
+
+
+def _finish(summary: JobSummary, plan: RunPlan, config: JobConfig, progress: Progress, start: float) -> JobSummary:
+    progress.close()
+    summary.seconds = time.perf_counter() - start
+    summary_uri = join(run_uri(plan.output, plan.run_id), "_summary.json")
+    write_bytes_atomic(summary_uri, json.dumps(summary.to_dict(), indent=2).encode(), config.storage_options)
+    return summary
+
+
+def finished_shards(plan: RunPlan, storage_options: Optional[dict] = None) -> list[ShardResult]:
+    """Shards of ``plan`` whose files are already published, with their counts."""
+    import pyarrow.parquet as pq
+
+    fs, root = filesystem(run_uri(plan.output, plan.run_id), storage_options)
+    if not fs.exists(root):
+        return []
+    names = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
+    results = []
+    for index in range(plan.num_shards):
+        uri = plan.shard_uri(index)
+        if posixpath.basename(uri) not in names:
+            continue
+        with fs.open(filesystem(uri, storage_options)[1], "rb") as handle:
+            table = pq.read_table(handle, columns=["status", "is_anomalous"])
+        status = table["status"].to_pylist()
+        results.append(ShardResult(index, images=table.num_rows, skipped=True,
+                                   errors=sum(1 for s in status if s != STATUS_OK),
+                                   anomalous=sum(1 for a in table["is_anomalous"].to_pylist() if a)))
+    return results
+
+
+def _account(summary: JobSummary, result: ShardResult) -> None:
+    summary.images += result.images
+    summary.errors += result.errors
+    summary.anomalous += result.anomalous
+    if result.skipped:
+        summary.shards_skipped += 1
+        summary.skipped_images += result.images
+        return
+    summary.shards_scored += 1
+    summary.output_bytes += result.output_bytes
+    summary.peak_actor_rss_bytes = max(summary.peak_actor_rss_bytes, result.peak_rss_bytes)

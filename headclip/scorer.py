@@ -1,0 +1,215 @@
+"""Scoring one shard of images into one Parquet file; no Ray here.
+
+A :class:`ShardScorer` loads the model once and then scores whole shards:
+image bytes are read and decoded on a thread pool, ahead of the model, so
+the device does not wait for I/O in steady state; maps are encoded (mask
+RLE, box, heat map PNG) on the same pool while the next batch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .factory import create_model
+from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .masks import encode_map
+from .schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table, table_to_parquet_bytes
+from .storage import filesystem, read_bytes, write_bytes_atomic
+from .transforms import resize_square, stack_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoringOptions:
+    """How images are scored and encoded (the parts of a run that shape its rows)."""
+
+    threshold: float = 0.5  # image label: score > threshold
+    mask_threshold: float = 0.5  # pixels: anomaly_map > mask_threshold
+    mask_max_side: int = 2048  # masks of larger images are stored scaled to this long side
+    heatmap_side: int = 64  # long side of the stored heat map PNG
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
+    batch_size: int = 16
+    io_threads: int = 8
+    device: str = "auto"  # "auto": CUDA when available
+
+
+@dataclass
+class ShardTask:
+    """A shard to score: its index, output URI and images (a table with image_id, image_uri, extras)."""
+
+    index: int
+    output_uri: str
+    images: pa.Table
+
+
+@dataclass
+class ShardResult:
+    index: int
+    images: int = 0
+    errors: int = 0
+    anomalous: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    output_bytes: int = 0
+    worker: str = ""
+    peak_rss_bytes: int = 0  # peak resident memory of the scoring process
+    error_messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Loaded:
+    """One image after reading and decoding, or the reason it failed."""
+
+    pixels: Optional[np.ndarray] = None  # (S, S, 3) uint8
+    width: Optional[int] = None
+    height: Optional[int] = None
+    error: Optional[str] = None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ShardScorer:
+    """Holds a loaded model and turns shards into Parquet files."""
+
+    def __init__(self, run_id: str, checkpoint: Optional[str], options: ScoringOptions,
+                 storage_options: Optional[dict] = None, run_config: Optional[dict] = None,
+                 model_overrides: Optional[dict] = None, extra_fields: Optional[list[pa.Field]] = None,
+                 torch_threads: Optional[int] = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.run_id = run_id
+        self.options = options
+        self.storage_options = storage_options
+        self.device = resolve_device(options.device)
+        self.model = create_model(checkpoint=checkpoint, device=self.device, storage_options=storage_options,
+                                  **(model_overrides or {}))
+        self.model.eval()
+        self.checkpoint_id = self.model.checkpoint_id or "untrained"
+        self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id)
+        self.pool = ThreadPoolExecutor(max_workers=options.io_threads, thread_name_prefix="headclip-io")
+        self.worker = f"{self.device}"
+
+    # -- per image -----------------------------------------------------------------
+
+    def _load(self, uri: str) -> _Loaded:
+        try:
+            data = read_bytes(uri, self.storage_options)
+        except FileNotFoundError:
+            return _Loaded(error=f"not found: {uri}")
+        except (OSError, ValueError) as err:
+            return _Loaded(error=f"read error: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+        try:
+            image = decode_image(data, self.options.max_pixels)
+        except ImageDecodeError as err:
+            return _Loaded(width=err.width, height=err.height, error=str(err))
+        width, height = image.size
+        return _Loaded(pixels=resize_square(image, self.model.image_size), width=width, height=height)
+
+    def _encode(self, anomaly_map: torch.Tensor, loaded: _Loaded) -> dict[str, Any]:
+        encoded = encode_map(anomaly_map, loaded.width, loaded.height, self.options.mask_threshold,
+                             self.options.mask_max_side, self.options.heatmap_side)
+        bbox = encoded.bbox
+        return {
+            "pixel_max": encoded.pixel_max,
+            "mask_rle": encoded.mask_rle,
+            "mask_area": encoded.mask_area,
+            "bbox": None if bbox is None else dict(zip(("x0", "y0", "x1", "y1"), bbox)),
+            "anomaly_map": encoded.anomaly_map_png,
+        }
+
+    # -- per shard -----------------------------------------------------------------
+
+    def score_table(self, images: pa.Table, shard_index: int = 0) -> pa.Table:
+        """Score every image of ``images`` (image_id, image_uri, extras); one row each, in order."""
+        options = self.options
+        records = images.to_pylist()
+        window = max(2 * options.batch_size, options.io_threads)
+        loads: deque[Future] = deque()
+        next_to_submit = 0
+        rows: list[Optional[dict]] = [None] * len(records)
+        encodes: list[tuple[int, Future, dict]] = []
+        batch: list[tuple[int, _Loaded]] = []
+        scored_at = datetime.now(timezone.utc)
+
+        def base_row(i: int) -> dict:
+            return {**records[i], "run_id": self.run_id, "shard": shard_index, "threshold": options.threshold,
+                    "mask_threshold": options.mask_threshold, "checkpoint_id": self.checkpoint_id,
+                    "scored_at": scored_at}
+
+        def flush() -> None:
+            pixels = stack_images(loaded.pixels for _, loaded in batch)
+            out = self.model.score(pixels.to(self.device))
+            for j, (i, loaded) in enumerate(batch):
+                score = float(out.joint_score[j])
+                row = base_row(i)
+                row.update(status=STATUS_OK, width=loaded.width, height=loaded.height, score=score,
+                           global_score=float(out.global_score[j]), is_anomalous=score > options.threshold)
+                encodes.append((i, self.pool.submit(self._encode, out.anomaly_map[j], loaded), row))
+            batch.clear()
+
+        for i in range(len(records)):
+            while next_to_submit < len(records) and len(loads) < window:
+                loads.append(self.pool.submit(self._load, records[next_to_submit]["image_uri"]))
+                next_to_submit += 1
+            loaded = loads.popleft().result()
+            if loaded.error is not None:
+                rows[i] = {**base_row(i), "status": STATUS_ERROR, "error": loaded.error,
+                           "width": loaded.width, "height": loaded.height}
+                continue
+            batch.append((i, loaded))
+            if len(batch) == options.batch_size:
+                flush()
+        if batch:
+            flush()
+        for i, future, row in encodes:
+            try:
+                row.update(future.result())
+            except Exception as err:  # an encoding failure costs the row its mask, not the row
+                row.update(status=STATUS_ERROR, error=f"cannot encode anomaly map: {err}")
+            rows[i] = row
+        return rows_to_table(rows, self.schema)
+
+    def score_shard(self, task: ShardTask) -> ShardResult:
+        """Score a shard and publish its Parquet file; a finished shard is skipped."""
+        start = time.perf_counter()
+        fs, path = filesystem(task.output_uri, self.storage_options)
+        if fs.exists(path):
+            return ShardResult(task.index, images=task.images.num_rows, skipped=True, worker=self.worker)
+        table = self.score_table(task.images, task.index)
+        data = table_to_parquet_bytes(table)
+        write_bytes_atomic(task.output_uri, data, self.storage_options)
+        status = table["status"].to_pylist()
+        errors = [e for e, s in zip(table["error"].to_pylist(), status) if s == STATUS_ERROR]
+        anomalous = sum(1 for flag in table["is_anomalous"].to_pylist() if flag)
+        return ShardResult(task.index, images=table.num_rows, errors=len(errors), anomalous=anomalous,
+                           seconds=time.perf_counter() - start, output_bytes=len(data), worker=self.worker,
+                           peak_rss_bytes=peak_rss_bytes(), error_messages=errors[:5])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def result_dict(result: ShardResult) -> dict:
+    return asdict(result)

@@ -1,0 +1,214 @@
+"""Bad input, dying actors and interrupted runs: nothing is lost, nothing doubled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import headclip
+from headclip import results
+from headclip.plan import run_uri
+from headclip.runner import execute, prepare
+from headclip.scorer import ScoringOptions
+
+from .scoring_helpers import jpeg_bytes, job, run_job, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _zoo(folder: Path) -> dict[str, str]:
+    """Write the bad-input zoo; returns file name -> expected status."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    (folder / "zero.png").write_bytes(b"")
+    whole = jpeg_bytes(base)
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (folder / "random.png").write_bytes(rng.bytes(2048))
+    (folder / "text.jpg").write_text("this is not an image\n")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one-pixel.png")
+    Image.new("L", (3000, 1000)).save(folder / "bomb.png")  # 3 Mpx against a 1 Mpx limit
+    Image.fromarray(rng.integers(0, 65535, (30, 50), dtype=np.uint16)).save(folder / "sixteen-bit.png")
+    Image.new("CMYK", (32, 32), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    base.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    base.convert("RGBA").save(folder / "rgba.png")
+    # stored rotated, with EXIF orientation 6 ("rotate 90 CW to display"): 40 wide x 56 tall upright
+    upright = base.transpose(Image.Transpose.ROTATE_90)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(folder / "exif-rotated.jpg", exif=exif.tobytes(), quality=95)
+    (folder / "deleted.png").write_bytes((folder / "one-pixel.png").read_bytes())
+    (folder / "read-error.png").write_bytes((folder / "one-pixel.png").read_bytes())
+    expected = {name: "ok" for name in ("one-pixel.png", "sixteen-bit.png", "cmyk.jpg", "palette.png",
+                                        "rgba.png", "exif-rotated.jpg")}
+    expected.update({name: "error" for name in ("zero.png", "truncated.jpg", "random.png", "text.jpg",
+                                                "bomb.png", "deleted.png", "read-error.png")})
+    return expected
+
+
+def test_bad_input_zoo_yields_one_row_each(ray_cluster, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "zoo"
+    expected = _zoo(folder)
+    config = job(str(folder), str(tmp_path / "out"), tiny_checkpoint,
+                 scoring=ScoringOptions(batch_size=4, io_threads=4, max_pixels=1_000_000))
+    plan = prepare(config)
+    assert plan.images.num_rows == len(expected)
+    (folder / "deleted.png").unlink()  # between listing and reading
+    (folder / "read-error.png").unlink()
+    (folder / "read-error.png").mkdir()  # reading it fails
+    summary = execute(plan, config)
+    frame = results.read_run(run_uri(config.output, plan.run_id)).set_index("image_id")
+    assert len(frame) == len(expected) and summary.images == len(expected)
+    assert summary.errors == sum(1 for s in expected.values() if s == "error")
+    for name, status in expected.items():
+        row = frame.loc[name]
+        assert row["status"] == status, (name, row["error"])
+        if status == "error":
+            assert isinstance(row["error"], str) and "\n" not in row["error"]
+            assert pd.isna(row["score"]) and row["mask_rle"] is None
+        else:
+            assert pd.isna(row["error"]) and 0.0 <= row["score"] <= 1.0
+    assert "empty file" in frame.loc["zero.png", "error"]
+    assert "truncated" in frame.loc["truncated.jpg", "error"]
+    assert "not a recognised image" in frame.loc["random.png", "error"]
+    assert "decompression bomb" in frame.loc["bomb.png", "error"]
+    assert (frame.loc["bomb.png", "width"], frame.loc["bomb.png", "height"]) == (3000, 1000)
+    assert "not found" in frame.loc["deleted.png", "error"]
+    assert "read error" in frame.loc["read-error.png", "error"]
+    assert (frame.loc["one-pixel.png", "width"], frame.loc["one-pixel.png", "height"]) == (1, 1)
+    # EXIF-rotated images are scored upright
+    rotated = frame.loc["exif-rotated.jpg"]
+    assert (rotated["width"], rotated["height"]) == (40, 56)
+    model = headclip.create_model(checkpoint=tiny_checkpoint)
+    upright = Image.open(folder / "exif-rotated.jpg")
+    from PIL import ImageOps
+
+    upright = ImageOps.exif_transpose(upright)
+    reference = model.score(headclip.preprocess([upright], model.image_size))
+    assert abs(float(reference.joint_score[0]) - rotated["score"]) < 2e-5
+
+
+def test_killed_actor_shards_are_retried(ray_cluster, tiny_checkpoint, tmp_path):
+    import ray
+
+    write_images(tmp_path / "images", 24)
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint, shard_size=2, actors=2,
+                 cpus_per_actor=1)
+    killed = []
+
+    def on_event(name, value):
+        if name == "actors":
+            on_event.names = value
+        elif name == "shard_done" and not killed:
+            victim = ray.get_actor(on_event.names[0])
+            ray.kill(victim, no_restart=True)
+            killed.append(on_event.names[0])
+
+    plan, summary = run_job(config, on_event=on_event)
+    assert killed and summary.actor_restarts >= 1
+    frame = results.read_run(run_uri(config.output, plan.run_id))
+    assert len(frame) == 24 and frame["image_id"].is_unique
+    assert (frame["status"] == "ok").all()
+    assert summary.images == 24 and summary.shards_scored == 12
+
+
+def _score_command(input_dir, output_dir, checkpoint, ray_address):
+    return [sys.executable, "-m", "jobs.score", "--input", str(input_dir), "--output", str(output_dir),
+            "--checkpoint", checkpoint, "--shard-size", "2", "--batch-size", "2", "--actors", "1",
+            "--ray-address", ray_address, "--progress-interval", "0.5"]
+
+
+def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
+    # a 224 px tiny model: slow enough on a CPU to interrupt mid-run
+    model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=224)
+    checkpoint = str(tmp_path / "m224.safetensors")
+    headclip.save_checkpoint(model, checkpoint)
+    write_images(tmp_path / "images", 60)
+    out = tmp_path / "out"
+    process = subprocess.Popen(_score_command(tmp_path / "images", out, checkpoint, ray_cluster), cwd=REPO,
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if len(list(out.glob("run_id=*/shard-*.parquet"))) >= 3:
+                break
+            assert process.poll() is None, "the job ended before it could be interrupted"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("run_id=*/shard-*.parquet")}
+    assert 3 <= len(finished) < 30, len(finished)
+
+    config = job(str(tmp_path / "images"), str(out), checkpoint, shard_size=2,
+                 scoring=ScoringOptions(batch_size=2, io_threads=4))
+    plan, summary = run_job(config)
+    assert plan.resumed and summary.shards_skipped == len(finished)
+    assert summary.shards_scored == 30 - len(finished)
+    for path, stamp in finished.items():
+        assert path.stat().st_mtime_ns == stamp, f"{path.name} was re-scored"
+    resumed = results.read_run(run_uri(str(out), plan.run_id))
+
+    reference_out = tmp_path / "uninterrupted"
+    plan_ref, _ = run_job(job(str(tmp_path / "images"), str(reference_out), checkpoint, shard_size=2,
+                              scoring=ScoringOptions(batch_size=2, io_threads=4)))
+    assert plan_ref.run_id == plan.run_id
+    reference = results.read_run(run_uri(str(reference_out), plan.run_id))
+    assert len(resumed) == 60 and resumed["image_id"].is_unique
+    columns = [c for c in reference.columns if c not in ("scored_at", "anomaly_map", "mask_rle", "bbox")]
+    pd.testing.assert_frame_equal(resumed[columns], reference[columns], check_exact=False, atol=2e-5)
+    def masks(frame):
+        return [(list(r["size"]), r["counts"]) for r in frame["mask_rle"]]
+
+    assert masks(resumed) == masks(reference)
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "jobs.score", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input", "x", "--output", "y", "--batch-size", "0"], "must be positive"),
+    (["--input", "x"], "the following arguments are required: --output"),
+    (["--input", "x", "--output", "y", "--threshold", "2"], "must be in [0, 1]"),
+    (["--input", "x", "--output", "y", "--storage-options", "{oops"], "not valid JSON"),
+])
+def test_bad_flags_get_one_line(args, message):
+    result = _cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_unusable_inputs_fail_before_any_work(tmp_path, tiny_checkpoint):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")], "no images found"),
+        (["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")], "input not found"),
+    ]
+    write_images(tmp_path / "imgs", 1)
+    cases.append((["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "o"),
+                   "--checkpoint", str(tmp_path / "nope.safetensors")], "cannot read checkpoint"))
+    (tmp_path / "afile").write_text("x")
+    cases.append((["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile" / "o"),
+                   "--checkpoint", tiny_checkpoint], "cannot use output"))
+    for args, message in cases:
+        result = _cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert message in last, result.stderr
+        assert "Started a local Ray instance" not in result.stderr
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
