@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import pyarrow as pa
+
 from .checkpoint import read_checkpoint
 from .demo_assets import DEMO_CHECKPOINT
 from .imageio import IMAGE_EXTENSIONS
@@ -23,8 +25,9 @@ from .listing import list_images, listing_hash
 from .plan import RunPlan, derive_run_id, make_plan, read_plan, run_uri, write_plan
 from .progress import Progress
 from .schema import STATUS_OK
-from .scorer import ScoringOptions, ShardResult, ShardScorer, ShardTask
-from .storage import filesystem, join, write_bytes_atomic
+from .metrics import MetricsByClass
+from .scorer import ScoringOptions, ShardResult, ShardScorer, ShardTask, metrics_uri
+from .storage import filesystem, join, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,9 @@ class JobConfig:
     run_id: Optional[str] = None
     shard_size: int = 256
     actors: Optional[int] = None  # None: one per GPU, or CPU actors when there is none
-    gpus_per_actor: float = 1.0
+    # None: 1 when the cluster has GPUs now, else CPU actors. A value given
+    # explicitly is always requested, so an autoscaling cluster adds GPU nodes.
+    gpus_per_actor: Optional[float] = None
     cpus_per_actor: Optional[float] = None
     limit: Optional[int] = None
     extensions: Sequence[str] = IMAGE_EXTENSIONS
@@ -86,6 +91,7 @@ class JobSummary:
     checkpoint_id: str = ""
     resumed: bool = False
     peak_actor_rss_bytes: int = 0
+    metrics: Optional[MetricsByClass] = None  # per-class metric state, for labelled inputs
 
     @property
     def images_per_second(self) -> float:
@@ -95,7 +101,8 @@ class JobSummary:
     skipped_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_second": round(self.images_per_second, 3)}
+        data = {k: v for k, v in asdict(self).items() if k != "metrics"}
+        return {**data, "images_per_second": round(self.images_per_second, 3)}
 
     def lines(self) -> list[str]:
         return [
@@ -107,13 +114,17 @@ class JobSummary:
         ]
 
 
-def prepare(config: JobConfig) -> RunPlan:
+def prepare(config: JobConfig, images: Optional[pa.Table] = None) -> RunPlan:
     """Validate the checkpoint, list the input and write (or read back) the run's plan.
 
-    Raises CheckpointError, InputError or OSError before any Ray work.
+    ``images`` replaces the listing of ``config.input`` (e.g. a labelled data
+    set's table). Raises CheckpointError, InputError or OSError before any Ray work.
     """
     checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
-    images = list_images(config.input, config.extensions, config.storage_options, config.limit)
+    if images is None:
+        images = list_images(config.input, config.extensions, config.storage_options, config.limit)
+    elif config.limit is not None:
+        images = images.slice(0, config.limit)
     listed = listing_hash(images)
     settings = {**config.row_settings(), "listing_hash": listed}
     run_id = config.run_id or derive_run_id(config.input, checkpoint.checkpoint_id, settings)
@@ -132,19 +143,23 @@ def prepare(config: JobConfig) -> RunPlan:
 
 
 def actor_layout(config: JobConfig, resources: dict[str, float], num_shards: int) -> tuple[int, float, float]:
-    """(actors, gpus per actor, cpus per actor) for a cluster with ``resources``."""
+    """(actors, gpus per actor, cpus per actor) for a cluster with ``resources`` now.
+
+    An explicit ``gpus_per_actor > 0`` requests GPU actors even when the
+    cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors.
+    """
     gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
-    if gpus > 0 and config.gpus_per_actor > 0:
-        actors = config.actors or max(1, int(gpus // config.gpus_per_actor))
+    explicit = config.gpus_per_actor
+    if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
+        per_actor = explicit or 1.0
+        actors = config.actors or max(1, int(gpus // per_actor))
         cpus_per_actor = config.cpus_per_actor or max(1.0, min(8.0, float(int(cpus // actors))))
-        gpus_per_actor = config.gpus_per_actor
-    else:
-        default_cpus = cpus if cpus <= 4 else 4.0
-        cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
-                                                   else default_cpus)
-        actors = config.actors or max(1, int(cpus // cpus_per_actor))
-        gpus_per_actor = 0.0
-    return max(1, min(actors, num_shards)), gpus_per_actor, cpus_per_actor
+        return max(1, min(actors, num_shards)), per_actor, cpus_per_actor
+    default_cpus = cpus if cpus <= 4 else 4.0
+    cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
+                                               else default_cpus)
+    actors = config.actors or max(1, int(cpus // cpus_per_actor))
+    return max(1, min(actors, num_shards)), 0.0, cpus_per_actor
 
 
 class _ScorerActor:
@@ -262,9 +277,14 @@ def finished_shards(plan: RunPlan, storage_options: Optional[dict] = None) -> li
         with fs.open(filesystem(uri, storage_options)[1], "rb") as handle:
             table = pq.read_table(handle, columns=["status", "is_anomalous"])
         status = table["status"].to_pylist()
+        metrics = None
+        metrics_path = filesystem(metrics_uri(uri), storage_options)[1]
+        if fs.exists(metrics_path):
+            metrics = MetricsByClass.from_dict(json.loads(read_bytes(metrics_uri(uri), storage_options))).to_dict()
         results.append(ShardResult(index, images=table.num_rows, skipped=True,
                                    errors=sum(1 for s in status if s != STATUS_OK),
-                                   anomalous=sum(1 for a in table["is_anomalous"].to_pylist() if a)))
+                                   anomalous=sum(1 for a in table["is_anomalous"].to_pylist() if a),
+                                   metrics=metrics))
     return results
 
 
@@ -272,6 +292,9 @@ def _account(summary: JobSummary, result: ShardResult) -> None:
     summary.images += result.images
     summary.errors += result.errors
     summary.anomalous += result.anomalous
+    if result.metrics is not None:
+        state = MetricsByClass.from_dict(result.metrics)
+        summary.metrics = state if summary.metrics is None else summary.metrics.merge(state)
     if result.skipped:
         summary.shards_skipped += 1
         summary.skipped_images += result.images

@@ -8,7 +8,9 @@ RLE, box, heat map PNG) on the same pool while the next batch runs.
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +23,10 @@ import pyarrow as pa
 import torch
 
 from .factory import create_model
+from .batches import load_mask
 from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from .masks import encode_map
+from .metrics import MetricsByClass
 from .schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table, table_to_parquet_bytes
 from .storage import filesystem, read_bytes, write_bytes_atomic
 from .transforms import resize_square, stack_images
@@ -42,6 +46,7 @@ class ScoringOptions:
     batch_size: int = 16
     io_threads: int = 8
     device: str = "auto"  # "auto": CUDA when available
+    metric_bins: int = 1000  # pixel-metric histogram bins, for labelled inputs
 
 
 @dataclass
@@ -64,6 +69,7 @@ class ShardResult:
     output_bytes: int = 0
     worker: str = ""
     peak_rss_bytes: int = 0  # peak resident memory of the scoring process
+    metrics: Optional[dict] = None  # MetricsByClass state, for labelled inputs
     error_messages: list[str] = field(default_factory=list)
 
 
@@ -72,9 +78,16 @@ class _Loaded:
     """One image after reading and decoding, or the reason it failed."""
 
     pixels: Optional[np.ndarray] = None  # (S, S, 3) uint8
+    mask: Optional[np.ndarray] = None  # (S, S) bool ground truth, when evaluating pixels
     width: Optional[int] = None
     height: Optional[int] = None
     error: Optional[str] = None
+
+
+def metrics_uri(shard_uri: str) -> str:
+    """Where a labelled shard's metric state is kept: ``_metrics/shard-NNNNN.json`` beside it."""
+    parent, name = posixpath.split(shard_uri)
+    return f"{parent}/_metrics/{name.replace('.parquet', '.json')}"
 
 
 def peak_rss_bytes() -> int:
@@ -113,7 +126,8 @@ class ShardScorer:
 
     # -- per image -----------------------------------------------------------------
 
-    def _load(self, uri: str) -> _Loaded:
+    def _load(self, record: dict) -> _Loaded:
+        uri = record["image_uri"]
         try:
             data = read_bytes(uri, self.storage_options)
         except FileNotFoundError:
@@ -125,7 +139,15 @@ class ShardScorer:
         except ImageDecodeError as err:
             return _Loaded(width=err.width, height=err.height, error=str(err))
         width, height = image.size
-        return _Loaded(pixels=resize_square(image, self.model.image_size), width=width, height=height)
+        mask = None
+        if record.get("has_masks"):
+            try:
+                mask = load_mask(record.get("mask_uri"), self.model.image_size, self.storage_options)
+            except Exception as err:  # noqa: BLE001 - any unreadable mask is reported on the row
+                return _Loaded(width=width, height=height, error=f"cannot read mask {record.get('mask_uri')}: {err}")
+            if mask is None:
+                mask = np.zeros((self.model.image_size,) * 2, dtype=bool)
+        return _Loaded(pixels=resize_square(image, self.model.image_size), mask=mask, width=width, height=height)
 
     def _encode(self, anomaly_map: torch.Tensor, loaded: _Loaded) -> dict[str, Any]:
         encoded = encode_map(anomaly_map, loaded.width, loaded.height, self.options.mask_threshold,
@@ -141,8 +163,26 @@ class ShardScorer:
 
     # -- per shard -----------------------------------------------------------------
 
-    def score_table(self, images: pa.Table, shard_index: int = 0) -> pa.Table:
-        """Score every image of ``images`` (image_id, image_uri, extras); one row each, in order."""
+    @staticmethod
+    def _accumulate(metrics: MetricsByClass, records: list[dict], loaded: list[_Loaded], out) -> None:
+        """Add a scored batch to per-class metric state (pixel metrics where masks are known)."""
+        scores = out.joint_score.float().cpu().numpy()
+        maps = None
+        for j, (record, item) in enumerate(zip(records, loaded)):
+            label = np.array([int(record["label"])])
+            if item.mask is not None:
+                maps = out.anomaly_map.float().cpu().numpy() if maps is None else maps
+                metrics.update(record["class_name"], scores[j:j + 1], label, maps[j:j + 1], item.mask[None])
+            else:
+                metrics.update(record["class_name"], scores[j:j + 1], label)
+
+    def score_table(self, images: pa.Table, shard_index: int = 0,
+                    metrics: Optional[MetricsByClass] = None) -> pa.Table:
+        """Score every image of ``images`` (image_id, image_uri, extras); one row each, in order.
+
+        With ``metrics`` (and ``label``/``class_name`` columns), the scores and
+        maps are also added to that per-class metric state.
+        """
         options = self.options
         records = images.to_pylist()
         window = max(2 * options.batch_size, options.io_threads)
@@ -161,6 +201,8 @@ class ShardScorer:
         def flush() -> None:
             pixels = stack_images(loaded.pixels for _, loaded in batch)
             out = self.model.score(pixels.to(self.device))
+            if metrics is not None:
+                self._accumulate(metrics, [records[i] for i, _ in batch], [l for _, l in batch], out)
             for j, (i, loaded) in enumerate(batch):
                 score = float(out.joint_score[j])
                 row = base_row(i)
@@ -171,7 +213,7 @@ class ShardScorer:
 
         for i in range(len(records)):
             while next_to_submit < len(records) and len(loads) < window:
-                loads.append(self.pool.submit(self._load, records[next_to_submit]["image_uri"]))
+                loads.append(self.pool.submit(self._load, records[next_to_submit]))
                 next_to_submit += 1
             loaded = loads.popleft().result()
             if loaded.error is not None:
@@ -197,15 +239,22 @@ class ShardScorer:
         fs, path = filesystem(task.output_uri, self.storage_options)
         if fs.exists(path):
             return ShardResult(task.index, images=task.images.num_rows, skipped=True, worker=self.worker)
-        table = self.score_table(task.images, task.index)
+        metrics = None
+        if {"label", "class_name"} <= set(task.images.column_names):
+            metrics = MetricsByClass(self.options.metric_bins)
+        table = self.score_table(task.images, task.index, metrics)
         data = table_to_parquet_bytes(table)
+        if metrics is not None:  # the metric state is published before the shard counts as done
+            write_bytes_atomic(metrics_uri(task.output_uri), json.dumps(metrics.to_dict(as_lists=True)).encode(),
+                               self.storage_options)
         write_bytes_atomic(task.output_uri, data, self.storage_options)
         status = table["status"].to_pylist()
         errors = [e for e, s in zip(table["error"].to_pylist(), status) if s == STATUS_ERROR]
         anomalous = sum(1 for flag in table["is_anomalous"].to_pylist() if flag)
         return ShardResult(task.index, images=table.num_rows, errors=len(errors), anomalous=anomalous,
                            seconds=time.perf_counter() - start, output_bytes=len(data), worker=self.worker,
-                           peak_rss_bytes=peak_rss_bytes(), error_messages=errors[:5])
+                           peak_rss_bytes=peak_rss_bytes(), error_messages=errors[:5],
+                           metrics=None if metrics is None else metrics.to_dict())
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

@@ -57,6 +57,27 @@ def unit_float(text: str) -> float:
     return value
 
 
+def add_storage_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", type=storage_options_arg, default=None,
+                   help="fsspec options as JSON, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'")
+
+
+def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_size: int = 256) -> None:
+    """Flags of every job that scores on the actor pool, plus --storage-options and --ray-address."""
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"images per forward call (default: {batch_size})")
+    p.add_argument("--shard-size", type=positive_int, default=shard_size,
+                   help=f"images per shard and output file (default: {shard_size})")
+    p.add_argument("--actors", type=positive_int, default=None,
+                   help="scoring actors (default: one per GPU, or CPU actors when there is none)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs each actor reserves (default: 1 if the cluster has GPUs, else CPU actors); "
+                        "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
+    add_storage_flag(p)
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
+
+
 def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> None:
     """Run ``main`` and exit with its code; known input errors become one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -109,7 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "--checkpoint", checkpoint, "--shard-size", "64",
                                             "--batch-size", "32", "--progress-interval", "2"])
     config = job_config(score_args)
-    plan = prepare_or_exit(config)
+    from headclip.datasets import load_dataset
+
+    plan = prepare_or_exit(config, load_dataset(str(manifest)))
     init_ray(None)
     from headclip.runner import execute
 
@@ -118,6 +120,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for line in summary.lines():
         print(line)
     report(args.output, plan.run_id)
+    from headclip import results
+    from headclip.plan import run_uri
+    from headclip.report import run_report
+
+    report_path = Path(args.output) / "report.html"
+    rows = results.read_run(run_uri(args.output, plan.run_id))
+    report_path.write_text(run_report(rows, f"Demo run {plan.run_id}").html())
+    print(f"\nreport with the worst images and their masks: {report_path} (open it in a browser)")
+    if summary.metrics is not None:
+        mean = summary.metrics.table().loc["mean"]
+        print(f"\ndetection quality on the demo images (their masks are known): "
+              f"image AUROC {mean['image_auroc']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f}")
     return 0
 
 

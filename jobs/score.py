@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from .cli import Parser, UsageError, positive_int, run, storage_options_arg, unit_float
+from .cli import Parser, add_cluster_flags, UsageError, positive_int, run, unit_float
 
 EXAMPLE = """examples:
   python -m jobs.score --input demo-data/images --output out/scores
@@ -33,12 +33,6 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", default=None, help="HeadCLIP checkpoint (default: the packaged demo model)")
     p.add_argument("--run-id", default=None,
                    help="run id (default: derived from input, listing, checkpoint and settings, so a rerun resumes)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward call (default: 16)")
-    p.add_argument("--shard-size", type=positive_int, default=256, help="images per shard/file (default: 256)")
-    p.add_argument("--actors", type=positive_int, default=None,
-                   help="scoring actors (default: one per GPU, or CPU actors when there is none)")
-    p.add_argument("--gpus-per-actor", type=float, default=1.0,
-                   help="GPUs each actor reserves; fractions share a GPU, 0 runs on CPU (default: 1)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs each actor reserves")
     p.add_argument("--threshold", type=unit_float, default=0.5, help="image label: score > threshold (default 0.5)")
     p.add_argument("--mask-threshold", type=unit_float, default=0.5,
@@ -50,12 +44,9 @@ def build_parser() -> Parser:
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N images of the listing")
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions to take (default: %(default)s)")
-    p.add_argument("--storage-options", type=storage_options_arg, default=None,
-                   help="fsspec options as JSON, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'")
     p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    add_cluster_flags(p)
     return p
 
 
@@ -77,14 +68,14 @@ def job_config(args):
                      progress_interval=args.progress_interval)
 
 
-def prepare_or_exit(config):
+def prepare_or_exit(config, images=None):
     """Plan the run; every input problem becomes a UsageError (one line, exit 2)."""
     from headclip.checkpoint import CheckpointError
     from headclip.listing import InputError
     from headclip.runner import prepare
 
     try:
-        return prepare(config)
+        return prepare(config, images)
     except CheckpointError:
         raise
     except InputError as err:

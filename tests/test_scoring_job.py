@@ -8,7 +8,6 @@ import duckdb
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from pycocotools import mask as coco
 
 from headclip import results

@@ -1,0 +1,107 @@
+"""The four data-set layouts, locally and on S3, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from headclip.datasets import DatasetError, detect_layout, load_dataset
+from jobs.make_synthetic import write_mvtec_tree
+
+
+@pytest.fixture()
+def mvtec(tmp_path) -> Path:
+    root = tmp_path / "mvtec"
+    write_mvtec_tree(root, ["metal", "leather"], per_class=6, size=32)
+    (root / "metal" / "train" / "good").mkdir(parents=True)  # the train split is not read
+    return root
+
+
+def test_mvtec_layout(mvtec):
+    table = load_dataset(str(mvtec))
+    assert detect_layout(str(mvtec)) == "mvtec"
+    assert table.num_rows == 12
+    rows = table.to_pylist()
+    assert {r["class_name"] for r in rows} == {"metal", "leather"}
+    for row in rows:
+        assert row["has_masks"]
+        if row["label"]:
+            assert row["mask_uri"].endswith("_mask.png") and Path(row["mask_uri"]).exists()
+            assert "/ground_truth/" in row["mask_uri"]
+        else:
+            assert row["mask_uri"] is None and "/test/good/" in row["image_uri"]
+    only = load_dataset(str(mvtec), classes=["metal"])
+    assert set(only["class_name"].to_pylist()) == {"metal"}
+
+
+def test_missing_mask_and_unknown_class_fail_with_one_line(mvtec):
+    with pytest.raises(DatasetError, match="unknown class 'bottle'.*available: leather, metal") as err:
+        load_dataset(str(mvtec), classes=["bottle"])
+    assert "\n" not in str(err.value)
+    mask = next((mvtec / "metal" / "ground_truth").rglob("*_mask.png"))
+    mask.unlink()
+    with pytest.raises(DatasetError, match="missing mask for .*expected .*_mask.png") as err:
+        load_dataset(str(mvtec))
+    assert "\n" not in str(err.value)
+
+
+def test_visa_layout(mvtec, tmp_path):
+    root = tmp_path / "visa"
+    (root / "split_csv").mkdir(parents=True)
+    lines = ["object,split,label,image,mask"]
+    for row in load_dataset(str(mvtec)).to_pylist():
+        image = Path(row["image_uri"]).relative_to(mvtec)
+        mask = Path(row["mask_uri"]).relative_to(mvtec) if row["mask_uri"] else ""
+        split = "train" if image.name == "000.png" else "test"
+        lines.append(f"{row['class_name']},{split},{'anomaly' if row['label'] else 'normal'},"
+                     f"../mvtec/{image},{'../mvtec/' + str(mask) if mask else ''}")
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(lines) + "\n")
+    table = load_dataset(str(root))
+    assert detect_layout(str(root)) == "visa"
+    assert table.num_rows == 10  # the two 000.png rows are in the train split
+    anomalous = [r for r in table.to_pylist() if r["label"]]
+    assert anomalous and all(Path(r["mask_uri"]).exists() for r in anomalous)
+    broken = next(i for i, line in enumerate(lines) if ",test,anomaly," in line)
+    lines[broken] = lines[broken].rsplit(",", 1)[0] + ","  # an anomaly without its mask
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match="missing mask for anomalous image"):
+        load_dataset(str(root))
+
+
+def test_anomalyclip_meta_json(mvtec):
+    meta = {"train": {}, "test": {}}
+    for row in load_dataset(str(mvtec)).to_pylist():
+        meta["test"].setdefault(row["class_name"], []).append({
+            "img_path": str(Path(row["image_uri"]).relative_to(mvtec)),
+            "mask_path": str(Path(row["mask_uri"]).relative_to(mvtec)) if row["mask_uri"] else "",
+            "cls_name": row["class_name"], "specie_name": "x", "anomaly": row["label"]})
+    (mvtec / "meta.json").write_text(json.dumps(meta))
+    table = load_dataset(str(mvtec))
+    assert detect_layout(str(mvtec)) == "meta"
+    assert table.num_rows == 12 and sum(table["label"].to_pylist()) == 6
+    with pytest.raises(DatasetError, match="no 'val' split"):
+        load_dataset(str(mvtec), split="val")
+
+
+def test_manifest_with_image_labels_only(tmp_path, mvtec):
+    rows = load_dataset(str(mvtec)).to_pylist()
+    manifest = tmp_path / "scans.csv"
+    manifest.write_text("image_uri,mask_uri,label,class_name\n" + "".join(
+        f"{r['image_uri']},,{r['label']},brain\n" for r in rows))
+    table = load_dataset(str(manifest))
+    assert table.num_rows == 12
+    assert not any(table["has_masks"].to_pylist()) and not any(table["mask_uri"].to_pylist())
+
+
+def test_mvtec_on_s3(mvtec, s3_bucket):
+    bucket, options = s3_bucket
+    fs = fsspec.filesystem("s3", **options)
+    fs.put(str(mvtec), f"{bucket[5:]}/datasets/", recursive=True)
+    table = load_dataset(f"{bucket}/datasets/mvtec", storage_options=options)
+    assert table.num_rows == 12
+    assert all(u.startswith(f"{bucket}/datasets/mvtec/") for u in table["image_uri"].to_pylist())
+    masks = [m for m in table["mask_uri"].to_pylist() if m]
+    assert len(masks) == 6 and all(fs.exists(m) for m in masks)
