@@ -1,0 +1,214 @@
+"""Nightly audits: score what arrived, compare it with the recent past, decide on an alert.
+
+The history is a table of scoring rows partitioned by day:
+``HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/shard-*.parquet`` (the scoring
+job's own output, one output location per day). Reports go to
+``HISTORY/reports/date=YYYY-MM-DD/``. Images are identified by their URI, so
+an audit re-run adds no rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from .storage import filesystem, join
+
+SCORE_COLUMNS = ["image_id", "image_uri", "status", "error", "score", "global_score", "is_anomalous", "run_id"]
+
+
+def day_output(history: str, day: dt.date) -> str:
+    return join(history, "scores", f"date={day.isoformat()}")
+
+
+def report_location(history: str, day: dt.date) -> str:
+    return join(history, "reports", f"date={day.isoformat()}")
+
+
+def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
+             columns: Optional[list[str]] = None) -> pd.DataFrame:
+    """Every row of one day of history (all its runs); empty if none."""
+    fs, root = filesystem(day_output(history, day), storage_options)
+    files = sorted(fs.glob(root.rstrip("/") + "/run_id=*/shard-*.parquet")) if fs.exists(root) else []
+    frames = []
+    for path in files:
+        with fs.open(path, "rb") as handle:
+            frames.append(pq.read_table(handle, columns=columns).to_pandas())
+    if not frames:
+        return pd.DataFrame(columns=columns or SCORE_COLUMNS)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["date"] = day.isoformat()
+    return frame
+
+
+def known_image_ids(history: str, storage_options: Optional[dict] = None) -> set[str]:
+    """Image ids already in the history, over all days."""
+    fs, root = filesystem(join(history, "scores"), storage_options)
+    if not fs.exists(root):
+        return set()
+    ids: set[str] = set()
+    for path in fs.glob(root.rstrip("/") + "/date=*/run_id=*/shard-*.parquet"):
+        with fs.open(path, "rb") as handle:
+            ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
+    return ids
+
+
+def days_with_history(history: str, storage_options: Optional[dict] = None) -> list[dt.date]:
+    fs, root = filesystem(join(history, "scores"), storage_options)
+    if not fs.exists(root):
+        return []
+    days = []
+    for path in fs.ls(root, detail=False):
+        name = posixpath.basename(path.rstrip("/"))
+        if name.startswith("date="):
+            try:
+                days.append(dt.date.fromisoformat(name[5:]))
+            except ValueError:
+                continue
+    return sorted(days)
+
+
+@dataclass
+class Thresholds:
+    """Alert conditions (each a flag of ``jobs.audit``)."""
+
+    rate_increase: float = 0.05  # absolute rise of the anomaly rate, with a 95% CI above 0
+    p_value: float = 0.001  # two-sample KS test of the score distribution
+    error_rate: float = 0.05  # share of images that could not be scored
+
+
+@dataclass
+class DayFigures:
+    images: int = 0
+    errors: int = 0
+    anomalous: int = 0
+    anomaly_rate: Optional[float] = None
+    score_quantiles: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    baseline_days: list[str]
+    baseline_images: int
+    baseline_anomaly_rate: Optional[float]
+    rate_change: Optional[float]
+    rate_change_ci95: Optional[tuple[float, float]]
+    ks_statistic: Optional[float]
+    ks_p_value: Optional[float]
+
+
+@dataclass
+class AuditSummary:
+    date: str
+    new_images: int
+    figures: DayFigures
+    comparison: Comparison
+    alert: bool
+    reasons: list[str]
+    top_images: list[dict[str, Any]]
+    report: str = ""
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def day_figures(rows: pd.DataFrame) -> DayFigures:
+    ok = rows[rows["status"] == "ok"]
+    figures = DayFigures(images=len(rows), errors=int((rows["status"] != "ok").sum()),
+                         anomalous=int(ok["is_anomalous"].sum()) if len(ok) else 0)
+    if len(ok):
+        figures.anomaly_rate = float(ok["is_anomalous"].mean())
+        figures.score_quantiles = {f"p{int(q * 100)}": float(ok["score"].quantile(q)) for q in (0.5, 0.9, 0.99)}
+    return figures
+
+
+def rate_difference_ci(k1: int, n1: int, k0: int, n0: int, z: float = 1.959964) -> tuple[float, tuple[float, float]]:
+    """Difference of two proportions k1/n1 - k0/n0 with a Newcombe (Wilson score) 95% interval."""
+    def wilson(k: int, n: int) -> tuple[float, float]:
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return centre - half, centre + half
+
+    p1, p0 = k1 / n1, k0 / n0
+    l1, u1 = wilson(k1, n1)
+    l0, u0 = wilson(k0, n0)
+    diff = p1 - p0
+    low = diff - math.sqrt((p1 - l1) ** 2 + (u0 - p0) ** 2)
+    high = diff + math.sqrt((u1 - p1) ** 2 + (p0 - l0) ** 2)
+    return diff, (low, high)
+
+
+def compare(day: pd.DataFrame, baseline: pd.DataFrame, baseline_days: list[str]) -> Comparison:
+    from scipy.stats import ks_2samp
+
+    ok_day, ok_base = day[day["status"] == "ok"], baseline[baseline["status"] == "ok"]
+    comparison = Comparison(baseline_days, len(ok_base), None, None, None, None, None)
+    if len(ok_base) == 0 or len(ok_day) == 0:
+        return comparison
+    comparison.baseline_anomaly_rate = float(ok_base["is_anomalous"].mean())
+    diff, ci = rate_difference_ci(int(ok_day["is_anomalous"].sum()), len(ok_day),
+                                  int(ok_base["is_anomalous"].sum()), len(ok_base))
+    comparison.rate_change, comparison.rate_change_ci95 = diff, ci
+    test = ks_2samp(ok_day["score"].to_numpy(float), ok_base["score"].to_numpy(float))
+    comparison.ks_statistic, comparison.ks_p_value = float(test.statistic), float(test.pvalue)
+    return comparison
+
+
+def alert_reasons(figures: DayFigures, comparison: Comparison, thresholds: Thresholds) -> list[str]:
+    """Why the day alerts; empty when it does not."""
+    reasons = []
+    if figures.images and figures.errors / figures.images > thresholds.error_rate:
+        reasons.append(f"error rate {figures.errors / figures.images:.3f} exceeds {thresholds.error_rate}")
+    if comparison.rate_change is not None:
+        low = comparison.rate_change_ci95[0]
+        if comparison.rate_change >= thresholds.rate_increase and low > 0:
+            reasons.append(f"anomaly rate rose by {comparison.rate_change:+.3f} (95% CI {low:+.3f} to "
+                           f"{comparison.rate_change_ci95[1]:+.3f}) against the baseline's "
+                           f"{comparison.baseline_anomaly_rate:.3f}; threshold {thresholds.rate_increase}")
+    if comparison.ks_p_value is not None and comparison.ks_p_value < thresholds.p_value:
+        reasons.append(f"score distribution shifted (KS statistic {comparison.ks_statistic:.3f}, "
+                       f"p = {comparison.ks_p_value:.2g} < {thresholds.p_value})")
+    return reasons
+
+
+def trend(history: str, day: dt.date, days: int = 30, storage_options: Optional[dict] = None) -> list[tuple[str, float]]:
+    """(date, anomaly rate) for the days with history in the ``days`` up to ``day``."""
+    points = []
+    for d in days_with_history(history, storage_options):
+        if day - dt.timedelta(days=days - 1) <= d <= day:
+            rows = read_day(history, d, storage_options, ["status", "is_anomalous"])
+            ok = rows[rows["status"] == "ok"]
+            if len(ok):
+                points.append((d.isoformat(), float(ok["is_anomalous"].mean())))
+    return points
+
+
+def baseline_rows(history: str, day: dt.date, baseline_days: int,
+                  storage_options: Optional[dict] = None) -> tuple[pd.DataFrame, list[str]]:
+    frames, used = [], []
+    for back in range(1, baseline_days + 1):
+        d = day - dt.timedelta(days=back)
+        rows = read_day(history, d, storage_options, SCORE_COLUMNS)
+        if len(rows):
+            frames.append(rows)
+            used.append(d.isoformat())
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCORE_COLUMNS)
+    return frame, sorted(used)
+
+
+def top_images(rows: pd.DataFrame, n: int) -> pd.DataFrame:
+    ok = rows[rows["status"] == "ok"]
+    return ok.sort_values("score", ascending=False).head(n)
+
+
+def as_float(value) -> Optional[float]:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)

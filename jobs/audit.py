@@ -1,0 +1,179 @@
+"""Nightly audit: score a day's new images, compare them with the recent past, report, alert.
+
+Scores only images not yet in the history (by URI; a re-run adds no rows) with
+the scoring job, into HISTORY/scores/date=<day>/. Then computes the day's
+figures (images, errors, anomaly rate, score quantiles, top-N images), compares
+them with the trailing baseline (the previous --baseline-days days): the change
+in anomaly rate with a 95% confidence interval and a two-sample
+Kolmogorov-Smirnov test of the scores. Writes summary.json and report.html
+(score histogram against the baseline, anomaly rate over 30 days, gallery of
+the top-N images with masks) to HISTORY/reports/date=<day>/.
+
+Exit codes: 0 no alert, 2 bad input, 3 an alert condition holds (the summary
+and report say why).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Optional, Sequence
+
+from .cli import Parser, add_cluster_flags, UsageError, positive_int, run, unit_float
+
+EXIT_ALERT = 3
+EXAMPLE = """examples:
+  python -m jobs.audit --date 2026-11-23 --prefix-template 's3://bucket/line-7/date={date}/' \\
+      --history s3://bucket/audit/line-7 --checkpoint s3://bucket/models/headclip.safetensors
+  python -m jobs.audit --input demo-data/images --date 2026-11-23 --history out/audit
+"""
+
+log = logging.getLogger("jobs.audit")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m jobs.audit", description=__doc__, epilog=EXAMPLE)
+    p.add_argument("--input", default=None, help="the day's images: a prefix or glob")
+    p.add_argument("--date", default=None, help="the day audited, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--prefix-template", default=None,
+                   help="input from the date, e.g. 's3://bucket/line-7/date={date}/' (instead of --input)")
+    p.add_argument("--history", required=True, help="history location (local or s3://)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
+    p.add_argument("--report", default=None, help="where summary.json and report.html go "
+                                                  "(default: HISTORY/reports/date=<day>/)")
+    p.add_argument("--baseline-days", type=positive_int, default=7, help="trailing days compared (default 7)")
+    p.add_argument("--top-n", type=positive_int, default=12, help="images in the gallery (default 12)")
+    p.add_argument("--alert-rate-increase", type=unit_float, default=0.05,
+                   help="alert when the anomaly rate rose by this much, CI above 0 (default 0.05)")
+    p.add_argument("--alert-p-value", type=unit_float, default=0.001,
+                   help="alert when the KS test of scores against the baseline gives p below this (default 0.001)")
+    p.add_argument("--alert-error-rate", type=unit_float, default=0.05,
+                   help="alert when more than this share of images fail (default 0.05)")
+    p.add_argument("--threshold", type=unit_float, default=0.5, help="image label threshold (default 0.5)")
+    add_cluster_flags(p)
+    return p
+
+
+def resolve_input(args) -> tuple[str, dt.date]:
+    try:
+        day = dt.date.fromisoformat(args.date) if args.date else dt.datetime.now(dt.timezone.utc).date()
+    except ValueError:
+        raise UsageError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
+    if args.input and args.prefix_template:
+        raise UsageError("give --input or --prefix-template, not both")
+    if args.prefix_template:
+        if "{date}" not in args.prefix_template:
+            raise UsageError("--prefix-template must contain {date}")
+        return args.prefix_template.format(date=day.isoformat()), day
+    if not args.input:
+        raise UsageError("give --input, or --date with --prefix-template")
+    return args.input, day
+
+
+def new_images(input_uri: str, history: str, storage_options: Optional[dict]):
+    """The day's listing without the images already in the history (ids are URIs)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from headclip.audit import known_image_ids
+    from headclip.listing import InputError, list_images
+
+    try:
+        listed = list_images(input_uri, storage_options=storage_options)
+    except InputError:
+        return None
+    listed = listed.set_column(0, "image_id", listed["image_uri"])
+    known = known_image_ids(history, storage_options)
+    if known:
+        listed = listed.filter(pc.invert(pc.is_in(listed["image_id"], value_set=pa.array(sorted(known)))))
+    return listed if listed.num_rows else None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    input_uri, day = resolve_input(args)
+    from headclip import audit
+    from headclip.runner import JobConfig, execute
+    from headclip.scorer import ScoringOptions
+    from headclip.storage import join, write_bytes_atomic
+
+    from .score import init_ray, prepare_or_exit
+
+    options = args.storage_options
+    todo = new_images(input_uri, args.history, options)
+    note = ""
+    if todo is None:
+        note = f"no new images under {input_uri} for {day.isoformat()}"
+        log.info(note)
+    else:
+        config = JobConfig(input=input_uri, output=audit.day_output(args.history, day), checkpoint=args.checkpoint,
+                           shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                           storage_options=options,
+                           scoring=ScoringOptions(threshold=args.threshold, batch_size=args.batch_size))
+        plan = prepare_or_exit(config, todo)
+        init_ray(args.ray_address)
+        execute(plan, config)
+
+    day_rows = audit.read_day(args.history, day, options)
+    baseline, used = audit.baseline_rows(args.history, day, args.baseline_days, options)
+    figures = audit.day_figures(day_rows)
+    comparison = audit.compare(day_rows, baseline, used)
+    thresholds = audit.Thresholds(args.alert_rate_increase, args.alert_p_value, args.alert_error_rate)
+    reasons = audit.alert_reasons(figures, comparison, thresholds)
+    top = audit.top_images(day_rows, args.top_n)
+    report_dir = args.report or audit.report_location(args.history, day)
+    summary = audit.AuditSummary(
+        date=day.isoformat(), new_images=0 if todo is None else todo.num_rows, figures=figures,
+        comparison=comparison, alert=bool(reasons), reasons=reasons,
+        top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score)}
+                    for r in top.itertuples()],
+        report=join(report_dir, "report.html"), note=note)
+    html = render(summary, day_rows, baseline, audit.trend(args.history, day, 30, options), top, options)
+    write_bytes_atomic(join(report_dir, "report.html"), html.encode(), options)
+    write_bytes_atomic(join(report_dir, "summary.json"), json.dumps(summary.to_dict(), indent=2).encode(), options)
+    print(f"audit {day.isoformat()}: {figures.images} images ({summary.new_images} new), "
+          f"{figures.errors} errors, anomaly rate {_fmt(figures.anomaly_rate)}; report {summary.report}")
+    for reason in reasons:
+        print(f"ALERT: {reason}")
+    return EXIT_ALERT if reasons else 0
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def render(summary, day_rows, baseline, trend_points, top, storage_options) -> str:
+    from headclip.report import Report, Section, errors_html, gallery_html, histogram_svg, line_svg, score_figures
+
+    comparison = summary.comparison
+    if summary.alert:
+        banner = ("alert", "ALERT: " + "; ".join(summary.reasons))
+    elif summary.figures.images == 0:
+        banner = ("ok", f"No images for {summary.date}. {summary.note}".strip())
+    else:
+        banner = ("ok", "No alert." + (f" {summary.note}." if summary.note else ""))
+    report = Report(title=f"Anomaly audit {summary.date}", banner=banner)
+    report.figures = {"new images scored": str(summary.new_images), **score_figures(day_rows)} \
+        if len(day_rows) else {"new images scored": "0"}
+    if comparison.rate_change is not None:
+        low, high = comparison.rate_change_ci95
+        report.figures["baseline"] = (f"{', '.join(comparison.baseline_days)}: {comparison.baseline_images} images, "
+                                      f"anomaly rate {comparison.baseline_anomaly_rate:.3f}")
+        report.figures["change in anomaly rate"] = f"{comparison.rate_change:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
+        report.figures["KS test of scores"] = f"D = {comparison.ks_statistic:.3f}, p = {comparison.ks_p_value:.2g}"
+    else:
+        report.figures["baseline"] = "none in the trailing days"
+    ok_day = day_rows[day_rows["status"] == "ok"]["score"].tolist() if len(day_rows) else []
+    ok_base = baseline[baseline["status"] == "ok"]["score"].tolist() if len(baseline) else []
+    report.sections.append(Section("Scores against the baseline",
+                                   histogram_svg({summary.date: ok_day, "baseline": ok_base})))
+    report.sections.append(Section("Anomaly rate, last 30 days", line_svg(trend_points)))
+    report.sections.append(Section(f"Top {len(top)} anomalous images", gallery_html(top, storage_options)))
+    if len(day_rows):
+        report.sections.append(Section("Errors", errors_html(day_rows)))
+    return report.html()
+
+
+if __name__ == "__main__":
+    run(main, "jobs.audit")

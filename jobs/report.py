@@ -1,0 +1,43 @@
+"""Write an HTML report of any scoring run: figures, score histogram, the worst
+images with their masks, and the errors."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .cli import Parser, add_storage_flag, UsageError, positive_int, run
+
+EXAMPLE = """examples:
+  python -m jobs.report --run out/demo/run_id=2abcac6e2801955c --output out/demo/report.html
+  python -m jobs.report --run s3://bucket/scores/run_id=abc --output s3://bucket/reports/abc.html
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m jobs.report", description=__doc__, epilog=EXAMPLE)
+    p.add_argument("--run", required=True, help="a run directory: OUTPUT/run_id=<id>")
+    p.add_argument("--output", default=None, help="the HTML file to write (default: RUN/_report.html)")
+    p.add_argument("--top-n", type=positive_int, default=12, help="images in the gallery (default 12)")
+    add_storage_flag(p)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from headclip import results
+    from headclip.report import run_report
+    from headclip.storage import join, write_bytes_atomic
+
+    try:
+        rows = results.read_run(args.run, args.storage_options)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    output = args.output or join(args.run, "_report.html")
+    report = run_report(rows, f"Scoring run {args.run}", args.top_n, args.storage_options)
+    write_bytes_atomic(output, report.html().encode(), args.storage_options)
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, "jobs.report")

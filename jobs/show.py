@@ -1,0 +1,64 @@
+"""Render result overlays to PNG files: the image with its anomaly mask (red),
+its box and a faint heat map, for one image or the top-N of a run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .cli import Parser, add_storage_flag, UsageError, positive_int, run
+
+EXAMPLE = """examples:
+  python -m jobs.show --run out/demo/run_id=2abcac6e2801955c --top 5 --output-dir out/overlays
+  python -m jobs.show --run out/demo/run_id=2abcac6e2801955c --image-id tiles/spot/00011
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m jobs.show", description=__doc__, epilog=EXAMPLE)
+    p.add_argument("--run", required=True, help="a run directory: OUTPUT/run_id=<id>")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--image-id", action="append", help="an image to render (repeatable)")
+    which.add_argument("--top", type=positive_int, help="render the N highest-scoring images")
+    p.add_argument("--output-dir", default="overlays", help="folder for the PNG files (default: overlays)")
+    p.add_argument("--max-side", type=positive_int, default=768, help="long side of the pictures (default 768)")
+    add_storage_flag(p)
+    return p
+
+
+def safe_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") or "image"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from headclip import results
+    from headclip.overlay import row_overlay
+
+    try:
+        rows = results.read_run(args.run, args.storage_options)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    if args.image_id:
+        missing = sorted(set(args.image_id) - set(rows["image_id"]))
+        if missing:
+            raise UsageError(f"image id {missing[0]!r} is not in {args.run}")
+        chosen = rows[rows["image_id"].isin(args.image_id)]
+    else:
+        chosen = rows[rows["status"] == "ok"].sort_values("score", ascending=False).head(args.top)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for rank, (_, row) in enumerate(chosen.iterrows(), start=1):
+        record = row.to_dict()
+        if record["status"] != "ok":
+            print(f"skipped {record['image_id']}: {record['error']}")
+            continue
+        path = out / f"{rank:03d}_{safe_name(record['image_id'])}.png"
+        row_overlay(record, args.storage_options, max_side=args.max_side).save(path)
+        print(f"{path}  score {record['score']:.3f}  {record['image_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, "jobs.show")
