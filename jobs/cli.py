@@ -37,21 +37,22 @@ def storage_options_arg(text: str) -> dict:
     return value
 
 
-def positive_int(text: str) -> int:
+def _parse(text: str, cast, what: str):
     try:
-        value = int(text)
+        return cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _parse(text, int, "an integer")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
 def unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _parse(text, float, "a number")
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
@@ -76,6 +77,35 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     add_storage_flag(p)
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
+
+
+def add_dataset_flags(p: argparse.ArgumentParser, split_help: str) -> None:
+    """--data, --layout, --split and --classes of the jobs that read a labelled data set."""
+    p.add_argument("--data", required=True, help="labelled data set root or manifest (local or s3://)")
+    p.add_argument("--layout", default="auto", help="mvtec, visa, meta, manifest or auto (default)")
+    p.add_argument("--split", default="test", help=split_help)
+    p.add_argument("--classes", default=None, help="comma-separated classes to use (default: all)")
+
+
+def load_dataset_arg(args):
+    """The data set the flags of :func:`add_dataset_flags` name; errors become one line."""
+    from headclip.datasets import DatasetError, load_dataset
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    try:
+        return load_dataset(args.data, args.layout, args.split, classes, args.storage_options)
+    except DatasetError as err:
+        raise UsageError(str(err)) from None
+
+
+def read_run_arg(args):
+    """The rows of the run ``--run`` names, as pandas; a missing run becomes one line."""
+    from headclip import results
+
+    try:
+        return results.read_run(args.run, args.storage_options)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from .cli import Parser, add_cluster_flags, UsageError, positive_int, run
+from .cli import Parser, add_cluster_flags, add_dataset_flags, load_dataset_arg, positive_int, run
 
 EXAMPLE = """examples:
   ray job submit --working-dir . -- python -m jobs.evaluate --data s3://bucket/visa --layout visa \\
@@ -26,10 +26,7 @@ log = logging.getLogger("jobs.evaluate")
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.evaluate", description=__doc__, epilog=EXAMPLE)
-    p.add_argument("--data", required=True, help="labelled data set root or manifest (local or s3://)")
-    p.add_argument("--layout", default="auto", help="mvtec, visa, meta, manifest or auto (default)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--classes", default=None, help="comma-separated classes (default: all)")
+    add_dataset_flags(p, "split to evaluate (default: test)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
     p.add_argument("--output", required=True, help="where rows and the metrics table go")
     p.add_argument("--metric-bins", type=positive_int, default=1000,
@@ -65,13 +62,7 @@ def write_metrics(table, run_dir: str, storage_options: Optional[dict]) -> tuple
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip.datasets import DatasetError, load_dataset
-
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    try:
-        table = load_dataset(args.data, args.layout, args.split, classes, args.storage_options)
-    except DatasetError as err:
-        raise UsageError(str(err)) from None
+    table = load_dataset_arg(args)
     summary, run_dir = evaluate_table(table, args)
     metrics = summary.metrics.table()
     parquet_uri, markdown_uri = write_metrics(metrics, run_dir, args.storage_options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .cli import Parser, add_storage_flag, UsageError, positive_int, run
+from .cli import Parser, add_storage_flag, read_run_arg, positive_int, run
 
 EXAMPLE = """examples:
   python -m jobs.report --run out/demo/run_id=2abcac6e2801955c --output out/demo/report.html
@@ -24,14 +24,10 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip import results
     from headclip.report import run_report
     from headclip.storage import join, write_bytes_atomic
 
-    try:
-        rows = results.read_run(args.run, args.storage_options)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
+    rows = read_run_arg(args)
     output = args.output or join(args.run, "_report.html")
     report = run_report(rows, f"Scoring run {args.run}", args.top_n, args.storage_options)
     write_bytes_atomic(output, report.html().encode(), args.storage_options)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import Parser, add_storage_flag, UsageError, positive_int, run
+from .cli import Parser, add_storage_flag, read_run_arg, UsageError, positive_int, run
 
 EXAMPLE = """examples:
   python -m jobs.show --run out/demo/run_id=2abcac6e2801955c --top 5 --output-dir out/overlays
@@ -33,13 +33,9 @@ def safe_name(image_id: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip import results
     from headclip.overlay import row_overlay
 
-    try:
-        rows = results.read_run(args.run, args.storage_options)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
+    rows = read_run_arg(args)
     if args.image_id:
         missing = sorted(set(args.image_id) - set(rows["image_id"]))
         if missing:

@@ -15,7 +15,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from .cli import Parser, add_storage_flag, UsageError, positive_int, run
+from .cli import Parser, add_dataset_flags, add_storage_flag, load_dataset_arg, UsageError, positive_int, run
 
 EXAMPLE = """examples:
   # the paper's protocol: fit on MVTec AD's test split on a GPU cluster
@@ -32,10 +32,7 @@ log = logging.getLogger("jobs.train")
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.train", description=__doc__, epilog=EXAMPLE)
-    p.add_argument("--data", required=True, help="data set root or manifest (local or s3://)")
-    p.add_argument("--layout", default="auto", help="mvtec, visa, meta, manifest or auto (default)")
-    p.add_argument("--split", default="test", help="split to fit on (default: test, as the paper)")
-    p.add_argument("--classes", default=None, help="comma-separated classes to use (default: all)")
+    add_dataset_flags(p, "split to fit on (default: test, as the paper)")
     p.add_argument("--val-data", default=None, help="labelled data set evaluated after every epoch")
     p.add_argument("--val-layout", default="auto", help="layout of --val-data (default: auto)")
     p.add_argument("--output", required=True, help="where the final checkpoint goes (.safetensors)")
@@ -66,9 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError("--workers must be >= 0")
     from headclip.datasets import DatasetError, load_dataset
 
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    train_table = load_dataset_arg(args)
     try:
-        train_table = load_dataset(args.data, args.layout, args.split, classes, args.storage_options)
         val_table = (load_dataset(args.val_data, args.val_layout, "test", None, args.storage_options)
                      if args.val_data else None)
     except DatasetError as err:
