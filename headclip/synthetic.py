@@ -12,6 +12,10 @@ from typing import Optional
 import numpy as np
 
 TEXTURES = ("wood", "fabric", "concrete", "metal", "tiles", "leather")
+# Added later; kept apart so that ``make_sample`` without ``texture_kind``
+# still draws from the original six and gives the same images as before.
+MORE_TEXTURES = ("marble", "carpet", "mesh", "cork")
+ALL_TEXTURES = TEXTURES + MORE_TEXTURES
 DEFECTS = ("scratch", "spot", "crack", "hole")
 
 
@@ -63,8 +67,37 @@ def texture(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
         cells = _smooth_noise(rng, size, 3)
         value = 0.45 + 0.2 * (cells > 0.5) + 0.08 * fine
         color = value[..., None] * np.array([0.55, 0.35, 0.25]) * 1.5
+    elif kind == "marble":
+        # Pale stone with dark, wandering diagonal veins.
+        angle = rng.uniform(0, np.pi)
+        turbulence = 6 * _smooth_noise(rng, size, 32) + 2 * _smooth_noise(rng, size, 8)
+        veins = np.abs(np.sin((x * np.cos(angle) + y * np.sin(angle)) * rng.uniform(8, 16) + turbulence))
+        value = 0.9 - 0.35 * veins ** 8 - 0.05 * _smooth_noise(rng, size, 24) + 0.03 * fine
+        color = value[..., None] * np.array([0.97, 0.95, 0.92])
+    elif kind == "carpet":
+        # Dense coloured pile: fine fibres over a blotchy two-tone base.
+        tint = rng.uniform(0.3, 1.0, 3)
+        blotch = _smooth_noise(rng, size, 12)
+        fibres = _smooth_noise(rng, size, 2)
+        value = 0.35 + 0.25 * fibres + 0.15 * blotch + 0.15 * fine
+        color = value[..., None] * tint * 1.2
+    elif kind == "mesh":
+        # A diagonal wire mesh: thin dark wires on a light backing.
+        period = rng.integers(10, 18)
+        u = (np.arange(size)[:, None] + np.arange(size)[None, :]) % period
+        v = (np.arange(size)[:, None] - np.arange(size)[None, :]) % period
+        wires = (u < 2) | (v < 2)
+        value = np.where(wires, 0.25, 0.75) + 0.05 * fine
+        color = value[..., None] * np.array([0.8, 0.85, 0.9]) * (0.8 + 0.4 * base.mean())
+    elif kind == "cork":
+        # Tan granules of varied shade, speckled with dark pores.
+        granules = _smooth_noise(rng, size, 5)
+        pores = rng.random((size, size)) < 0.03
+        value = 0.55 + 0.3 * (granules - 0.5) + 0.1 * (fine - 0.5)
+        value = np.where(pores, 0.25, value)
+        color = value[..., None] * np.array([0.85, 0.65, 0.42]) * 1.2
     else:
-        raise ValueError(f"unknown texture {kind!r}; choose from {', '.join(TEXTURES)}")
+        raise ValueError(f"unknown texture {kind!r}; choose from {', '.join(ALL_TEXTURES)}")
     return np.clip(color, 0, 1)
 
 

@@ -100,11 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     manifest = generate(data, args.images, args.size)
     checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
     provenance = read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")
-    if provenance == "untrained":
-        print("NOTE: the demo checkpoint is untrained (random prompts, head weights 1 on a random tiny "
-              "backbone): its scores carry no meaning yet.")
-    else:
-        print(f"demo checkpoint: {provenance}")
+    print(f"demo checkpoint, made by: {provenance}")
     score_args = score_parser().parse_args(["--input", str(manifest), "--output", args.output,
                                             "--checkpoint", checkpoint, "--shard-size", "64",
                                             "--batch-size", "32", "--progress-interval", "2"])

@@ -2,23 +2,33 @@
 
 A miniature of CLIP's own pre-training: every weight of the tiny open_clip
 model (both towers, the projections and the logit scale) is trained with a
-symmetric image-text contrastive loss on images from
-``headclip.synthetic`` (all textures, half with a defect), each paired with a
-caption that names the texture and, for a defective image, the damage and the
-defect ("a photo of a damaged wood surface with a scratch."). Images are
-random square crops of the generated surface, so defects are seen at varied
-scales and positions, and a crop that misses the defect is captioned as
-flawless. Captions that describe several images of a batch (same texture and
-defect) count as positives for all of them.
+symmetric image-text contrastive loss on freshly generated images from
+``headclip.synthetic`` (all ten textures, half with a defect), each paired
+with a caption that names the texture and, for a defective image, the damage
+and the defect ("a photo of a damaged wood surface with a scratch."); a
+quarter of the captions name no texture ("a photo of a damaged object.").
+Images are random square crops of the generated surface (flipped at random),
+so defects are seen at varied scales and positions; a crop that misses the
+defect is captioned as flawless. Every caption that describes an image of the
+batch (same texture and defect, or a less specific caption) counts as a
+positive for it.
 
-Optionally (``--patch-weight``) each patch token is also pulled towards the
-caption of its own region (defect under the patch or not), a light
-patch-level signal that makes the patch tokens carry local information.
+Two additions to plain CLIP make the backbone useful to HeadCLIP, which reads
+it in two places of its own:
 
-The result is written as an fp16 safetensors state dict, the format of
+* ``--raw-cls-weight``: the same contrastive loss on the class token projected
+  without ``ln_post``, the way HeadCLIP's global score reads it;
+* ``--patch-weight``: a light patch-level signal. Each patch token of the V-V
+  attention path that HeadCLIP's anomaly map reads (``headclip.vision``, head
+  weights 1) is pulled towards its own image's flawless or defect caption,
+  by whether the generated defect mask covers it. This uses the synthetic
+  masks of all textures, the demo textures included.
+
+With both set to 0 this is plain CLIP pre-training. The result is written as
+an fp16 safetensors state dict, the format of
 ``headclip/assets/demo-backbone.safetensors``; HeadCLIP keeps it frozen and
-only fits prompts and head weights on top. Deterministic for a given seed
-and thread count; about 10 minutes on 2 CPU cores with the defaults.
+fits only prompts and head weights on top. Deterministic for a given seed and
+thread count; about 8 minutes on 2 idle CPU cores with the defaults.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import Parser, positive_int, run
+from .cli import Parser, UsageError, positive_int, run, unit_float
 
 EXAMPLE = """examples:
   python -m jobs.pretrain_demo_backbone                       # writes /tmp/demo-backbone-candidate.safetensors
@@ -38,7 +48,7 @@ EXAMPLE = """examples:
   #   headclip.create_model(demo_config(pretrained="/tmp/demo-backbone-candidate.safetensors"))
 """
 
-DEFAULT_OUTPUT = "/tmp/demo-backbone-candidate.safetensors"
+DEFAULT_OUTPUT = "headclip/assets/demo-backbone.safetensors"
 GENERATED_SIZE = 256  # side of the generated surfaces; crops are resized to the model's input
 
 log = logging.getLogger("jobs.pretrain_demo_backbone")
@@ -77,7 +87,7 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.pretrain_demo_backbone", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="weights file to write (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data (default: 0)")
-    p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=16, help="epochs (default: %(default)s)")
     p.add_argument("--images-per-epoch", type=positive_int, default=2048,
                    help="freshly generated images per epoch (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default: %(default)s)")
@@ -86,11 +96,11 @@ def build_parser() -> Parser:
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--min-crop", type=float, default=0.35,
                    help="smallest crop, as a fraction of the image side (default: %(default)s; 1 = no crops)")
-    p.add_argument("--generic-captions", type=float, default=0.25,
+    p.add_argument("--generic-captions", type=unit_float, default=0.25,
                    help="share of captions that name no texture (default: %(default)s)")
-    p.add_argument("--patch-weight", type=float, default=0.0,
+    p.add_argument("--patch-weight", type=float, default=2.0,
                    help="weight of the patch-level caption loss, 0 = plain CLIP (default: %(default)s)")
-    p.add_argument("--raw-cls-weight", type=float, default=0.0,
+    p.add_argument("--raw-cls-weight", type=float, default=1.0,
                    help="weight of the same loss on the class token projected without ln_post, as HeadCLIP "
                         "reads it (default: %(default)s)")
     p.add_argument("--textures", default=None,
@@ -205,14 +215,41 @@ def encode_text(clip, tokens):
     return x @ clip.text_projection
 
 
-def encode_image(clip, images):
-    """(pooled embedding, class token projected without ln_post, patch embeddings (B, N, D))."""
+def encode_image(clip, images, vv_start: Optional[int] = None):
+    """Run the vision tower; returns (pooled, raw_cls, patches).
+
+    pooled: the CLIP image embedding (class token, ln_post, projection), (B, D).
+    raw_cls: the class token projected without ln_post, as HeadCLIP reads it, (B, D).
+    patches: projected patch embeddings (B, N, D): of the last layer's tokens, or
+        with ``vv_start`` of the V-V path that HeadCLIP's anomaly map reads
+        (see ``headclip.vision``; head weights 1), which adds each block's
+        ``softmax(V V^T) V`` attention from layer ``vv_start`` (1-based) on.
+    """
+    import torch
+    import torch.nn.functional as F
+
     visual = clip.visual
-    x = visual.transformer(visual._embeds(images))
+    x = visual._embeds(images)
+    x_vv = None
+    for layer, block in enumerate(visual.transformer.resblocks, start=1):
+        if vv_start is None or layer < vv_start:
+            x = block(x)
+            continue
+        attn = block.attn
+        batch, tokens, width = x.shape
+        heads = attn.num_heads
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        both = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
+        both = attn.out_proj(both.transpose(1, 2).reshape(2 * batch, tokens, width))
+        out, out_vv = both.chunk(2)
+        x_vv = (x if x_vv is None else x_vv) + block.ls_1(out_vv)
+        x = x + block.ls_1(out)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
     raw_cls = x[:, 0] @ visual.proj
-    x = visual.ln_post(x)
-    x = x @ visual.proj
-    return x[:, 0], raw_cls, x[:, 1:]
+    pooled = visual.ln_post(x[:, 0]) @ visual.proj
+    patches = x[:, 1:] if x_vv is None else x_vv[:, 1:]
+    return pooled, raw_cls, visual.ln_post(patches) @ visual.proj
 
 
 def multi_positive_clip_loss(image_features, text_features, positives, logit_scale):
@@ -269,6 +306,7 @@ def train(args):
     import open_clip
     import torch
 
+    from headclip.config import default_vv_start_layer
     from headclip.synthetic import ALL_TEXTURES
 
     torch.set_num_threads(args.threads)
@@ -277,14 +315,13 @@ def train(args):
         textures = tuple(t.strip() for t in args.textures.split(",") if t.strip())
         unknown = [t for t in textures if t not in ALL_TEXTURES]
         if unknown:
-            from .cli import UsageError
-
             raise UsageError(f"unknown textures {', '.join(unknown)}; choose from {', '.join(ALL_TEXTURES)}")
     clip, tokenizer = build_clip(args.seed)
     clip.train()
     size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, tuple) else clip.visual.image_size
     patch = clip.visual.patch_size[0] if isinstance(clip.visual.patch_size, tuple) else clip.visual.patch_size
     grid = size // patch
+    vv_start = default_vv_start_layer(len(clip.visual.transformer.resblocks))
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
@@ -336,7 +373,7 @@ def train(args):
 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            pooled, raw_cls, patches = encode_image(clip, x)
+            pooled, raw_cls, patches = encode_image(clip, x, vv_start if args.patch_weight > 0 else None)
             text_features = encode_text(clip, tokenizer(unique))
             scale = clip.logit_scale.exp()
             in_batch = torch.tensor([t in texts for t in unique])
@@ -367,7 +404,7 @@ def train(args):
 
 
 def save_weights(clip, path: str) -> Path:
-    """fp16 safetensors state dict, as ``headclip.demo_assets.write_demo_backbone`` writes it."""
+    """fp16 safetensors state dict, the format of ``headclip/assets/demo-backbone.safetensors``."""
     import torch
     from safetensors.torch import save_file
 
@@ -378,8 +415,19 @@ def save_weights(clip, path: str) -> Path:
     return out
 
 
+def check_args(args) -> None:
+    if not 0.0 < args.min_crop <= 1.0:
+        raise UsageError(f"--min-crop must be in (0, 1], got {args.min_crop}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    for name in ("weight_decay", "patch_weight", "raw_cls_weight", "warmup_steps"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     clip = train(args)
     path = save_weights(clip, args.output)
     log.info("wrote %s", path)
