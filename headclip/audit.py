@@ -15,7 +15,6 @@ import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -209,6 +208,3 @@ def top_images(rows: pd.DataFrame, n: int) -> pd.DataFrame:
     ok = rows[rows["status"] == "ok"]
     return ok.sort_values("score", ascending=False).head(n)
 
-
-def as_float(value) -> Optional[float]:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)

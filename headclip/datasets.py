@@ -27,7 +27,6 @@ from .imageio import IMAGE_EXTENSIONS
 from .storage import filesystem, open_file
 
 LAYOUTS = ("auto", "mvtec", "visa", "meta", "manifest")
-COLUMNS = ("image_id", "image_uri", "mask_uri", "label", "class_name", "has_masks")
 
 
 class DatasetError(ValueError):

@@ -10,7 +10,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .masks import decode_heatmap, decode_rle
-from .plan import run_uri
 from .schema import METADATA_RUN_CONFIG
 from .storage import filesystem
 
@@ -25,7 +24,7 @@ def shard_files(run: str, storage_options: Optional[dict] = None) -> list[str]:
 def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional[list[str]] = None) -> pd.DataFrame:
     """All rows of a run directory, sorted by image_uri.
 
-    ``run`` is ``OUTPUT/run_id=<id>`` (see :func:`run_location`).
+    ``run`` is ``OUTPUT/run_id=<id>`` (:func:`headclip.plan.run_uri`).
     """
     fs, _ = filesystem(run, storage_options)
     tables = []
@@ -36,10 +35,6 @@ def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional
         raise FileNotFoundError(f"no shard files under {run}")
     frame = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
     return frame.sort_values("image_uri", kind="stable").reset_index(drop=True)
-
-
-def run_location(output: str, run_id: str) -> str:
-    return run_uri(output, run_id)
 
 
 def run_config(shard_uri: str, storage_options: Optional[dict] = None) -> dict:

@@ -93,12 +93,12 @@ class JobSummary:
     peak_actor_rss_bytes: int = 0
     metrics: Optional[MetricsByClass] = None  # per-class metric state, for labelled inputs
 
+    skipped_images: int = 0  # images of shards finished by an earlier invocation
+
     @property
     def images_per_second(self) -> float:
         scored = self.images - self.skipped_images
         return scored / self.seconds if self.seconds > 0 else 0.0
-
-    skipped_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "metrics"}

@@ -14,7 +14,7 @@ import posixpath
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -259,6 +259,3 @@ class ShardScorer:
     def close(self) -> None:
         self.pool.shutdown(wait=False)
 
-
-def result_dict(result: ShardResult) -> dict:
-    return asdict(result)

@@ -18,7 +18,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .batches import load_batch
-from .checkpoint import Checkpoint, apply_learned_state, parse_checkpoint, serialize
+from .checkpoint import apply_learned_state, parse_checkpoint, serialize
 from .config import HeadCLIPConfig
 from .factory import create_model
 from .loss import LossConfig, headclip_loss
@@ -230,15 +230,8 @@ def train_loop(config: TrainConfig, train_table: pa.Table, val_table: Optional[p
         pool.shutdown(wait=False)
 
 
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)
-
 
 def final_checkpoint_bytes(directory: str) -> bytes:
+    """The HeadCLIP checkpoint bytes in a checkpoint directory."""
     with open(os.path.join(directory, MODEL_FILE), "rb") as handle:
         return handle.read()
-
-
-def checkpoint_from_dir(directory: str) -> Checkpoint:
-    data = final_checkpoint_bytes(directory)
-    return parse_checkpoint(data, os.path.join(directory, MODEL_FILE))
