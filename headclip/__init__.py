@@ -18,29 +18,35 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CheckpointError": "checkpoint",
-    "read_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "HeadCLIPConfig": "config",
-    "create_model": "factory",
-    "import_anomalyclip": "factory",
-    "HeadCLIP": "model",
-    "ScoreOutput": "model",
-    "resize_maps": "model",
-    "preprocess": "transforms",
+    "CheckpointError": "errors",
+    "read_checkpoint": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
+    "HeadCLIPConfig": "model.config",
+    "create_model": "model.factory",
+    "import_anomalyclip": "model.anomalyclip",
+    "HeadCLIP": "model.headclip",
+    "ScoreOutput": "model.headclip",
+    "resize_maps": "model.headclip",
+    "preprocess": "data.transforms",
 }
+# Modules reachable as attributes: ``from headclip import results``.
+_MODULES = {"results": "storage.results"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + sorted(_MODULES)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-    from .config import HeadCLIPConfig
-    from .factory import create_model, import_anomalyclip
-    from .model import HeadCLIP, ScoreOutput, resize_maps
-    from .transforms import preprocess
+    from .errors import CheckpointError
+    from .model.anomalyclip import import_anomalyclip
+    from .model.checkpoint import read_checkpoint, save_checkpoint
+    from .model.config import HeadCLIPConfig
+    from .model.factory import create_model
+    from .model.headclip import HeadCLIP, ScoreOutput, resize_maps
+    from .data.transforms import preprocess
 
 
 def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'headclip' has no attribute {name!r}")

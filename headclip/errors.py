@@ -1,5 +1,37 @@
-"""Exceptions users see, in a module that imports nothing heavy."""
+"""Every exception the library raises on bad input, in a module that imports nothing heavy.
+
+Each carries a one-line message meant for the user: entry points print it
+as ``error: <message>`` and exit with code 2; scoring turns an
+:class:`ImageDecodeError` into an error row.
+"""
+
+from __future__ import annotations
 
 
-class CheckpointError(ValueError):
+class HeadCLIPError(ValueError):
+    """Base of the errors below: bad input, described in one line."""
+
+
+class CheckpointError(HeadCLIPError):
     """A checkpoint that cannot be read, or does not fit the backbone."""
+
+
+class InputError(HeadCLIPError):
+    """An input that cannot be listed (missing, empty, malformed manifest)."""
+
+
+class DatasetError(HeadCLIPError):
+    """A labelled data set that cannot be loaded as asked."""
+
+
+class ImageDecodeError(HeadCLIPError):
+    """An image that cannot be scored. ``width``/``height`` are set when known."""
+
+    def __init__(self, message: str, width: int | None = None, height: int | None = None):
+        super().__init__(message)
+        self.width = width
+        self.height = height
+
+
+class UsageError(HeadCLIPError):
+    """Bad flags or arguments of an entry point, found before any work starts."""

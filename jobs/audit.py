@@ -20,7 +20,7 @@ import json
 import logging
 from typing import Optional, Sequence
 
-from .cli import Parser, add_cluster_flags, UsageError, positive_int, run, unit_float
+from .cli import Parser, UsageError, add_cluster_flags, init_ray, positive_int, prepare_or_exit, run, unit_float
 
 EXIT_ALERT = 3
 EXAMPLE = """examples:
@@ -76,8 +76,8 @@ def new_images(input_uri: str, history: str, storage_options: Optional[dict]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from headclip.audit import known_image_ids
-    from headclip.listing import InputError, list_images
+    from headclip.reporting.audit import known_image_ids
+    from headclip.data.listing import InputError, list_images
 
     try:
         listed = list_images(input_uri, storage_options=storage_options)
@@ -93,12 +93,12 @@ def new_images(input_uri: str, history: str, storage_options: Optional[dict]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     input_uri, day = resolve_input(args)
-    from headclip import audit
-    from headclip.runner import JobConfig, execute
-    from headclip.scorer import ScoringOptions
-    from headclip.storage import join, write_bytes_atomic
+    from headclip.reporting import audit
+    from headclip.scoring.runner import JobConfig, execute
+    from headclip.scoring.scorer import ScoringOptions
+    from headclip.storage import layout
+    from headclip.storage.fs import join, write_bytes_atomic
 
-    from .score import init_ray, prepare_or_exit
 
     options = args.storage_options
     todo = new_images(input_uri, args.history, options)
@@ -107,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         note = f"no new images under {input_uri} for {day.isoformat()}"
         log.info(note)
     else:
-        config = JobConfig(input=input_uri, output=audit.day_output(args.history, day), checkpoint=args.checkpoint,
+        config = JobConfig(input=input_uri, output=layout.day_output(args.history, day), checkpoint=args.checkpoint,
                            shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                            storage_options=options,
                            scoring=ScoringOptions(threshold=args.threshold, batch_size=args.batch_size))
@@ -122,16 +122,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     thresholds = audit.Thresholds(args.alert_rate_increase, args.alert_p_value, args.alert_error_rate)
     reasons = audit.alert_reasons(figures, comparison, thresholds)
     top = audit.top_images(day_rows, args.top_n)
-    report_dir = args.report or audit.report_location(args.history, day)
+    report_dir = args.report or layout.day_report_dir(args.history, day)
     summary = audit.AuditSummary(
         date=day.isoformat(), new_images=0 if todo is None else todo.num_rows, figures=figures,
         comparison=comparison, alert=bool(reasons), reasons=reasons,
         top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score)}
                     for r in top.itertuples()],
-        report=join(report_dir, "report.html"), note=note)
+        report=join(report_dir, layout.AUDIT_REPORT_FILE), note=note)
     html = render(summary, day_rows, baseline, audit.trend(args.history, day, 30, options), top, options)
-    write_bytes_atomic(join(report_dir, "report.html"), html.encode(), options)
-    write_bytes_atomic(join(report_dir, "summary.json"), json.dumps(summary.to_dict(), indent=2).encode(), options)
+    write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), html.encode(), options)
+    write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode(), options)
     print(f"audit {day.isoformat()}: {figures.images} images ({summary.new_images} new), "
           f"{figures.errors} errors, anomaly rate {_fmt(figures.anomaly_rate)}; report {summary.report}")
     for reason in reasons:
@@ -144,7 +144,8 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def render(summary, day_rows, baseline, trend_points, top, storage_options) -> str:
-    from headclip.report import Report, Section, errors_html, gallery_html, histogram_svg, line_svg, score_figures
+    from headclip.reporting.html import Report, Section, errors_html, gallery_html, histogram_svg, line_svg, score_figures
+    from headclip.storage.schema import STATUS_OK
 
     comparison = summary.comparison
     if summary.alert:
@@ -164,8 +165,8 @@ def render(summary, day_rows, baseline, trend_points, top, storage_options) -> s
         report.figures["KS test of scores"] = f"D = {comparison.ks_statistic:.3f}, p = {comparison.ks_p_value:.2g}"
     else:
         report.figures["baseline"] = "none in the trailing days"
-    ok_day = day_rows[day_rows["status"] == "ok"]["score"].tolist() if len(day_rows) else []
-    ok_base = baseline[baseline["status"] == "ok"]["score"].tolist() if len(baseline) else []
+    ok_day = day_rows[day_rows["status"] == STATUS_OK]["score"].tolist() if len(day_rows) else []
+    ok_base = baseline[baseline["status"] == STATUS_OK]["score"].tolist() if len(baseline) else []
     report.sections.append(Section("Scores against the baseline",
                                    histogram_svg({summary.date: ok_day, "baseline": ok_base})))
     report.sections.append(Section("Anomaly rate, last 30 days", line_svg(trend_points)))

@@ -113,9 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from PIL import Image
 
     import headclip
-    from headclip.runner import JobConfig, execute, prepare
-    from headclip.scorer import ScoringOptions, resolve_device
-    from headclip.synthetic import make_sample
+    from headclip.scoring.runner import JobConfig, execute, prepare
+    from headclip.model.factory import resolve_device
+    from headclip.scoring.scorer import ScoringOptions
+    from headclip.data.synthetic import make_sample
 
     device = resolve_device(args.device)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="headclip-bench-"))

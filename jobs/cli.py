@@ -1,18 +1,20 @@
-"""What every entry point shares: argument parsing with one-line errors."""
+"""What the entry points share: one-line argument errors, flag groups, planning and Ray start-up.
+
+No job imports another job; what two jobs need lives here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from headclip.errors import UsageError
+
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input detected before any work starts; reported as one line, exit 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +81,79 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
 
 
+def add_scoring_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``jobs.score`` (input, output, checkpoint, row shaping, cluster)."""
+    from headclip.data.decode import IMAGE_EXTENSIONS
+
+    p.add_argument("--input", required=True,
+                   help="prefix, glob or manifest (CSV/Parquet with image_uri) on any fsspec filesystem")
+    p.add_argument("--output", required=True, help="where results go (local path, file:// or s3://)")
+    p.add_argument("--checkpoint", default=None, help="HeadCLIP checkpoint (default: the packaged demo model)")
+    p.add_argument("--run-id", default=None,
+                   help="run id (default: derived from input, listing, checkpoint and settings, so a rerun resumes)")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs each actor reserves")
+    p.add_argument("--threshold", type=unit_float, default=0.5, help="image label: score > threshold (default 0.5)")
+    p.add_argument("--mask-threshold", type=unit_float, default=0.5,
+                   help="mask pixels: anomaly map > this (default 0.5)")
+    p.add_argument("--mask-max-side", type=positive_int, default=2048,
+                   help="masks of larger images are stored scaled to this long side (default 2048)")
+    p.add_argument("--max-pixels", type=positive_int, default=None,
+                   help="images with more pixels are refused as decompression bombs")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N images of the listing")
+    p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
+                   help="comma-separated file extensions to take (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
+    p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    add_cluster_flags(p)
+
+
+def job_config(args):
+    """The scoring job's config from the flags of :func:`add_scoring_flags`."""
+    from headclip.scoring.runner import JobConfig
+    from headclip.scoring.scorer import ScoringOptions
+
+    scoring = ScoringOptions(threshold=args.threshold, mask_threshold=args.mask_threshold,
+                             mask_max_side=args.mask_max_side, batch_size=args.batch_size, device=args.device)
+    if args.max_pixels:
+        scoring.max_pixels = args.max_pixels
+    extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    if not extensions:
+        raise UsageError("--extensions is empty")
+    return JobConfig(input=args.input, output=args.output, checkpoint=args.checkpoint, run_id=args.run_id,
+                     shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                     cpus_per_actor=args.cpus_per_actor, limit=args.limit, extensions=extensions,
+                     storage_options=args.storage_options, scoring=scoring,
+                     progress_interval=args.progress_interval)
+
+
+def prepare_or_exit(config, images=None):
+    """Plan the run; every input problem becomes a UsageError (one line, exit 2)."""
+    from headclip.errors import CheckpointError, InputError
+    from headclip.scoring.runner import prepare
+
+    try:
+        return prepare(config, images)
+    except CheckpointError:
+        raise
+    except InputError as err:
+        raise UsageError(str(err)) from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot use output {config.output}: {' '.join(str(err).split())}") from None
+
+
+def init_ray(address: Optional[str]) -> None:
+    """Join ``address`` (or RAY_ADDRESS), else start a local Ray; nothing if Ray is up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
 def add_dataset_flags(p: argparse.ArgumentParser, split_help: str) -> None:
     """--data, --layout, --split and --classes of the jobs that read a labelled data set."""
     p.add_argument("--data", required=True, help="labelled data set root or manifest (local or s3://)")
@@ -89,7 +164,7 @@ def add_dataset_flags(p: argparse.ArgumentParser, split_help: str) -> None:
 
 def load_dataset_arg(args):
     """The data set the flags of :func:`add_dataset_flags` name; errors become one line."""
-    from headclip.datasets import DatasetError, load_dataset
+    from headclip.data.datasets import DatasetError, load_dataset
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     try:

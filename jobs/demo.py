@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import Parser, positive_int, run
+from .cli import Parser, add_scoring_flags, init_ray, job_config, positive_int, prepare_or_exit, run
 
 EXAMPLE = """example:
   python -m jobs.demo                      # what `make demo` runs
@@ -38,7 +38,7 @@ def generate(folder: Path, count: int, size: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from headclip.synthetic import make_sample
+    from headclip.data.synthetic import make_sample
 
     manifest = folder / "manifest.csv"
     if manifest.exists() and sum(1 for _ in open(manifest)) == count + 1:
@@ -71,7 +71,9 @@ def generate(folder: Path, count: int, size: int) -> Path:
 def report(output: str, run_id: str) -> None:
     import duckdb
 
-    glob = f"{output}/run_id={run_id}/*.parquet"
+    from headclip.storage.layout import run_uri, shard_glob
+
+    glob = shard_glob(run_uri(output, run_id))
     query = f"""
 SELECT class_name,
        count(*)                                   AS images,
@@ -90,26 +92,26 @@ GROUP BY class_name ORDER BY class_name"""
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip.checkpoint import read_checkpoint
-    from headclip.demo_assets import DEMO_CHECKPOINT
+    from headclip.model.checkpoint import read_checkpoint
+    from headclip.model.assets import DEMO_CHECKPOINT
 
-    from .score import build_parser as score_parser
-    from .score import init_ray, job_config, prepare_or_exit
 
     data = Path(args.data)
     manifest = generate(data, args.images, args.size)
     checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
     provenance = read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")
     print(f"demo checkpoint, made by: {provenance}")
-    score_args = score_parser().parse_args(["--input", str(manifest), "--output", args.output,
+    score_parser = Parser(prog="python -m jobs.demo")
+    add_scoring_flags(score_parser)
+    score_args = score_parser.parse_args(["--input", str(manifest), "--output", args.output,
                                             "--checkpoint", checkpoint, "--shard-size", "64",
                                             "--batch-size", "32", "--progress-interval", "2"])
     config = job_config(score_args)
-    from headclip.datasets import load_dataset
+    from headclip.data.datasets import load_dataset
 
     plan = prepare_or_exit(config, load_dataset(str(manifest)))
     init_ray(None)
-    from headclip.runner import execute
+    from headclip.scoring.runner import execute
 
     summary = execute(plan, config)
     print()
@@ -117,8 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(line)
     report(args.output, plan.run_id)
     from headclip import results
-    from headclip.plan import run_uri
-    from headclip.report import run_report
+    from headclip.reporting.html import run_report
+    from headclip.storage.layout import run_uri
 
     report_path = Path(args.output) / "report.html"
     rows = results.read_run(run_uri(args.output, plan.run_id))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from .cli import Parser, add_cluster_flags, add_dataset_flags, load_dataset_arg, positive_int, run
+from .cli import (Parser, add_cluster_flags, add_dataset_flags, init_ray, load_dataset_arg, positive_int,
+                  prepare_or_exit, run)
 
 EXAMPLE = """examples:
   ray job submit --working-dir . -- python -m jobs.evaluate --data s3://bucket/visa --layout visa \\
@@ -48,11 +49,11 @@ def metrics_markdown(table) -> str:
 def write_metrics(table, run_dir: str, storage_options: Optional[dict]) -> tuple[str, str]:
     import pyarrow as pa
 
-    from headclip.schema import table_to_parquet_bytes
-    from headclip.storage import join, write_bytes_atomic
+    from headclip.storage.schema import table_to_parquet_bytes
+    from headclip.storage.fs import write_bytes_atomic
+    from headclip.storage.layout import eval_uris
 
-    parquet_uri = join(run_dir, "_eval", "metrics.parquet")
-    markdown_uri = join(run_dir, "_eval", "metrics.md")
+    parquet_uri, markdown_uri = eval_uris(run_dir)
     frame = table.reset_index().rename(columns={"index": "class_name"})
     write_bytes_atomic(parquet_uri, table_to_parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)),
                        storage_options)
@@ -73,11 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def evaluate_table(table, args):
     """Score a labelled table with the scoring job; returns (summary, run directory)."""
-    from headclip.plan import run_uri
-    from headclip.runner import JobConfig, execute
-    from headclip.scorer import ScoringOptions
-
-    from .score import init_ray, prepare_or_exit
+    from headclip.storage.layout import run_uri
+    from headclip.scoring.runner import JobConfig, execute
+    from headclip.scoring.scorer import ScoringOptions
 
     config = JobConfig(input=args.data, output=args.output, checkpoint=args.checkpoint, shard_size=args.shard_size,
                        actors=args.actors, gpus_per_actor=args.gpus_per_actor, storage_options=args.storage_options,

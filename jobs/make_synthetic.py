@@ -22,7 +22,7 @@ def write_mvtec_tree(root: Path, textures: Sequence[str], per_class: int, size: 
     import numpy as np
     from PIL import Image
 
-    from headclip.synthetic import make_sample
+    from headclip.data.synthetic import make_sample
 
     count = 0
     for t, texture in enumerate(textures):

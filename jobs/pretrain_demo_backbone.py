@@ -104,7 +104,7 @@ def build_parser() -> Parser:
                    help="weight of the same loss on the class token projected without ln_post, as HeadCLIP "
                         "reads it (default: %(default)s)")
     p.add_argument("--textures", default=None,
-                   help="comma-separated textures to train on (default: all of headclip.synthetic.ALL_TEXTURES)")
+                   help="comma-separated textures to train on (default: all of headclip.data.synthetic.ALL_TEXTURES)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
     return p
 
@@ -147,7 +147,7 @@ def generate_example(seed: int, texture: str, defective: bool, out_size: int, mi
     import numpy as np
     from PIL import Image
 
-    from headclip.synthetic import make_sample
+    from headclip.data.synthetic import make_sample
 
     sample = make_sample(seed, GENERATED_SIZE, texture_kind=texture, defect="random" if defective else None)
     rng = np.random.default_rng([seed, 1])
@@ -292,7 +292,7 @@ def build_clip(seed: int):
     import open_clip
     import torch
 
-    from headclip.backbone import TINY_BACKBONE, register_model_configs
+    from headclip.model.backbone import TINY_BACKBONE, register_model_configs
 
     register_model_configs()
     torch.manual_seed(seed)
@@ -306,8 +306,8 @@ def train(args):
     import open_clip
     import torch
 
-    from headclip.config import default_vv_start_layer
-    from headclip.synthetic import ALL_TEXTURES
+    from headclip.model.config import default_vv_start_layer
+    from headclip.data.synthetic import ALL_TEXTURES
 
     torch.set_num_threads(args.threads)
     textures = ALL_TEXTURES

@@ -24,11 +24,12 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip.report import run_report
-    from headclip.storage import join, write_bytes_atomic
+    from headclip.reporting.html import run_report
+    from headclip.storage.fs import write_bytes_atomic
+    from headclip.storage.layout import run_report_uri
 
     rows = read_run_arg(args)
-    output = args.output or join(args.run, "_report.html")
+    output = args.output or run_report_uri(args.run)
     report = run_report(rows, f"Scoring run {args.run}", args.top_n, args.storage_options)
     write_bytes_atomic(output, report.html().encode(), args.storage_options)
     print(f"wrote {output}")

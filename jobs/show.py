@@ -33,7 +33,8 @@ def safe_name(image_id: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip.overlay import row_overlay
+    from headclip.reporting.overlay import row_overlay
+    from headclip.storage.schema import STATUS_OK
 
     rows = read_run_arg(args)
     if args.image_id:
@@ -42,12 +43,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"image id {missing[0]!r} is not in {args.run}")
         chosen = rows[rows["image_id"].isin(args.image_id)]
     else:
-        chosen = rows[rows["status"] == "ok"].sort_values("score", ascending=False).head(args.top)
+        chosen = rows[rows["status"] == STATUS_OK].sort_values("score", ascending=False).head(args.top)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for rank, (_, row) in enumerate(chosen.iterrows(), start=1):
         record = row.to_dict()
-        if record["status"] != "ok":
+        if record["status"] != STATUS_OK:
             print(f"skipped {record['image_id']}: {record['error']}")
             continue
         path = out / f"{rank:03d}_{safe_name(record['image_id'])}.png"

@@ -15,7 +15,8 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from .cli import Parser, add_dataset_flags, add_storage_flag, load_dataset_arg, UsageError, positive_int, run
+from .cli import (Parser, UsageError, add_dataset_flags, add_storage_flag, init_ray, load_dataset_arg, positive_int,
+                  run)
 
 EXAMPLE = """examples:
   # the paper's protocol: fit on MVTec AD's test split on a GPU cluster
@@ -61,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 0:
         raise UsageError("--workers must be >= 0")
-    from headclip.datasets import DatasetError, load_dataset
+    from headclip.data.datasets import DatasetError, load_dataset
 
     train_table = load_dataset_arg(args)
     try:
@@ -70,10 +71,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DatasetError as err:
         raise UsageError(str(err)) from None
 
-    from headclip.config import HeadCLIPConfig
-    from headclip.storage import write_bytes_atomic
-    from headclip.trainer import fit
-    from headclip.training import TrainConfig
+    from headclip.model.config import HeadCLIPConfig
+    from headclip.storage.fs import write_bytes_atomic
+    from headclip.training.launcher import fit
+    from headclip.training.loop import TrainConfig
 
     command = "python -m jobs.train " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
@@ -89,13 +90,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("fitting on %d images (%d anomalous, classes: %s)", train_table.num_rows,
              sum(train_table["label"].to_pylist()), ", ".join(sorted(set(train_table["class_name"].to_pylist()))))
     if args.workers > 0:
-        from .score import init_ray
-
         init_ray(args.ray_address)
     data, history = fit(config, train_table, val_table, name=args.name, storage_path=args.storage_path,
                         workers=args.workers, use_gpu=args.gpu)
     write_bytes_atomic(args.output, data, args.storage_options)
-    from headclip.checkpoint import checkpoint_id
+    from headclip.model.checkpoint import checkpoint_id
 
     for row in history:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if not k.startswith("_")})

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import headclip
-from headclip.imageio import decode_image
-from headclip.runner import JobConfig, execute, prepare
-from headclip.scorer import ScoringOptions
-from headclip.synthetic import make_sample
+from headclip.data.decode import decode_image
+from headclip.scoring.runner import JobConfig, execute, prepare
+from headclip.scoring.scorer import ScoringOptions
+from headclip.data.synthetic import make_sample
 
 
 def write_images(folder: Path, count: int, start: int = 0) -> list[Path]:

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from headclip.synthetic import make_sample
+from headclip.data.synthetic import make_sample
 from jobs import audit as audit_job
 from jobs import report as report_job
 from jobs import show as show_job

@@ -11,7 +11,7 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save as save_safetensors
 
 import headclip
-from headclip.backbone import needs_quick_gelu, quickgelu_sha256s, register_model_configs
+from headclip.model.backbone import needs_quick_gelu, quickgelu_sha256s, register_model_configs
 
 from .conftest import tiny_config
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import headclip
-from headclip.checkpoint import CheckpointError, read_checkpoint
+from headclip.model.checkpoint import CheckpointError, read_checkpoint
 
 from .conftest import tiny_config
 
@@ -74,7 +74,7 @@ def test_s3_round_trip(s3_bucket):
 
 
 def _register_wide_backbone(tmp_path):
-    cfg = json.loads((headclip.backbone.MODEL_CONFIG_DIR / "HeadCLIP-Tiny.json").read_text())
+    cfg = json.loads((headclip.model.backbone.MODEL_CONFIG_DIR / "HeadCLIP-Tiny.json").read_text())
     cfg["text_cfg"]["width"] = 96
     cfg["vision_cfg"]["layers"] = 8
     (tmp_path / "HeadCLIP-Test-Wide.json").write_text(json.dumps(cfg))

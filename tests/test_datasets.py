@@ -8,7 +8,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from headclip.datasets import DatasetError, detect_layout, load_dataset
+from headclip.data.datasets import DatasetError, detect_layout, load_dataset
 from jobs.make_synthetic import write_mvtec_tree
 
 

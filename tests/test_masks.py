@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as coco
 
-from headclip.masks import bounding_box, decode_heatmap, encode_map, encode_rle, mask_size
+from headclip.scoring.masks import bounding_box, decode_heatmap, encode_map, encode_rle, mask_size
 
 
 def test_rle_decodes_with_pycocotools():

@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from headclip.metrics import (
+from headclip.evaluation.metrics import (
     COLUMNS,
     MetricsByClass,
     MetricState,

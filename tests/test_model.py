@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import headclip
-from headclip.vision import interpolate_pos_embedding
+from headclip.model.vision import interpolate_pos_embedding
 
 from .conftest import tiny_config
 
@@ -36,7 +36,7 @@ def test_output_shapes_and_ranges(size):
 def test_default_layers_follow_the_paper():
     config = headclip.HeadCLIPConfig()
     assert (config.backbone, config.pretrained, config.image_size) == ("ViT-L-14-336", "openai", 518)
-    from headclip.config import default_vv_start_layer
+    from headclip.model.config import default_vv_start_layer
 
     assert default_vv_start_layer(24) == 6  # the last 19 blocks of 24
     assert 24 - default_vv_start_layer(24) + 1 == 19
@@ -230,6 +230,6 @@ def test_several_map_layers_are_averaged():
     global_score, anomaly_map = model.anomaly_probabilities(logits)
     mean_prob = torch.stack([l.softmax(1)[:, 1] for l in logits.patch_logits]).mean(0)
     upsampled = F.interpolate(mean_prob[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
-    from headclip.smoothing import gaussian_blur
+    from headclip.model.smoothing import gaussian_blur
 
     torch.testing.assert_close(anomaly_map, gaussian_blur(upsampled, 4.0))

@@ -17,9 +17,9 @@ from PIL import Image
 
 import headclip
 from headclip import results
-from headclip.plan import run_uri
-from headclip.runner import execute, prepare
-from headclip.scorer import ScoringOptions
+from headclip.storage.layout import run_uri
+from headclip.scoring.runner import execute, prepare
+from headclip.scoring.scorer import ScoringOptions
 
 from .scoring_helpers import jpeg_bytes, job, run_job, write_images
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from pycocotools import mask as coco
 
 from headclip import results
-from headclip.plan import run_uri
-from headclip.scorer import ScoringOptions
+from headclip.storage.layout import run_uri
+from headclip.scoring.scorer import ScoringOptions
 
 from .scoring_helpers import job, reference_scores, run_job, write_images
 

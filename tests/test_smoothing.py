@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from headclip.smoothing import gaussian_blur, gaussian_kernel1d
+from headclip.model.smoothing import gaussian_blur, gaussian_kernel1d
 
 
 @pytest.mark.parametrize("shape,sigma", [((2, 64, 64), 4.0), ((1, 37, 51), 4.0), ((3, 10, 13), 4.0), ((1, 20, 20), 1.5)])

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import headclip
-from headclip.datasets import load_dataset
-from headclip.demo_assets import DEMO_BACKBONE
-from headclip.trainer import fit
-from headclip.training import STATE_FILE, TrainConfig, evaluate
+from headclip.data.datasets import load_dataset
+from headclip.model.assets import DEMO_BACKBONE
+from headclip.training.launcher import fit
+from headclip.training.loop import STATE_FILE, TrainConfig, evaluate
 from jobs.make_synthetic import write_mvtec_tree
 
 from .scoring_helpers import job, run_job
@@ -106,7 +106,7 @@ def test_metrics_from_scoring_actors_match_in_process(ray_cluster, synthetic, tm
     checkpoint = str(tmp_path / "m.safetensors")
     headclip.save_checkpoint(model, checkpoint)
     config = job("held-out", str(tmp_path / "eval"), checkpoint, shard_size=7, actors=2, cpus_per_actor=1)
-    from headclip.runner import execute, prepare
+    from headclip.scoring.runner import execute, prepare
 
     plan = prepare(config, held_out)
     summary = execute(plan, config)

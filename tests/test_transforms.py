@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import headclip
-from headclip.transforms import resize_square, to_rgb
+from headclip.data.transforms import resize_square, to_rgb
 
 
 def test_sixteen_bit_is_scaled_not_clipped():

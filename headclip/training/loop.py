@@ -26,12 +26,12 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
-from .batches import load_batch
-from .checkpoint import apply_learned_state, parse_checkpoint, serialize
-from .config import HeadCLIPConfig
-from .factory import create_model
+from ..data.loading import load_batch
+from ..model.checkpoint import apply_learned_state, parse_checkpoint, serialize
+from ..model.config import HeadCLIPConfig
+from ..model.factory import create_model
 from .loss import LossConfig, headclip_loss
-from .metrics import MetricsByClass
+from ..evaluation.metrics import MetricsByClass, add_scored_batch
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,9 @@ def evaluate(model, table: pa.Table, batch_size: int, pool: ThreadPoolExecutor,
     for start in range(0, len(records), batch_size):
         batch = load_batch(records[start:start + batch_size], model.image_size, pool, storage_options)
         out = model.score(batch.images)
-        has_masks = bool(batch.mask_valid.all())
-        metrics.update(batch.class_names, out.joint_score.cpu().numpy(), batch.labels.numpy(),
-                       out.anomaly_map.cpu().numpy() if has_masks else None,
-                       batch.masks.numpy() if has_masks else None)
+        masks = [m if valid else None for m, valid in zip(batch.masks.numpy(), batch.mask_valid.tolist())]
+        add_scored_batch(metrics, batch.class_names, batch.labels, out.joint_score.float(),
+                         out.anomaly_map.float(), masks)
     return metrics
 
 

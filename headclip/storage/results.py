@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .masks import decode_heatmap, decode_rle
-from .schema import METADATA_RUN_CONFIG
-from .storage import filesystem
+from ..scoring.masks import decode_heatmap, decode_rle
+from .fs import as_uri, filesystem
+from .layout import shard_glob
 
 
 def shard_files(run: str, storage_options: Optional[dict] = None) -> list[str]:
     """The published shard files of a run directory (``.../run_id=<id>``), sorted."""
     fs, path = filesystem(run, storage_options)
-    return sorted(fs.unstrip_protocol(p) if "://" in run else p
-                  for p in fs.glob(path.rstrip("/") + "/shard-*.parquet"))
+    return sorted(as_uri(fs, p, run) for p in fs.glob(shard_glob(path)))
 
 
 def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional[list[str]] = None) -> pd.DataFrame:
     """All rows of a run directory, sorted by image_uri.
 
-    ``run`` is ``OUTPUT/run_id=<id>`` (:func:`headclip.plan.run_uri`).
+    ``run`` is ``OUTPUT/run_id=<id>`` (:func:`headclip.storage.layout.run_uri`).
     """
     fs, _ = filesystem(run, storage_options)
     tables = []
@@ -35,14 +33,6 @@ def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional
         raise FileNotFoundError(f"no shard files under {run}")
     frame = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
     return frame.sort_values("image_uri", kind="stable").reset_index(drop=True)
-
-
-def run_config(shard_uri: str, storage_options: Optional[dict] = None) -> dict:
-    """The run config stored in a shard file's key-value metadata."""
-    fs, path = filesystem(shard_uri, storage_options)
-    with fs.open(path, "rb") as handle:
-        metadata = pq.read_schema(handle).metadata or {}
-    return json.loads(metadata.get(METADATA_RUN_CONFIG, b"{}"))
 
 
 def mask(row) -> Optional[np.ndarray]:

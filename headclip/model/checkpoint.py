@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from . import __version__
+from .. import __version__
 from .config import HeadCLIPConfig
-from .errors import CheckpointError
-from .storage import open_file, read_bytes, write_bytes_atomic
+from ..errors import CheckpointError
+from ..storage.fs import read_bytes, write_bytes_atomic
 
 FORMAT = "headclip-checkpoint/1"
 METADATA_KEY = "headclip"
@@ -136,41 +136,3 @@ def _describe(name: str, got: torch.Size, want: torch.Size) -> str:
         return (f"deep prompts of {got[0]} layers x {got[1]} tokens x width {got[2]}, "
                 f"expected {want[0]} x {want[1]} x width {want[2]}")
     return f"{name} has width {got[-1]} and {got[0]} vectors, the text tower expects width {want[-1]} and {want[0]}"
-
-
-def read_anomalyclip_prompts(uri: str, storage_options: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """Read AnomalyCLIP's released prompt-learner checkpoint (a torch pickle).
-
-    Loaded with ``torch.load(weights_only=True)``, which refuses code objects.
-    Returns HeadCLIP tensors: prompt.ctx_normal, prompt.ctx_abnormal, prompt.deep.
-    """
-    import io
-
-    with open_file(uri, "rb", storage_options) as handle:
-        data = handle.read()
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for bad pickles
-        raise CheckpointError(f"{uri}: not a weights-only torch file: {str(err).splitlines()[0]}") from None
-    if isinstance(state, dict) and "prompt_learner" in state:
-        state = state["prompt_learner"]
-    if not isinstance(state, dict) or "ctx_pos" not in state or "ctx_neg" not in state:
-        raise CheckpointError(f"{uri}: no AnomalyCLIP prompt_learner state (ctx_pos, ctx_neg) found")
-
-    def vectors(tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.float()
-        while tensor.dim() > 2 and tensor.shape[0] == 1:
-            tensor = tensor[0]
-        if tensor.dim() != 2:
-            raise CheckpointError(f"{uri}: unexpected prompt tensor shape {tuple(tensor.shape)}")
-        return tensor
-
-    prefix = "compound_prompts_text."
-    deep_keys = sorted((k for k in state if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
-    if not deep_keys:
-        raise CheckpointError(f"{uri}: no compound_prompts_text.N deep prompts found")
-    return {
-        "prompt.ctx_normal": vectors(state["ctx_pos"]),
-        "prompt.ctx_abnormal": vectors(state["ctx_neg"]),
-        "prompt.deep": torch.stack([vectors(state[k]) for k in deep_keys]),
-    }

@@ -18,16 +18,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 
-from .checkpoint import read_checkpoint
-from .demo_assets import DEMO_CHECKPOINT
-from .imageio import IMAGE_EXTENSIONS
-from .listing import list_images, listing_hash
-from .plan import RunPlan, derive_run_id, make_plan, read_plan, run_uri, write_plan
+from ..model.checkpoint import read_checkpoint
+from ..model.assets import DEMO_CHECKPOINT
+from ..data.decode import IMAGE_EXTENSIONS
+from ..data.listing import list_images, listing_hash
+from .plan import RunPlan, derive_run_id, make_plan, read_plan, write_plan
 from .progress import Progress
-from .schema import STATUS_OK
-from .metrics import MetricsByClass
-from .scorer import ScoringOptions, ShardResult, ShardScorer, ShardTask, metrics_uri
-from .storage import filesystem, join, read_bytes, write_bytes_atomic
+from ..storage.schema import STATUS_OK
+from ..evaluation.metrics import MetricsByClass
+from .scorer import ScoringOptions, ShardResult, ShardScorer, ShardTask
+from ..storage.fs import filesystem, read_bytes, write_bytes_atomic
+from ..storage.layout import metrics_uri, run_uri, summary_uri
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,7 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
 def _finish(summary: JobSummary, plan: RunPlan, config: JobConfig, progress: Progress, start: float) -> JobSummary:
     progress.close()
     summary.seconds = time.perf_counter() - start
-    summary_uri = join(run_uri(plan.output, plan.run_id), "_summary.json")
-    write_bytes_atomic(summary_uri, json.dumps(summary.to_dict(), indent=2).encode(), config.storage_options)
+    write_bytes_atomic(summary_uri(run_uri(plan.output, plan.run_id)), json.dumps(summary.to_dict(), indent=2).encode(), config.storage_options)
     return summary
 
 

@@ -11,19 +11,11 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import ImageDecodeError
 from .transforms import to_rgb
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own bomb limit (2 x MAX_IMAGE_PIXELS)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be scored. ``width``/``height`` are set when known."""
-
-    def __init__(self, message: str, width: int | None = None, height: int | None = None):
-        super().__init__(message)
-        self.width = width
-        self.height = height
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

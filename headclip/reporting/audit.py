@@ -18,24 +18,18 @@ from typing import Any, Optional
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .storage import filesystem, join
+from ..storage.fs import filesystem
+from ..storage.schema import STATUS_OK
+from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores, history_shard_glob
 
 SCORE_COLUMNS = ["image_id", "image_uri", "status", "error", "score", "global_score", "is_anomalous", "run_id"]
-
-
-def day_output(history: str, day: dt.date) -> str:
-    return join(history, "scores", f"date={day.isoformat()}")
-
-
-def report_location(history: str, day: dt.date) -> str:
-    return join(history, "reports", f"date={day.isoformat()}")
 
 
 def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
              columns: Optional[list[str]] = None) -> pd.DataFrame:
     """Every row of one day of history (all its runs); empty if none."""
     fs, root = filesystem(day_output(history, day), storage_options)
-    files = sorted(fs.glob(root.rstrip("/") + "/run_id=*/shard-*.parquet")) if fs.exists(root) else []
+    files = sorted(fs.glob(day_shard_glob(root))) if fs.exists(root) else []
     frames = []
     for path in files:
         with fs.open(path, "rb") as handle:
@@ -49,29 +43,22 @@ def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
 
 def known_image_ids(history: str, storage_options: Optional[dict] = None) -> set[str]:
     """Image ids already in the history, over all days."""
-    fs, root = filesystem(join(history, "scores"), storage_options)
+    fs, root = filesystem(history_scores(history), storage_options)
     if not fs.exists(root):
         return set()
     ids: set[str] = set()
-    for path in fs.glob(root.rstrip("/") + "/date=*/run_id=*/shard-*.parquet"):
+    for path in fs.glob(history_shard_glob(root)):
         with fs.open(path, "rb") as handle:
             ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
     return ids
 
 
 def days_with_history(history: str, storage_options: Optional[dict] = None) -> list[dt.date]:
-    fs, root = filesystem(join(history, "scores"), storage_options)
+    fs, root = filesystem(history_scores(history), storage_options)
     if not fs.exists(root):
         return []
-    days = []
-    for path in fs.ls(root, detail=False):
-        name = posixpath.basename(path.rstrip("/"))
-        if name.startswith("date="):
-            try:
-                days.append(dt.date.fromisoformat(name[5:]))
-            except ValueError:
-                continue
-    return sorted(days)
+    days = (day_of_partition(posixpath.basename(path.rstrip("/"))) for path in fs.ls(root, detail=False))
+    return sorted(day for day in days if day is not None)
 
 
 @dataclass
@@ -120,8 +107,8 @@ class AuditSummary:
 
 
 def day_figures(rows: pd.DataFrame) -> DayFigures:
-    ok = rows[rows["status"] == "ok"]
-    figures = DayFigures(images=len(rows), errors=int((rows["status"] != "ok").sum()),
+    ok = rows[rows["status"] == STATUS_OK]
+    figures = DayFigures(images=len(rows), errors=int((rows["status"] != STATUS_OK).sum()),
                          anomalous=int(ok["is_anomalous"].sum()) if len(ok) else 0)
     if len(ok):
         figures.anomaly_rate = float(ok["is_anomalous"].mean())
@@ -149,7 +136,7 @@ def rate_difference_ci(k1: int, n1: int, k0: int, n0: int, z: float = 1.959964) 
 def compare(day: pd.DataFrame, baseline: pd.DataFrame, baseline_days: list[str]) -> Comparison:
     from scipy.stats import ks_2samp
 
-    ok_day, ok_base = day[day["status"] == "ok"], baseline[baseline["status"] == "ok"]
+    ok_day, ok_base = day[day["status"] == STATUS_OK], baseline[baseline["status"] == STATUS_OK]
     comparison = Comparison(baseline_days, len(ok_base), None, None, None, None, None)
     if len(ok_base) == 0 or len(ok_day) == 0:
         return comparison
@@ -185,7 +172,7 @@ def trend(history: str, day: dt.date, days: int = 30, storage_options: Optional[
     for d in days_with_history(history, storage_options):
         if day - dt.timedelta(days=days - 1) <= d <= day:
             rows = read_day(history, d, storage_options, ["status", "is_anomalous"])
-            ok = rows[rows["status"] == "ok"]
+            ok = rows[rows["status"] == STATUS_OK]
             if len(ok):
                 points.append((d.isoformat(), float(ok["is_anomalous"].mean())))
     return points
@@ -205,6 +192,6 @@ def baseline_rows(history: str, day: dt.date, baseline_days: int,
 
 
 def top_images(rows: pd.DataFrame, n: int) -> pd.DataFrame:
-    ok = rows[rows["status"] == "ok"]
+    ok = rows[rows["status"] == STATUS_OK]
     return ok.sort_values("score", ascending=False).head(n)
 

@@ -18,9 +18,9 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 import pyarrow as pa
-import torch
 
-from .training import STATE_FILE, TrainConfig, final_checkpoint_bytes, read_history, train_loop
+from ..model.factory import resolve_device
+from .loop import STATE_FILE, TrainConfig, final_checkpoint_bytes, read_history, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def fit(config: TrainConfig, train_table: pa.Table, val_table: Optional[pa.Table
     """Train; returns (final checkpoint bytes, the metrics of every epoch of the run)."""
     if workers <= 0:
         session = LocalSession(storage_path, name)
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        device = resolve_device("auto" if use_gpu else "cpu")
         train_loop(config, train_table, val_table, session, device)
         latest = session.latest_checkpoint_dir()
         if latest is None:

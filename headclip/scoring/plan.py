@@ -17,26 +17,16 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from .listing import listing_hash, shard_slices
-from .storage import filesystem, join, read_bytes, write_bytes_atomic
+from ..data.listing import listing_hash, shard_slices
+from ..storage.fs import filesystem, read_bytes, write_bytes_atomic
+from ..storage.layout import plan_file_uri, plan_images_uri, shard_uri
 
 log = logging.getLogger(__name__)
-
-PLAN_DIR = "_plan"
-
 
 def derive_run_id(input_uri: str, checkpoint_id: str, settings: dict[str, Any]) -> str:
     """A short stable id from the input, the checkpoint and the settings that shape rows."""
     payload = json.dumps({"input": input_uri, "checkpoint": checkpoint_id, "settings": settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def run_uri(output: str, run_id: str) -> str:
-    return join(output, f"run_id={run_id}")
-
-
-def shard_uri(output: str, run_id: str, index: int) -> str:
-    return join(run_uri(output, run_id), f"shard-{index:05d}.parquet")
 
 
 @dataclass
@@ -74,8 +64,7 @@ def _ipc_bytes(table: pa.Table) -> bytes:
 
 
 def write_plan(plan: RunPlan, storage_options: Optional[dict] = None) -> None:
-    base = join(run_uri(plan.output, plan.run_id), PLAN_DIR)
-    write_bytes_atomic(join(base, "images.arrow"), _ipc_bytes(plan.images), storage_options)
+    write_bytes_atomic(plan_images_uri(plan.output, plan.run_id), _ipc_bytes(plan.images), storage_options)
     document = {
         "run_id": plan.run_id,
         "checkpoint_id": plan.checkpoint_id,
@@ -86,18 +75,17 @@ def write_plan(plan: RunPlan, storage_options: Optional[dict] = None) -> None:
         "shards": [plan.shard_uri(i) for i in range(plan.num_shards)],
         "config": plan.config,
     }
-    write_bytes_atomic(join(base, "plan.json"), json.dumps(document, indent=2, sort_keys=True).encode(),
+    write_bytes_atomic(plan_file_uri(plan.output, plan.run_id), json.dumps(document, indent=2, sort_keys=True).encode(),
                        storage_options)
 
 
 def read_plan(output: str, run_id: str, storage_options: Optional[dict] = None) -> Optional[RunPlan]:
     """The stored plan of ``run_id``, or None if the run has not been planned."""
-    base = join(run_uri(output, run_id), PLAN_DIR)
-    fs, path = filesystem(join(base, "plan.json"), storage_options)
+    fs, path = filesystem(plan_file_uri(output, run_id), storage_options)
     if not fs.exists(path):
         return None
-    document = json.loads(read_bytes(join(base, "plan.json"), storage_options))
-    images = pa.ipc.open_file(pa.BufferReader(read_bytes(join(base, "images.arrow"), storage_options))).read_all()
+    document = json.loads(read_bytes(plan_file_uri(output, run_id), storage_options))
+    images = pa.ipc.open_file(pa.BufferReader(read_bytes(plan_images_uri(output, run_id), storage_options))).read_all()
     return RunPlan(run_id, output, images, document["shard_size"], document["listing_hash"], document["config"],
                    document["checkpoint_id"], resumed=True)
 

@@ -16,23 +16,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .imageio import IMAGE_EXTENSIONS
-from .storage import filesystem, open_file
+from ..errors import InputError
+from .decode import IMAGE_EXTENSIONS
+from ..storage.fs import as_uri, filesystem, open_file, resolve_relative
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 GLOB_CHARS = "*?["
-
-
-class InputError(ValueError):
-    """An input that cannot be listed (missing, empty, malformed manifest)."""
-
-
-def _has_protocol(uri: str) -> bool:
-    return "://" in uri
-
-
-def _full_uri(fs, path: str, keep_protocol: bool) -> str:
-    return fs.unstrip_protocol(path) if keep_protocol else path
 
 
 def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_options: Optional[dict] = None,
@@ -43,11 +32,10 @@ def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_
     ``image_uri`` (absolute; with the input's protocol), then manifest extras.
     """
     fs, path = filesystem(uri, storage_options)
-    keep_protocol = _has_protocol(uri)
     if path.lower().endswith(MANIFEST_SUFFIXES):
-        table = _read_manifest(uri, fs, path, keep_protocol, storage_options)
+        table = _read_manifest(uri, fs, path, storage_options)
     else:
-        table = _list_files(uri, fs, path, keep_protocol, extensions)
+        table = _list_files(uri, fs, path, extensions)
     if table.num_rows == 0:
         raise InputError(f"no images found at {uri} (extensions {', '.join(extensions)})")
     table = table.sort_by([("image_uri", "ascending")])
@@ -59,7 +47,7 @@ def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_
     return table
 
 
-def _list_files(uri, fs, path, keep_protocol, extensions) -> pa.Table:
+def _list_files(uri, fs, path, extensions) -> pa.Table:
     suffixes = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if any(ch in path for ch in GLOB_CHARS):
         root = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)].rsplit("/", 1)[0]
@@ -74,11 +62,11 @@ def _list_files(uri, fs, path, keep_protocol, extensions) -> pa.Table:
         raise InputError(f"input not found: {uri}")
     files = sorted(p for p in found if p.lower().endswith(suffixes) and not posixpath.basename(p).startswith("."))
     ids = [posixpath.relpath(p, root) if root else p for p in files]
-    uris = [_full_uri(fs, p, keep_protocol) for p in files]
+    uris = [as_uri(fs, p, uri) for p in files]
     return pa.table({"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string())})
 
 
-def _read_manifest(uri, fs, path, keep_protocol, storage_options) -> pa.Table:
+def _read_manifest(uri, fs, path, storage_options) -> pa.Table:
     if not fs.exists(path):
         raise InputError(f"manifest not found: {uri}")
     with open_file(uri, "rb", storage_options) as handle:
@@ -91,12 +79,10 @@ def _read_manifest(uri, fs, path, keep_protocol, storage_options) -> pa.Table:
     base = posixpath.dirname(path)
     uris = []
     for value in table["image_uri"].to_pylist():
-        if value is None or str(value).strip() == "":
+        resolved = resolve_relative(fs, uri, base, value)
+        if resolved is None:
             raise InputError(f"manifest {uri} has an empty image_uri")
-        value = str(value)
-        if not _has_protocol(value) and not value.startswith("/"):
-            value = _full_uri(fs, posixpath.join(base, value), keep_protocol)
-        uris.append(value)
+        uris.append(resolved)
     if "image_id" in table.column_names:
         ids = [str(v) for v in table["image_id"].to_pylist()]
     else:

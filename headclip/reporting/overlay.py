@@ -8,9 +8,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .imageio import ImageDecodeError, decode_image
-from .masks import decode_heatmap, decode_rle
-from .storage import read_bytes
+from ..data.decode import ImageDecodeError, decode_image
+from ..scoring.masks import decode_heatmap, decode_rle
+from ..storage.fs import read_bytes
 
 MASK_COLOR = (255, 40, 40)
 

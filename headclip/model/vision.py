@@ -99,10 +99,6 @@ class DualPathVisionEncoder(nn.Module):
     def visual(self) -> nn.Module:
         return self._visual[0]
 
-    @property
-    def n_adapted(self) -> int:
-        return self.depth - self.vv_start_layer + 1
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding, class token, positions, ln_pre; (B, 1 + grid*grid, width)."""
         visual = self.visual

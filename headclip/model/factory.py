@@ -8,18 +8,19 @@ from typing import Any, Optional, Union
 import torch
 
 from .backbone import load_backbone
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    apply_learned_state,
-    read_anomalyclip_prompts,
-    read_checkpoint,
-    save_checkpoint,
-)
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint, apply_learned_state, read_checkpoint
 from .config import HeadCLIPConfig
-from .model import HeadCLIP
+from .headclip import HeadCLIP
 
 log = logging.getLogger(__name__)
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """The torch device for ``device``; "auto" is CUDA when available, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def create_model(
@@ -65,36 +66,3 @@ def create_model(
         apply_learned_state(model, loaded)
     model.checkpoint_id = loaded.checkpoint_id if loaded is not None else None
     return model.to(device)
-
-
-def import_anomalyclip(
-    source: str,
-    output: str,
-    config: Optional[HeadCLIPConfig] = None,
-    storage_options: Optional[dict] = None,
-) -> str:
-    """Convert AnomalyCLIP's prompt-learner checkpoint into a HeadCLIP checkpoint.
-
-    The prompts are taken as they are and head weights are 1, so the result
-    scores as AnomalyCLIP does. The model structure is checked on randomly
-    initialised backbone weights (no download); the written config still
-    names ``config.pretrained``. Returns the new checkpoint's id.
-    """
-    tensors = read_anomalyclip_prompts(source, storage_options)
-    config = config or HeadCLIPConfig()
-    n_ctx = tensors["prompt.ctx_normal"].shape[0]
-    n_deep, deep_len = tensors["prompt.deep"].shape[:2]
-    config = config.replace(
-        n_ctx=n_ctx,
-        deep_prompt_length=deep_len,
-        deep_prompt_end=config.deep_prompt_start + n_deep - 1,
-    )
-    try:
-        model = create_model(config.replace(pretrained=None))
-    except ValueError as err:
-        raise CheckpointError(f"{source} does not fit backbone {config.backbone}: {err}") from None
-    tensors["vision.head_weights"] = torch.ones_like(model.vision.head_weights)
-    apply_learned_state(model, Checkpoint(model.config, tensors, "", "", source))
-    model.config = model.config.replace(pretrained=config.pretrained, pretrained_sha256=config.pretrained_sha256,
-                                        quick_gelu=config.quick_gelu)
-    return save_checkpoint(model, output, storage_options)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .model import HeadCLIPLogits
+from ..model.headclip import HeadCLIPLogits
 
 
 @dataclass

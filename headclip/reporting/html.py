@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from ..storage.schema import STATUS_OK
 from .overlay import png_bytes, row_overlay
 
 STYLE = """
@@ -134,8 +135,8 @@ def gallery_html(rows: pd.DataFrame, storage_options: Optional[dict] = None) -> 
 
 def score_figures(rows: pd.DataFrame) -> dict[str, str]:
     """The headline numbers of a set of output rows."""
-    ok = rows[rows["status"] == "ok"]
-    figures = {"images": str(len(rows)), "errors": str(int((rows["status"] != "ok").sum()))}
+    ok = rows[rows["status"] == STATUS_OK]
+    figures = {"images": str(len(rows)), "errors": str(int((rows["status"] != STATUS_OK).sum()))}
     if len(ok):
         q = ok["score"].quantile([0.5, 0.9, 0.99])
         figures.update({
@@ -147,7 +148,7 @@ def score_figures(rows: pd.DataFrame) -> dict[str, str]:
 
 def run_report(rows: pd.DataFrame, title: str, top_n: int = 12, storage_options: Optional[dict] = None) -> Report:
     """A report of one scoring run: figures, score histogram, worst images, errors."""
-    ok = rows[rows["status"] == "ok"]
+    ok = rows[rows["status"] == STATUS_OK]
     report = Report(title=title, figures=score_figures(rows))
     report.sections.append(Section("Score distribution", histogram_svg({"scores": ok["score"].tolist()})))
     top = ok.sort_values("score", ascending=False).head(top_n)
@@ -157,7 +158,7 @@ def run_report(rows: pd.DataFrame, title: str, top_n: int = 12, storage_options:
 
 
 def errors_html(rows: pd.DataFrame, limit: int = 50) -> str:
-    errors = rows[rows["status"] != "ok"].head(limit)
+    errors = rows[rows["status"] != STATUS_OK].head(limit)
     if errors.empty:
         return "<p>No errors.</p>"
     items = "".join(f"<tr><td>{html.escape(str(r.image_uri))}</td><td>{html.escape(str(r.error))}</td></tr>"

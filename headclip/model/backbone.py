@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 
 from .config import HeadCLIPConfig
-from .demo_assets import resolve_asset
-from .storage import open_file
+from .assets import resolve_asset
+from ..storage.fs import open_file
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_BACKBONE = "HeadCLIP-Tiny"
 OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 _SHA256_IN_URL = re.compile(r"/([0-9a-f]{64})/")

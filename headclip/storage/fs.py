@@ -57,3 +57,26 @@ def join(base: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def has_protocol(uri: str) -> bool:
+    return "://" in uri
+
+
+def as_uri(fs, path: str, like: str) -> str:
+    """``path`` as fsspec returns it, with the protocol restored when ``like`` (the user's URI) has one."""
+    return fs.unstrip_protocol(path) if has_protocol(like) else path
+
+
+def resolve_relative(fs, like: str, base: str, value) -> Optional[str]:
+    """A path read from a manifest as a URI: absolute ones as they are, relative ones under ``base``.
+
+    ``base`` is a path on ``fs`` (no protocol); ``like`` is the URI the
+    manifest was named by. Empty values give None.
+    """
+    if value is None or str(value).strip() == "":
+        return None
+    value = str(value)
+    if has_protocol(value) or value.startswith("/"):
+        return value
+    return as_uri(fs, posixpath.join(base, value), like)

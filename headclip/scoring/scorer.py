@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-import numpy as np
 import pyarrow as pa
 import torch
 
-from .factory import create_model
-from .batches import load_mask
-from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..data.decode import DEFAULT_MAX_PIXELS
+from ..data.loading import LoadedImage, load_image
+from ..data.transforms import stack_images
+from ..evaluation.metrics import MetricsByClass, add_scored_batch
+from ..model.factory import create_model, resolve_device
+from ..storage.fs import filesystem, write_bytes_atomic
+from ..storage.layout import metrics_uri
+from ..storage.schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table, table_to_parquet_bytes
 from .masks import encode_map
-from .metrics import MetricsByClass
-from .schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table, table_to_parquet_bytes
-from .storage import filesystem, read_bytes, write_bytes_atomic
-from .transforms import resize_square, stack_images
 
 log = logging.getLogger(__name__)
 
@@ -64,30 +62,10 @@ class ShardResult:
     images: int = 0
     errors: int = 0
     anomalous: int = 0
-    seconds: float = 0.0
     skipped: bool = False
     output_bytes: int = 0
-    worker: str = ""
     peak_rss_bytes: int = 0  # peak resident memory of the scoring process
     metrics: Optional[dict] = None  # MetricsByClass state, for labelled inputs
-    error_messages: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Loaded:
-    """One image after reading and decoding, or the reason it failed."""
-
-    pixels: Optional[np.ndarray] = None  # (S, S, 3) uint8
-    mask: Optional[np.ndarray] = None  # (S, S) bool ground truth, when evaluating pixels
-    width: Optional[int] = None
-    height: Optional[int] = None
-    error: Optional[str] = None
-
-
-def metrics_uri(shard_uri: str) -> str:
-    """Where a labelled shard's metric state is kept: ``_metrics/shard-NNNNN.json`` beside it."""
-    parent, name = posixpath.split(shard_uri)
-    return f"{parent}/_metrics/{name.replace('.parquet', '.json')}"
 
 
 def peak_rss_bytes() -> int:
@@ -95,12 +73,6 @@ def peak_rss_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ShardScorer:
@@ -122,34 +94,14 @@ class ShardScorer:
         self.checkpoint_id = self.model.checkpoint_id or "untrained"
         self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id)
         self.pool = ThreadPoolExecutor(max_workers=options.io_threads, thread_name_prefix="headclip-io")
-        self.worker = f"{self.device}"
 
     # -- per image -----------------------------------------------------------------
 
-    def _load(self, record: dict) -> _Loaded:
-        uri = record["image_uri"]
-        try:
-            data = read_bytes(uri, self.storage_options)
-        except FileNotFoundError:
-            return _Loaded(error=f"not found: {uri}")
-        except (OSError, ValueError) as err:
-            return _Loaded(error=f"read error: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
-        try:
-            image = decode_image(data, self.options.max_pixels)
-        except ImageDecodeError as err:
-            return _Loaded(width=err.width, height=err.height, error=str(err))
-        width, height = image.size
-        mask = None
-        if record.get("has_masks"):
-            try:
-                mask = load_mask(record.get("mask_uri"), self.model.image_size, self.storage_options)
-            except Exception as err:  # noqa: BLE001 - any unreadable mask is reported on the row
-                return _Loaded(width=width, height=height, error=f"cannot read mask {record.get('mask_uri')}: {err}")
-            if mask is None:
-                mask = np.zeros((self.model.image_size,) * 2, dtype=bool)
-        return _Loaded(pixels=resize_square(image, self.model.image_size), mask=mask, width=width, height=height)
+    def _load(self, record: dict) -> LoadedImage:
+        return load_image(record, self.model.image_size, self.storage_options, self.options.max_pixels,
+                          with_mask=bool(record.get("has_masks")))
 
-    def _encode(self, anomaly_map: torch.Tensor, loaded: _Loaded) -> dict[str, Any]:
+    def _encode(self, anomaly_map: torch.Tensor, loaded: LoadedImage) -> dict[str, Any]:
         encoded = encode_map(anomaly_map, loaded.width, loaded.height, self.options.mask_threshold,
                              self.options.mask_max_side, self.options.heatmap_side)
         bbox = encoded.bbox
@@ -162,19 +114,6 @@ class ShardScorer:
         }
 
     # -- per shard -----------------------------------------------------------------
-
-    @staticmethod
-    def _accumulate(metrics: MetricsByClass, records: list[dict], loaded: list[_Loaded], out) -> None:
-        """Add a scored batch to per-class metric state (pixel metrics where masks are known)."""
-        scores = out.joint_score.float().cpu().numpy()
-        maps = None
-        for j, (record, item) in enumerate(zip(records, loaded)):
-            label = np.array([int(record["label"])])
-            if item.mask is not None:
-                maps = out.anomaly_map.float().cpu().numpy() if maps is None else maps
-                metrics.update(record["class_name"], scores[j:j + 1], label, maps[j:j + 1], item.mask[None])
-            else:
-                metrics.update(record["class_name"], scores[j:j + 1], label)
 
     def score_table(self, images: pa.Table, shard_index: int = 0,
                     metrics: Optional[MetricsByClass] = None) -> pa.Table:
@@ -190,7 +129,7 @@ class ShardScorer:
         next_to_submit = 0
         rows: list[Optional[dict]] = [None] * len(records)
         encodes: list[tuple[int, Future, dict]] = []
-        batch: list[tuple[int, _Loaded]] = []
+        batch: list[tuple[int, LoadedImage]] = []
         scored_at = datetime.now(timezone.utc)
 
         def base_row(i: int) -> dict:
@@ -202,7 +141,9 @@ class ShardScorer:
             pixels = stack_images(loaded.pixels for _, loaded in batch)
             out = self.model.score(pixels.to(self.device))
             if metrics is not None:
-                self._accumulate(metrics, [records[i] for i, _ in batch], [l for _, l in batch], out)
+                scored = [records[i] for i, _ in batch]
+                add_scored_batch(metrics, [r["class_name"] for r in scored], [int(r["label"]) for r in scored],
+                                 out.joint_score.float(), out.anomaly_map.float(), [l.mask for _, l in batch])
             for j, (i, loaded) in enumerate(batch):
                 score = float(out.joint_score[j])
                 row = base_row(i)
@@ -235,10 +176,9 @@ class ShardScorer:
 
     def score_shard(self, task: ShardTask) -> ShardResult:
         """Score a shard and publish its Parquet file; a finished shard is skipped."""
-        start = time.perf_counter()
         fs, path = filesystem(task.output_uri, self.storage_options)
         if fs.exists(path):
-            return ShardResult(task.index, images=task.images.num_rows, skipped=True, worker=self.worker)
+            return ShardResult(task.index, images=task.images.num_rows, skipped=True)
         metrics = None
         if {"label", "class_name"} <= set(task.images.column_names):
             metrics = MetricsByClass(self.options.metric_bins)
@@ -248,14 +188,19 @@ class ShardScorer:
             write_bytes_atomic(metrics_uri(task.output_uri), json.dumps(metrics.to_dict(as_lists=True)).encode(),
                                self.storage_options)
         write_bytes_atomic(task.output_uri, data, self.storage_options)
-        status = table["status"].to_pylist()
-        errors = [e for e, s in zip(table["error"].to_pylist(), status) if s == STATUS_ERROR]
+        errors = sum(1 for status in table["status"].to_pylist() if status == STATUS_ERROR)
         anomalous = sum(1 for flag in table["is_anomalous"].to_pylist() if flag)
-        return ShardResult(task.index, images=table.num_rows, errors=len(errors), anomalous=anomalous,
-                           seconds=time.perf_counter() - start, output_bytes=len(data), worker=self.worker,
-                           peak_rss_bytes=peak_rss_bytes(), error_messages=errors[:5],
+        return ShardResult(task.index, images=table.num_rows, errors=errors, anomalous=anomalous,
+                           output_bytes=len(data), peak_rss_bytes=peak_rss_bytes(),
                            metrics=None if metrics is None else metrics.to_dict())
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
+        """Stop the I/O threads; the scorer cannot be used afterwards."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ShardScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ASSET_SCHEME = "headclip:"
 DEMO_CHECKPOINT = ASSETS / "demo.safetensors"
 DEMO_BACKBONE = f"{ASSET_SCHEME}demo-backbone.safetensors"
@@ -24,10 +24,3 @@ def resolve_asset(uri: str) -> str:
     if uri.startswith(ASSET_SCHEME):
         return str(ASSETS / uri[len(ASSET_SCHEME):])
     return uri
-
-
-def demo_config(**changes):
-    from .config import HeadCLIPConfig
-
-    base = dict(backbone="HeadCLIP-Tiny", pretrained=DEMO_BACKBONE, image_size=DEMO_IMAGE_SIZE)
-    return HeadCLIPConfig(**{**base, **changes})

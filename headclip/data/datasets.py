@@ -23,18 +23,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .imageio import IMAGE_EXTENSIONS
-from .storage import filesystem, open_file
+from ..errors import DatasetError
+from .decode import IMAGE_EXTENSIONS
+from ..storage.fs import as_uri, filesystem, open_file, resolve_relative
 
 LAYOUTS = ("auto", "mvtec", "visa", "meta", "manifest")
-
-
-class DatasetError(ValueError):
-    """A data set that cannot be loaded as asked (one-line message)."""
-
-
-def _uri(fs, root_uri: str, path: str) -> str:
-    return fs.unstrip_protocol(path) if "://" in root_uri else path
 
 
 def detect_layout(root: str, storage_options: Optional[dict] = None) -> str:
@@ -112,10 +105,10 @@ def _mvtec(root, fs, path, split, storage_options) -> list[dict]:
                 if defect != "good":
                     mask = posixpath.join(base, class_name, "ground_truth", defect, f"{stem}_mask.png")
                     if not fs.exists(mask):
-                        raise DatasetError(f"missing mask for {_uri(fs, root, image)} "
-                                           f"(expected {_uri(fs, root, mask)})")
-                    mask = _uri(fs, root, mask)
-                rows.append(_row(f"{class_name}/{split}/{defect}/{stem}", _uri(fs, root, image), mask,
+                        raise DatasetError(f"missing mask for {as_uri(fs, image, root)} "
+                                           f"(expected {as_uri(fs, mask, root)})")
+                    mask = as_uri(fs, mask, root)
+                rows.append(_row(f"{class_name}/{split}/{defect}/{stem}", as_uri(fs, image, root), mask,
                                  defect != "good", class_name))
     if not rows:
         raise DatasetError(f"no MVTec-style <class>/{split}/<defect>/ images in {root}")
@@ -132,25 +125,16 @@ def _read_table(uri: str, storage_options) -> pa.Table:
             raise DatasetError(f"cannot read {uri}: {str(err).splitlines()[0]}") from None
 
 
-def _resolve(fs, root, base: str, value) -> Optional[str]:
-    if value is None or str(value).strip() == "":
-        return None
-    value = str(value)
-    if "://" in value or value.startswith("/"):
-        return value
-    return _uri(fs, root, posixpath.join(base, value))
-
-
 def _visa(root, fs, path, split, storage_options) -> list[dict]:
     base = path.rstrip("/")
-    table = _read_table(_uri(fs, root, posixpath.join(base, "split_csv", "1cls.csv")), storage_options).to_pylist()
+    table = _read_table(as_uri(fs, posixpath.join(base, "split_csv", "1cls.csv"), root), storage_options).to_pylist()
     rows = []
     for record in table:
         if record.get("split") != split:
             continue
         label = 1 if str(record.get("label")).strip().lower() in ("anomaly", "1", "abnormal") else 0
-        image = _resolve(fs, root, base, record["image"])
-        mask = _resolve(fs, root, base, record.get("mask")) if label else None
+        image = resolve_relative(fs, root, base, record["image"])
+        mask = resolve_relative(fs, root, base, record.get("mask")) if label else None
         if label and mask is None:
             raise DatasetError(f"missing mask for anomalous image {image} in {root}")
         stem = posixpath.splitext(posixpath.basename(image))[0]
@@ -160,7 +144,7 @@ def _visa(root, fs, path, split, storage_options) -> list[dict]:
 
 def _meta(root, fs, path, split, storage_options) -> list[dict]:
     base = path.rstrip("/")
-    with open_file(_uri(fs, root, posixpath.join(base, "meta.json")), "r", storage_options) as handle:
+    with open_file(as_uri(fs, posixpath.join(base, "meta.json"), root), "r", storage_options) as handle:
         try:
             meta = json.load(handle)
         except ValueError as err:
@@ -171,8 +155,8 @@ def _meta(root, fs, path, split, storage_options) -> list[dict]:
     for class_name, records in sorted(meta[split].items()):
         for record in records:
             label = int(record.get("anomaly", 0))
-            image = _resolve(fs, root, base, record["img_path"])
-            mask = _resolve(fs, root, base, record.get("mask_path")) if label else None
+            image = resolve_relative(fs, root, base, record["img_path"])
+            mask = resolve_relative(fs, root, base, record.get("mask_path")) if label else None
             rows.append(_row(record["img_path"], image, mask, label, record.get("cls_name", class_name)))
     return rows
 
@@ -185,8 +169,8 @@ def _manifest(root, fs, path, split, storage_options) -> list[dict]:
     base = posixpath.dirname(path)
     rows = []
     for record in table.to_pylist():
-        image = _resolve(fs, root, base, record["image_uri"])
-        mask = _resolve(fs, root, base, record.get("mask_uri"))
+        image = resolve_relative(fs, root, base, record["image_uri"])
+        mask = resolve_relative(fs, root, base, record.get("mask_uri"))
         image_id = str(record.get("image_id") or record["image_uri"])
         rows.append(_row(image_id, image, mask, int(record["label"]), str(record["class_name"])))
     return rows

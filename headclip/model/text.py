@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import HeadCLIPConfig
 
@@ -91,7 +90,3 @@ class PromptLearner(nn.Module):
         if isinstance(projection, nn.Linear):
             return projection(x)
         return x @ projection
-
-
-def normalize(features: torch.Tensor) -> torch.Tensor:
-    return F.normalize(features, dim=-1)

@@ -1,0 +1,118 @@
+"""One image and its mask, read and preprocessed for the model: the loader of scoring and training.
+
+Images get the model's preprocessing: the whole image resized (bicubic) to
+the square input. Masks are resized the same way as floats in [0, 1] and
+binarised at 0.5. Loading never raises: a failure is returned as a one-line
+``error``, which scoring turns into an error row and training refuses.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DatasetError, ImageDecodeError
+from ..storage.fs import read_bytes
+from .decode import DEFAULT_MAX_PIXELS, decode_image
+from .transforms import resize_square
+
+
+@dataclass
+class LoadedImage:
+    """One record after reading and preprocessing, or the reason it failed.
+
+    pixels: (S, S, 3) uint8; mask: (S, S) bool ground truth where it is known
+    (None for classes without pixel ground truth); width/height: the decoded
+    image's size (also for some errors); error: one line, or None.
+    """
+
+    pixels: Optional[np.ndarray] = None
+    mask: Optional[np.ndarray] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    error: Optional[str] = None
+
+
+def load_mask(uri: Optional[str], size: int, storage_options: Optional[dict] = None) -> Optional[np.ndarray]:
+    """(size, size) bool mask from a mask image, or None when ``uri`` is empty."""
+    if not uri:
+        return None
+    image = Image.open(io.BytesIO(read_bytes(uri, storage_options)))
+    values = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    resized = Image.fromarray(values).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(resized) > 0.5
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS, with_mask: bool = False) -> LoadedImage:
+    """Read, decode and resize ``record["image_uri"]``; with ``with_mask`` also its mask.
+
+    The mask is known for an image with a ``mask_uri`` and for a normal image
+    (``label`` 0: all background); an anomalous image without one has none.
+    """
+    uri = record["image_uri"]
+    try:
+        data = read_bytes(uri, storage_options)
+    except FileNotFoundError:
+        return LoadedImage(error=f"not found: {uri}")
+    except (OSError, ValueError) as err:
+        return LoadedImage(error=f"read error: {type(err).__name__}: {_one_line(err)}")
+    try:
+        image = decode_image(data, max_pixels)
+    except ImageDecodeError as err:
+        return LoadedImage(width=err.width, height=err.height, error=str(err))
+    width, height = image.size
+    mask = None
+    if with_mask:
+        try:
+            mask = load_mask(record.get("mask_uri"), size, storage_options)
+        except Exception as err:  # noqa: BLE001 - any unreadable mask is reported on the row
+            return LoadedImage(width=width, height=height,
+                               error=f"cannot read mask {record.get('mask_uri')}: {_one_line(err)}")
+        if mask is None and int(record.get("label", 0)) == 0:
+            mask = np.zeros((size, size), dtype=bool)
+    return LoadedImage(pixels=resize_square(image, size), mask=mask, width=width, height=height)
+
+
+@dataclass
+class LabelledBatch:
+    """images: (B, 3, S, S) uint8; masks: (B, S, S) bool; labels: (B,) int64;
+    mask_valid: (B,) bool, False where the mask is unknown (then all False);
+    class_names: B strings."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    mask_valid: torch.Tensor
+    class_names: list[str]
+
+
+def load_batch(records: Sequence[dict], size: int, pool: ThreadPoolExecutor,
+               storage_options: Optional[dict] = None) -> LabelledBatch:
+    """Read and preprocess labelled ``records`` (rows of a data-set table) in parallel.
+
+    Raises DatasetError naming the first image that cannot be loaded.
+    """
+    loaded = list(pool.map(lambda r: load_image(r, size, storage_options, with_mask=r.get("has_masks", True)),
+                           records))
+    for record, item in zip(records, loaded):
+        if item.error is not None:
+            raise DatasetError(f"{record['image_uri']}: {item.error}")
+    empty = np.zeros((size, size), dtype=bool)
+    return LabelledBatch(
+        images=torch.from_numpy(np.stack([item.pixels for item in loaded])).permute(0, 3, 1, 2).contiguous(),
+        masks=torch.from_numpy(np.stack([empty if item.mask is None else item.mask for item in loaded])),
+        labels=torch.tensor([int(r["label"]) for r in records], dtype=torch.long),
+        mask_valid=torch.tensor([item.mask is not None for item in loaded], dtype=torch.bool),
+        class_names=[r["class_name"] for r in records],
+    )

@@ -1,0 +1,118 @@
+"""Every path of a run's and an audit history's layout, in one place.
+
+A scoring run (``OUTPUT`` is the job's ``--output``)::
+
+    OUTPUT/run_id=<id>/
+        _plan/plan.json            config, checkpoint id, listing hash, shard list
+        _plan/images.arrow         the sorted image list
+        shard-NNNNN.parquet        one per shard, published atomically
+        _metrics/shard-NNNNN.json  per-class metric state (labelled inputs)
+        _eval/metrics.parquet|md   merged metrics (jobs.evaluate)
+        _summary.json              the run summary
+        _report.html               the run report (jobs.report's default)
+
+An audit history::
+
+    HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/...   a scoring output per day
+    HISTORY/reports/date=YYYY-MM-DD/summary.json, report.html
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import posixpath
+
+from .fs import join
+
+PLAN_DIR = "_plan"
+PLAN_FILE = "plan.json"
+PLAN_IMAGES_FILE = "images.arrow"
+METRICS_DIR = "_metrics"
+EVAL_DIR = "_eval"
+SUMMARY_FILE = "_summary.json"
+RUN_REPORT_FILE = "_report.html"
+SHARD_GLOB = "shard-*.parquet"
+AUDIT_SUMMARY_FILE = "summary.json"
+AUDIT_REPORT_FILE = "report.html"
+
+
+# -- a scoring run ---------------------------------------------------------------------
+
+
+def run_uri(output: str, run_id: str) -> str:
+    """The run's directory: ``OUTPUT/run_id=<id>``."""
+    return join(output, f"run_id={run_id}")
+
+
+def shard_uri(output: str, run_id: str, index: int) -> str:
+    return join(run_uri(output, run_id), f"shard-{index:05d}.parquet")
+
+
+def plan_file_uri(output: str, run_id: str) -> str:
+    return join(run_uri(output, run_id), PLAN_DIR, PLAN_FILE)
+
+
+def plan_images_uri(output: str, run_id: str) -> str:
+    return join(run_uri(output, run_id), PLAN_DIR, PLAN_IMAGES_FILE)
+
+
+def metrics_uri(shard: str) -> str:
+    """Where a labelled shard's metric state is kept: ``_metrics/shard-NNNNN.json`` beside it."""
+    parent, name = posixpath.split(shard)
+    return f"{parent}/{METRICS_DIR}/{name.replace('.parquet', '.json')}"
+
+
+def summary_uri(run: str) -> str:
+    """The summary of the run directory ``run``."""
+    return join(run, SUMMARY_FILE)
+
+
+def eval_uris(run: str) -> tuple[str, str]:
+    """(metrics.parquet, metrics.md) of the run directory ``run``."""
+    return join(run, EVAL_DIR, "metrics.parquet"), join(run, EVAL_DIR, "metrics.md")
+
+
+def run_report_uri(run: str) -> str:
+    return join(run, RUN_REPORT_FILE)
+
+
+def shard_glob(run_path: str) -> str:
+    """Glob of a run directory's shard files (a path without protocol)."""
+    return run_path.rstrip("/") + "/" + SHARD_GLOB
+
+
+# -- an audit history -------------------------------------------------------------------
+
+
+def history_scores(history: str) -> str:
+    return join(history, "scores")
+
+
+def day_output(history: str, day: dt.date) -> str:
+    """The scoring output location of one day: ``HISTORY/scores/date=<day>``."""
+    return join(history_scores(history), f"date={day.isoformat()}")
+
+
+def day_report_dir(history: str, day: dt.date) -> str:
+    """Where a day's summary.json and report.html go: ``HISTORY/reports/date=<day>``."""
+    return join(history, "reports", f"date={day.isoformat()}")
+
+
+def day_shard_glob(day_path: str) -> str:
+    """Glob of every shard file of one day (a path without protocol)."""
+    return day_path.rstrip("/") + "/run_id=*/" + SHARD_GLOB
+
+
+def history_shard_glob(scores_path: str) -> str:
+    """Glob of every shard file of a history's scores (a path without protocol)."""
+    return scores_path.rstrip("/") + "/date=*/run_id=*/" + SHARD_GLOB
+
+
+def day_of_partition(name: str):
+    """The date of a ``date=YYYY-MM-DD`` partition name, or None."""
+    if not name.startswith("date="):
+        return None
+    try:
+        return dt.date.fromisoformat(name[5:])
+    except ValueError:
+        return None
