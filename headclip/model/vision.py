@@ -88,9 +88,13 @@ class DualPathVisionEncoder(nn.Module):
         self.head_weights_on_original = config.head_weights and config.head_weights_on_original
 
         self._visual = [visual]  # frozen weights belong to the backbone
+        # At the weights' own grid the backbone's embedding is used as it is (so
+        # it stays trainable when the backbone itself is trained); other input
+        # sizes use an interpolated copy.
+        native = visual.positional_embedding.shape[0] == 1 + self.grid * self.grid
         self.register_buffer(
-            "pos_embedding",
-            interpolate_pos_embedding(visual.positional_embedding.detach(), self.grid),
+            "_resized_pos_embedding",
+            None if native else interpolate_pos_embedding(visual.positional_embedding.detach(), self.grid),
             persistent=False,
         )
         self.head_weights = nn.Parameter(torch.ones(self.depth - start + 1, self.heads))
@@ -98,6 +102,12 @@ class DualPathVisionEncoder(nn.Module):
     @property
     def visual(self) -> nn.Module:
         return self._visual[0]
+
+    @property
+    def pos_embedding(self) -> torch.Tensor:
+        """(1 + grid*grid, width) positional embedding for this input size."""
+        resized = self._resized_pos_embedding
+        return self.visual.positional_embedding if resized is None else resized
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding, class token, positions, ln_pre; (B, 1 + grid*grid, width)."""

@@ -172,6 +172,10 @@ class _ScorerActor:
     def score_shard(self, task: ShardTask) -> ShardResult:
         return self.scorer.score_shard(task)
 
+    def close(self) -> None:
+        """Stop the scorer's I/O threads before the actor is killed."""
+        self.scorer.close()
+
 
 def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, Any], None]] = None) -> JobSummary:
     """Score every unfinished shard of ``plan`` on a pool of Ray actors.
@@ -249,9 +253,22 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                     on_event("shard_done", result)
             progress.tick()
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        _stop_actors(ray, actors)
     return _finish(summary, plan, config, progress, start)
+
+
+def _stop_actors(ray, actors: list, timeout: float = 10.0) -> None:
+    """Let each actor shut its thread pool down (bounded wait), then kill it."""
+    closing = []
+    for actor in actors:
+        try:
+            closing.append(actor.close.remote())
+        except Exception:  # noqa: BLE001 - a dead actor has nothing to close
+            continue
+    if closing:
+        ray.wait(closing, num_returns=len(closing), timeout=timeout)
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
 
 
 def _finish(summary: JobSummary, plan: RunPlan, config: JobConfig, progress: Progress, start: float) -> JobSummary:
