@@ -103,6 +103,12 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions to take (default: %(default)s)")
     p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
+    p.add_argument("--no-reduced-decode", dest="reduced_decode", action="store_false",
+                   help="decode every JPEG at full size (default: JPEGs at least twice the model's input on both "
+                        "sides decode at a reduced DCT scale, still at least the input size)")
+    p.add_argument("--device-decode", action="store_true",
+                   help="decode JPEGs on the model's device (nvjpeg on a GPU); images it cannot decode are "
+                        "decoded on the host")
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     add_cluster_flags(p)
 
@@ -113,7 +119,8 @@ def job_config(args):
     from headclip.scoring.scorer import ScoringOptions
 
     scoring = ScoringOptions(threshold=args.threshold, mask_threshold=args.mask_threshold,
-                             mask_max_side=args.mask_max_side, batch_size=args.batch_size, device=args.device)
+                             mask_max_side=args.mask_max_side, batch_size=args.batch_size, device=args.device,
+                             reduced_decode=args.reduced_decode, device_decode=args.device_decode)
     if args.max_pixels:
         scoring.max_pixels = args.max_pixels
     extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as coco
 
-from headclip.scoring.masks import bounding_box, decode_heatmap, encode_map, encode_rle, mask_size
+import torch.nn.functional as F
+
+from headclip.scoring.masks import bounding_box, decode_heatmap, encode_maps, encode_rle, mask_size
 
 
 def test_rle_decodes_with_pycocotools():
@@ -54,7 +59,7 @@ def test_mask_size_caps_long_side():
 def test_encode_map_at_image_size():
     anomaly_map = torch.zeros(64, 64)
     anomaly_map[16:32, 32:48] = 0.9
-    encoded = encode_map(anomaly_map, width=128, height=96, mask_threshold=0.5, heatmap_side=32)
+    encoded = encode_maps(anomaly_map[None], [(128, 96)], mask_threshold=0.5, heatmap_side=32).encoded(0)
     mask = coco.decode({"size": encoded.mask_rle["size"], "counts": encoded.mask_rle["counts"].encode()})
     assert mask.shape == (96, 128)
     assert encoded.mask_area == int(mask.sum()) > 0
@@ -64,3 +69,61 @@ def test_encode_map_at_image_size():
     assert heat.shape == (24, 32)
     assert heat.max() == pytest.approx(0.9, abs=0.05) and heat.min() == 0.0
     assert encoded.pixel_max == pytest.approx(0.9, abs=1e-5)
+
+
+def _plain_encoding(anomaly_map: torch.Tensor, width: int, height: int, threshold: float, max_side: int,
+                    heat_side: int):
+    """The encoding written plainly, one image at a time on the CPU: the reference for encode_maps."""
+    mh, mw = mask_size(width, height, max_side)
+    x = anomaly_map.float()[None, None]
+    resized = F.interpolate(x, size=(mh, mw), mode="bilinear", align_corners=False)[0, 0]
+    mask = (resized > threshold).numpy()
+    hh, hw = mask_size(width, height, heat_side)
+    small = F.interpolate(x, size=(hh, hw), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    heat = np.clip(np.rint(small.clamp(0.0, 1.0).numpy() * 255.0), 0, 255).astype(np.uint8)
+    rle = coco.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return float(resized.max()), rle["counts"].decode(), int(mask.sum()), _plain_bbox_scaled(mask, width, height), heat
+
+
+def _plain_bbox_scaled(mask, width, height):
+    box = _plain_bbox(mask)
+    if box is None:
+        return None
+    sx, sy = width / mask.shape[1], height / mask.shape[0]
+    return (int(np.floor(box[0] * sx)), int(np.floor(box[1] * sy)), int(np.ceil(box[2] * sx)),
+            int(np.ceil(box[3] * sy)))
+
+
+def _maps(rng, n, side):
+    """Random maps, blobs, empty, full, a single pixel, stripes and a checkerboard."""
+    maps = [torch.from_numpy(rng.random((side, side)).astype(np.float32)) for _ in range(n)]
+    blob = torch.zeros(side, side)
+    blob[side // 3: side // 2, side // 4: side - 3] = 0.8
+    pixel = torch.zeros(side, side)
+    pixel[side - 1, 0] = 1.0
+    stripes = torch.zeros(side, side)
+    stripes[:, ::3] = 0.7
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    checker = ((yy + xx) % 2).float()
+    return torch.stack(maps + [blob, torch.zeros(side, side), torch.ones(side, side), pixel, stripes, checker])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.37, 0.5, 0.999])
+def test_batched_device_encoding_equals_plain_encoding_bit_for_bit(threshold):
+    """encode_maps (batched, grouped by size, run lengths from change points) against the plain path:
+    the same RLE counts string, area, box, maximum and heat-map bytes for every map, on random and
+    structured maps of odd sizes, images smaller and larger than the map, some capped by max_side."""
+    rng = np.random.default_rng(7)
+    maps = _maps(rng, 4, 21)
+    sizes = [(1, 1), (37, 23), (23, 37), (37, 23), (300, 17), (5, 400), (64, 64), (129, 97), (97, 129), (11, 11)]
+    for start in range(0, len(maps), 5):
+        chunk = maps[start:start + 5]
+        chunk_sizes = [sizes[(start + j) % len(sizes)] for j in range(len(chunk))]
+        batch = encode_maps(chunk, chunk_sizes, threshold, mask_max_side=120, heatmap_side=16)
+        for j, (width, height) in enumerate(chunk_sizes):
+            got = batch.encoded(j)
+            pixel_max, counts, area, box, heat = _plain_encoding(chunk[j], width, height, threshold, 120, 16)
+            assert got.mask_rle["counts"] == counts
+            assert got.mask_rle["size"] == list(mask_size(width, height, 120))
+            assert got.mask_area == area and got.bbox == box and got.pixel_max == pixel_max
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(got.anomaly_map_png))), heat)

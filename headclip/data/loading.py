@@ -19,17 +19,23 @@ from PIL import Image
 
 from ..errors import DatasetError, ImageDecodeError
 from ..storage.fs import read_bytes
-from .decode import DEFAULT_MAX_PIXELS, decode_image
+from .decode import DEFAULT_MAX_PIXELS, decode_scaled, exif_orientation, open_image, upright_size
 from .transforms import resize_square
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"  # a JPEG without it is truncated: decoded on the host, which says so
 
 
 @dataclass
 class LoadedImage:
     """One record after reading and preprocessing, or the reason it failed.
 
-    pixels: (S, S, 3) uint8; mask: (S, S) bool ground truth where it is known
-    (None for classes without pixel ground truth); width/height: the decoded
-    image's size (also for some errors); error: one line, or None.
+    pixels: (S, S, 3) uint8, or (H, W, 3) as decoded when not resized; mask:
+    (S, S) bool ground truth where it is known (None for classes without pixel
+    ground truth); width/height: the full upright image's size (also for some
+    errors); error: one line, or None; jpeg: bytes left for decoding on the
+    model's device.
     """
 
     pixels: Optional[np.ndarray] = None
@@ -37,6 +43,8 @@ class LoadedImage:
     width: Optional[int] = None
     height: Optional[int] = None
     error: Optional[str] = None
+    jpeg: Optional[bytes] = None
+    orientation: int = 1  # EXIF orientation of ``jpeg``
 
 
 def load_mask(uri: Optional[str], size: int, storage_options: Optional[dict] = None) -> Optional[np.ndarray]:
@@ -54,11 +62,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS, with_mask: bool = False) -> LoadedImage:
+               max_pixels: int = DEFAULT_MAX_PIXELS, with_mask: bool = False, reduced_decode: bool = False,
+               resize: bool = True, keep_jpeg: bool = False) -> LoadedImage:
     """Read, decode and resize ``record["image_uri"]``; with ``with_mask`` also its mask.
 
-    The mask is known for an image with a ``mask_uri`` and for a normal image
-    (``label`` 0: all background); an anomalous image without one has none.
+    ``reduced_decode``: a large JPEG may decode at a reduced DCT scale that
+    keeps both sides >= ``size`` (:func:`decode_scaled`). ``resize`` False
+    leaves ``pixels`` at the decoded size, for resizing on the model's device.
+    ``keep_jpeg``: a JPEG is only opened and checked (header, pixel limit,
+    size); its bytes stay in ``jpeg`` for decoding on the device, and
+    ``pixels`` is None. The mask is known for an image with a ``mask_uri`` and
+    for a normal image (``label`` 0: all background); an anomalous image
+    without one has none.
     """
     uri = record["image_uri"]
     try:
@@ -67,11 +82,16 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
         return LoadedImage(error=f"not found: {uri}")
     except (OSError, ValueError) as err:
         return LoadedImage(error=f"read error: {type(err).__name__}: {_one_line(err)}")
+    jpeg, orientation = None, 1
     try:
-        image = decode_image(data, max_pixels)
+        if keep_jpeg and data[:3] == JPEG_MAGIC and data.rstrip(b"\x00")[-2:] == JPEG_END:
+            opened = open_image(data, max_pixels)
+            pixels, (width, height), jpeg, orientation = None, upright_size(opened), data, exif_orientation(opened)
+        else:
+            image, (width, height) = decode_scaled(data, max_pixels, size if reduced_decode else None)
+            pixels = resize_square(image, size) if resize else np.asarray(image, dtype=np.uint8)
     except ImageDecodeError as err:
         return LoadedImage(width=err.width, height=err.height, error=str(err))
-    width, height = image.size
     mask = None
     if with_mask:
         try:
@@ -81,7 +101,7 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
                                error=f"cannot read mask {record.get('mask_uri')}: {_one_line(err)}")
         if mask is None and int(record.get("label", 0)) == 0:
             mask = np.zeros((size, size), dtype=bool)
-    return LoadedImage(pixels=resize_square(image, size), mask=mask, width=width, height=height)
+    return LoadedImage(pixels=pixels, mask=mask, width=width, height=height, jpeg=jpeg, orientation=orientation)
 
 
 @dataclass

@@ -147,3 +147,18 @@ def make_sample(seed: int, size: int = 256, texture_kind: Optional[str] = None,
             shade = rng.uniform(0, 1, 3)
         image = np.where(mask[..., None], 0.25 * image + 0.75 * shade, image)
     return Sample((np.clip(image, 0, 1) * 255).astype(np.uint8), mask, kind, defect)
+
+
+def natural_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(height, width, 3) uint8 colour noise with a natural 1/f spectrum (photo-like detail at every scale)."""
+    rng = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    falloff = np.sqrt(fx ** 2 + fy ** 2)
+    falloff[0, 0] = 1.0
+    channels = []
+    for _ in range(3):
+        spectrum = (rng.normal(size=falloff.shape) + 1j * rng.normal(size=falloff.shape)) / falloff
+        plane = np.fft.irfft2(spectrum, s=(height, width))
+        channels.append((plane - plane.mean()) / (plane.std() + 1e-12))
+    return np.clip(128.0 + 40.0 * np.stack(channels, axis=-1), 0, 255).astype(np.uint8)

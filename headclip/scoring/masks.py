@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,20 +58,24 @@ def decode_rle(rle: dict) -> np.ndarray:
     return mask_utils.decode(coco).astype(bool)
 
 
+def _scale_box(r0: int, r1: int, c0: int, c1: int, shape: tuple[int, int], width: int,
+               height: int) -> tuple[int, int, int, int]:
+    """Rows r0..r1 and columns c0..c1 (inclusive) of a mask of ``shape`` as an image box, x1/y1 exclusive."""
+    sy, sx = height / shape[0], width / shape[1]
+    return (int(np.floor(c0 * sx)), int(np.floor(r0 * sy)), int(np.ceil((c1 + 1) * sx)), int(np.ceil((r1 + 1) * sy)))
+
+
 def bounding_box(mask: np.ndarray, width: int, height: int) -> Optional[tuple[int, int, int, int]]:
     """Box of a (h', w') mask in the coordinates of a (height, width) image; None if empty."""
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
-    sy, sx = height / mask.shape[0], width / mask.shape[1]
-    return (int(np.floor(cols[0] * sx)), int(np.floor(rows[0] * sy)),
-            int(np.ceil((cols[-1] + 1) * sx)), int(np.ceil((rows[-1] + 1) * sy)))
+    return _scale_box(int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1]), mask.shape, width, height)
 
 
-def heatmap_png(anomaly_map: np.ndarray) -> bytes:
-    """(h, w) float map in [0, 1] -> 8-bit grayscale PNG bytes."""
-    quantised = np.clip(np.rint(anomaly_map * 255.0), 0, 255).astype(np.uint8)
+def heatmap_png(quantised: np.ndarray) -> bytes:
+    """(h, w) uint8 heat map (255 = probability 1) -> 8-bit grayscale PNG bytes."""
     buffer = io.BytesIO()
     Image.fromarray(quantised).save(buffer, format="PNG", optimize=False, compress_level=6)
     return buffer.getvalue()
@@ -82,24 +86,114 @@ def decode_heatmap(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 255.0
 
 
-def encode_map(anomaly_map: torch.Tensor, width: int, height: int, mask_threshold: float,
-               mask_max_side: int = 2048, heatmap_side: int = 64) -> EncodedMap:
-    """Encode one (S, S) anomaly map for an image of ``width`` x ``height`` pixels.
+def runs_to_rle(runs: list[int], height: int, width: int) -> dict:
+    """Column-major run lengths (zeros first) of a (height, width) mask -> COCO compressed RLE."""
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
-    The map is resized (bilinear, on its own device) to the image's size, or
-    to ``mask_max_side`` on the long side for larger images, then thresholded.
+
+@dataclass
+class MapBatch:
+    """What the device computed for a batch of maps, on the CPU (see :func:`encode_maps`)."""
+
+    sizes: list[tuple[int, int]]  # (width, height) of each image
+    mask_shapes: list[tuple[int, int]]  # (h, w) of each stored mask
+    pixel_max: np.ndarray  # (B,) float32
+    first: np.ndarray  # (B,) bool: the mask's first pixel (column-major)
+    changes: list[np.ndarray]  # per image: column-major indices where the mask value changes
+    heat: list[np.ndarray]  # per image: (h, w) uint8 heat map
+
+    def encoded(self, j: int) -> EncodedMap:
+        """The stored form of image ``j``: COCO RLE, area and box from the run lengths, heat-map PNG."""
+        (width, height), (mh, mw) = self.sizes[j], self.mask_shapes[j]
+        bounds = np.concatenate([[0], self.changes[j], [mh * mw]]).astype(np.int64)
+        runs = np.diff(bounds)
+        # segment k holds the first pixel's value when k is even
+        ones = np.arange(len(runs)) % 2 == (0 if self.first[j] else 1)
+        starts, ends = bounds[:-1][ones], bounds[1:][ones] - 1  # inclusive, column-major
+        area = int(runs[ones].sum())
+        bbox = None
+        if area:
+            one_column = starts // mh == ends // mh
+            r0 = int(np.where(one_column, starts % mh, 0).min())
+            r1 = int(np.where(one_column, ends % mh, mh - 1).max())
+            bbox = _scale_box(r0, r1, int(starts[0] // mh), int(ends[-1] // mh), (mh, mw), width, height)
+        counts = runs.tolist()
+        return EncodedMap(
+            pixel_max=float(self.pixel_max[j]),
+            mask_rle=runs_to_rle([0] + counts if self.first[j] else counts, mh, mw),
+            mask_area=area,
+            bbox=bbox,
+            anomaly_map_png=heatmap_png(self.heat[j]),
+        )
+
+
+def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]], mask_threshold: float,
+                mask_max_side: int = 2048, heatmap_side: int = 64) -> MapBatch:
+    """Encode a batch of (B, S, S) anomaly maps on their own device.
+
+    ``sizes`` are the images' (width, height). Each map is resized (bilinear)
+    to its image's size, or to ``mask_max_side`` on the long side, and
+    thresholded (``map > mask_threshold``); its maximum, the points where its
+    column-major mask changes value and a ``heatmap_side`` heat map are
+    computed with batched tensor ops (one per distinct size; on the CPU the
+    mask work runs in numpy, which is faster there). Only those come back to
+    the host, where :meth:`MapBatch.encoded` derives runs, area and box and
+    writes COCO RLE and PNG.
     """
-    mh, mw = mask_size(width, height, mask_max_side)
-    x = anomaly_map.float()[None, None]
-    resized = F.interpolate(x, size=(mh, mw), mode="bilinear", align_corners=False)[0, 0]
-    mask = (resized > mask_threshold).cpu().numpy()
-    hh, hw = mask_size(width, height, heatmap_side)
-    small = F.interpolate(x, size=(hh, hw), mode="bilinear", align_corners=False, antialias=True)
-    small = small[0, 0].clamp(0.0, 1.0).cpu().numpy()
-    return EncodedMap(
-        pixel_max=float(resized.max()),
-        mask_rle=encode_rle(mask),
-        mask_area=int(mask.sum()),
-        bbox=bounding_box(mask, width, height),
-        anomaly_map_png=heatmap_png(small),
-    )
+    maps = anomaly_maps.float()
+    sizes = [(int(w), int(h)) for w, h in sizes]
+    mask_shapes = [mask_size(w, h, mask_max_side) for w, h in sizes]
+    heat_shapes = [mask_size(w, h, heatmap_side) for w, h in sizes]
+    n = len(sizes)
+    on_cpu = maps.device.type == "cpu"
+    groups = _groups(mask_shapes)
+    order, maxima, firsts, change_parts = [], [], [], []
+    for shape, index in groups.items():
+        resized = F.interpolate(maps[index][:, None], size=shape, mode="bilinear", align_corners=False)[:, 0]
+        maxima.append(resized.amax((1, 2)))
+        if on_cpu:
+            flat = np.ascontiguousarray((resized.numpy() > mask_threshold).transpose(0, 2, 1)).reshape(len(index), -1)
+            change_parts.append(np.flatnonzero(flat[:, 1:] != flat[:, :-1]))
+            firsts.append(torch.from_numpy(flat[:, 0].copy()))
+        else:
+            flat = (resized > mask_threshold).transpose(1, 2).reshape(len(index), -1)  # column-major, as COCO
+            change_parts.append((flat[:, 1:] != flat[:, :-1]).reshape(-1))
+            firsts.append(flat[:, 0])
+        order.extend(index)
+    heats, heat_order = [], []
+    for shape, index in _groups(heat_shapes).items():
+        small = F.interpolate(maps[index][:, None], size=shape, mode="bilinear", align_corners=False, antialias=True)
+        heats.append(torch.round(small[:, 0].clamp(0.0, 1.0) * 255.0).to(torch.uint8).reshape(-1))
+        heat_order.extend(index)
+    if on_cpu:
+        per_group = change_parts
+    else:  # one nonzero for the whole batch: its only synchronisation
+        positions = torch.nonzero(torch.cat(change_parts)).flatten().cpu().numpy()
+        lengths = np.cumsum([0] + [len(index) * (shape[0] * shape[1] - 1) for shape, index in groups.items()])
+        cuts = np.searchsorted(positions, lengths)
+        per_group = [positions[a:b] - lo for a, b, lo in zip(cuts[:-1], cuts[1:], lengths[:-1])]
+    changes: list[np.ndarray] = [np.empty(0, np.int64)] * n
+    for (shape, index), local in zip(groups.items(), per_group):
+        per_image = shape[0] * shape[1] - 1
+        image_of = local // per_image if per_image else np.zeros(0, np.int64)
+        for k, j in enumerate(index):
+            changes[j] = local[image_of == k] - k * per_image + 1
+    batch = MapBatch(sizes, mask_shapes, np.empty(n, np.float32), np.empty(n, bool), changes, [None] * n)
+    batch.pixel_max[order] = torch.cat(maxima).cpu().numpy()
+    batch.first[order] = torch.cat(firsts).cpu().numpy()
+    heat_cpu = torch.cat(heats).cpu().numpy()
+    start = 0
+    for j in heat_order:
+        hh, hw = heat_shapes[j]
+        batch.heat[j] = heat_cpu[start:start + hh * hw].reshape(hh, hw)
+        start += hh * hw
+    return batch
+
+
+def _groups(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the images that share each shape, in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(j)
+    return groups

@@ -69,6 +69,8 @@ class JobConfig:
             "mask_max_side": scoring.mask_max_side,
             "heatmap_side": scoring.heatmap_side,
             "max_pixels": scoring.max_pixels,
+            "reduced_decode": scoring.reduced_decode,
+            "device_decode": scoring.device_decode,
             "shard_size": self.shard_size,
             "limit": self.limit,
             "extensions": sorted(self.extensions),
@@ -143,18 +145,30 @@ def prepare(config: JobConfig, images: Optional[pa.Table] = None) -> RunPlan:
     return plan
 
 
-def actor_layout(config: JobConfig, resources: dict[str, float], num_shards: int) -> tuple[int, float, float]:
+def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
+    """The fewest CPUs per GPU on any live GPU node (``ray.nodes()`` entries), or None without GPU nodes."""
+    shares = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in nodes
+              if node.get("Alive", True) and node.get("Resources", {}).get("GPU", 0) > 0]
+    return min(shares) if shares else None
+
+
+def actor_layout(config: JobConfig, resources: dict[str, float], num_shards: int,
+                 gpu_node_cpus_per_gpu: Optional[float] = None) -> tuple[int, float, float]:
     """(actors, gpus per actor, cpus per actor) for a cluster with ``resources`` now.
 
     An explicit ``gpus_per_actor > 0`` requests GPU actors even when the
-    cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors.
+    cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors. A
+    GPU actor takes its GPUs' share of the CPUs of a GPU node
+    (``gpu_node_cpus_per_gpu``, from :func:`cpus_per_gpu`; 4 per GPU when no
+    GPU node is up yet): decoding and encoding run on those CPUs.
     """
     gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
     explicit = config.gpus_per_actor
     if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
         per_actor = explicit or 1.0
         actors = config.actors or max(1, int(gpus // per_actor))
-        cpus_per_actor = config.cpus_per_actor or max(1.0, min(8.0, float(int(cpus // actors))))
+        share = gpu_node_cpus_per_gpu if gpu_node_cpus_per_gpu is not None else 4.0
+        cpus_per_actor = config.cpus_per_actor or max(1.0, float(int(share * per_actor)))
         return max(1, min(actors, num_shards)), per_actor, cpus_per_actor
     default_cpus = cpus if cpus <= 4 else 4.0
     cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
@@ -196,7 +210,7 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
     pending = deque(i for i in range(plan.num_shards) if not progress.is_done(i))
     if not pending:
         return _finish(summary, plan, config, progress, start)
-    actors_n, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending))
+    actors_n, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending), cpus_per_gpu(ray.nodes()))
     log.info("run %s: %d images in %d shards on %d actors (%.2g GPU, %.2g CPU each)", plan.run_id,
              plan.images.num_rows, plan.num_shards, actors_n, gpus, cpus)
     scorer_kwargs = dict(run_id=plan.run_id, checkpoint=config.checkpoint_uri, options=config.scoring,

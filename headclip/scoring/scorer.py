@@ -14,20 +14,20 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Optional
 
 import pyarrow as pa
 import torch
 
 from ..data.decode import DEFAULT_MAX_PIXELS
 from ..data.loading import LoadedImage, load_image
-from ..data.transforms import stack_images
 from ..evaluation.metrics import MetricsByClass, add_scored_batch
 from ..model.factory import create_model, resolve_device
 from ..storage.fs import filesystem, write_bytes_atomic
 from ..storage.layout import metrics_uri
 from ..storage.schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table, table_to_parquet_bytes
-from .masks import encode_map
+from .device_batch import model_batch
+from .masks import MapBatch, encode_maps
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ class ScoringOptions:
     heatmap_side: int = 64  # long side of the stored heat map PNG
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
     batch_size: int = 16
-    io_threads: int = 8
+    io_threads: Optional[int] = None  # reading and decoding threads; None: the CPUs the scorer is given
     device: str = "auto"  # "auto": CUDA when available
+    reduced_decode: bool = True  # large JPEGs decode at a reduced DCT scale (still >= the input size)
+    device_decode: bool = False  # JPEGs decode on the model's device (nvjpeg on CUDA), else on the host
     metric_bins: int = 1000  # pixel-metric histogram bins, for labelled inputs
 
 
@@ -84,6 +86,7 @@ class ShardScorer:
                  torch_threads: Optional[int] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        threads = options.io_threads or max(2, torch_threads or torch.get_num_threads())
         self.run_id = run_id
         self.options = options
         self.storage_options = storage_options
@@ -93,25 +96,32 @@ class ShardScorer:
         self.model.eval()
         self.checkpoint_id = self.model.checkpoint_id or "untrained"
         self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id)
-        self.pool = ThreadPoolExecutor(max_workers=options.io_threads, thread_name_prefix="headclip-io")
+        self.io_threads = threads
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="headclip-io")
 
     # -- per image -----------------------------------------------------------------
 
     def _load(self, record: dict) -> LoadedImage:
-        return load_image(record, self.model.image_size, self.storage_options, self.options.max_pixels,
-                          with_mask=bool(record.get("has_masks")))
+        """Read and decode one image on an I/O thread; on a CPU device also resize it there."""
+        options = self.options
+        return load_image(record, self.model.image_size, self.storage_options, options.max_pixels,
+                          with_mask=bool(record.get("has_masks")), reduced_decode=options.reduced_decode,
+                          resize=self.device.type == "cpu", keep_jpeg=options.device_decode)
 
-    def _encode(self, anomaly_map: torch.Tensor, loaded: LoadedImage) -> dict[str, Any]:
-        encoded = encode_map(anomaly_map, loaded.width, loaded.height, self.options.mask_threshold,
-                             self.options.mask_max_side, self.options.heatmap_side)
-        bbox = encoded.bbox
-        return {
-            "pixel_max": encoded.pixel_max,
-            "mask_rle": encoded.mask_rle,
-            "mask_area": encoded.mask_area,
-            "bbox": None if bbox is None else dict(zip(("x0", "y0", "x1", "y1"), bbox)),
-            "anomaly_map": encoded.anomaly_map_png,
-        }
+    @staticmethod
+    def _encoded_rows(maps: MapBatch, rows: list[dict]) -> list[dict]:
+        """Finish a batch's map encoding on the CPU (RLE strings, PNGs) into its rows."""
+        for j, row in enumerate(rows):
+            try:
+                encoded = maps.encoded(j)
+            except Exception as err:  # noqa: BLE001 - an encoding failure costs the row its mask, not the row
+                row.update(status=STATUS_ERROR, error=f"cannot encode anomaly map: {err}")
+                continue
+            bbox = encoded.bbox
+            row.update(pixel_max=encoded.pixel_max, mask_rle=encoded.mask_rle, mask_area=encoded.mask_area,
+                       bbox=None if bbox is None else dict(zip(("x0", "y0", "x1", "y1"), bbox)),
+                       anomaly_map=encoded.anomaly_map_png)
+        return rows
 
     # -- per shard -----------------------------------------------------------------
 
@@ -124,11 +134,11 @@ class ShardScorer:
         """
         options = self.options
         records = images.to_pylist()
-        window = max(2 * options.batch_size, options.io_threads)
+        window = max(2 * options.batch_size, self.io_threads)
         loads: deque[Future] = deque()
         next_to_submit = 0
         rows: list[Optional[dict]] = [None] * len(records)
-        encodes: list[tuple[int, Future, dict]] = []
+        encodes: list[tuple[list[int], Future]] = []
         batch: list[tuple[int, LoadedImage]] = []
         scored_at = datetime.now(timezone.utc)
 
@@ -137,20 +147,35 @@ class ShardScorer:
                     "mask_threshold": options.mask_threshold, "checkpoint_id": self.checkpoint_id,
                     "scored_at": scored_at}
 
+        def error_row(i: int, loaded: LoadedImage, error: str) -> dict:
+            return {**base_row(i), "status": STATUS_ERROR, "error": error, "width": loaded.width,
+                    "height": loaded.height}
+
         def flush() -> None:
-            pixels = stack_images(loaded.pixels for _, loaded in batch)
-            out = self.model.score(pixels.to(self.device))
-            if metrics is not None:
-                scored = [records[i] for i, _ in batch]
-                add_scored_batch(metrics, [r["class_name"] for r in scored], [int(r["label"]) for r in scored],
-                                 out.joint_score.float(), out.anomaly_map.float(), [l.mask for _, l in batch])
-            for j, (i, loaded) in enumerate(batch):
-                score = float(out.joint_score[j])
-                row = base_row(i)
-                row.update(status=STATUS_OK, width=loaded.width, height=loaded.height, score=score,
-                           global_score=float(out.global_score[j]), is_anomalous=score > options.threshold)
-                encodes.append((i, self.pool.submit(self._encode, out.anomaly_map[j], loaded), row))
+            pixels, errors = model_batch([loaded for _, loaded in batch], self.model.image_size, self.device,
+                                         options.max_pixels)
+            for (i, loaded), error in zip(batch, errors):
+                if error is not None:
+                    rows[i] = error_row(i, loaded, error)
+            scored = [(i, loaded) for (i, loaded), error in zip(batch, errors) if error is None]
             batch.clear()
+            if not scored:
+                return
+            out = self.model.score(pixels)
+            maps = encode_maps(out.anomaly_map, [(loaded.width, loaded.height) for _, loaded in scored],
+                               options.mask_threshold, options.mask_max_side, options.heatmap_side)
+            joint, global_ = out.joint_score.float().cpu().tolist(), out.global_score.float().cpu().tolist()
+            if metrics is not None:
+                labelled = [records[i] for i, _ in scored]
+                add_scored_batch(metrics, [r["class_name"] for r in labelled], [int(r["label"]) for r in labelled],
+                                 joint, out.anomaly_map.float(), [loaded.mask for _, loaded in scored])
+            batch_rows = []
+            for j, (i, loaded) in enumerate(scored):
+                row = base_row(i)
+                row.update(status=STATUS_OK, width=loaded.width, height=loaded.height, score=joint[j],
+                           global_score=global_[j], is_anomalous=joint[j] > options.threshold)
+                batch_rows.append(row)
+            encodes.append(([i for i, _ in scored], self.pool.submit(self._encoded_rows, maps, batch_rows)))
 
         for i in range(len(records)):
             while next_to_submit < len(records) and len(loads) < window:
@@ -158,20 +183,16 @@ class ShardScorer:
                 next_to_submit += 1
             loaded = loads.popleft().result()
             if loaded.error is not None:
-                rows[i] = {**base_row(i), "status": STATUS_ERROR, "error": loaded.error,
-                           "width": loaded.width, "height": loaded.height}
+                rows[i] = error_row(i, loaded, loaded.error)
                 continue
             batch.append((i, loaded))
             if len(batch) == options.batch_size:
                 flush()
         if batch:
             flush()
-        for i, future, row in encodes:
-            try:
-                row.update(future.result())
-            except Exception as err:  # an encoding failure costs the row its mask, not the row
-                row.update(status=STATUS_ERROR, error=f"cannot encode anomaly map: {err}")
-            rows[i] = row
+        for indices, future in encodes:
+            for i, row in zip(indices, future.result()):
+                rows[i] = row
         return rows_to_table(rows, self.schema)
 
     def score_shard(self, task: ShardTask) -> ShardResult:
