@@ -37,7 +37,7 @@ def test_local_round_trip_is_exact(tmp_path):
     _assert_same_learned_state(model, loaded)
     assert loaded.checkpoint_id == ckpt_id
     assert loaded.config.alpha == 0.25 and loaded.config.aggregate == "topk_mean" and loaded.config.top_k == 7
-    assert loaded.config.vv_start_layer == 2 and loaded.config.map_layers == (6,)
+    assert loaded.config.vv_start_layer == 2 and loaded.config.map_layers == (2, 3, 5, 6)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     assert torch.equal(model.score(images).joint_score, loaded.score(images).joint_score)
     # the id is the sha256 of the content, and the content is deterministic

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,43 @@ def test_default_layers_follow_the_paper():
     assert default_vv_start_layer(24) == 6  # the last 19 blocks of 24
     assert 24 - default_vv_start_layer(24) + 1 == 19
     assert default_vv_start_layer(12) == 3
+
+
+def _tower_config(tmp_path, depth: int, **changes) -> headclip.HeadCLIPConfig:
+    """The tiny backbone with a vision tower of ``depth`` layers, registered with open_clip."""
+    cfg = json.loads((headclip.model.backbone.MODEL_CONFIG_DIR / "HeadCLIP-Tiny.json").read_text())
+    cfg["vision_cfg"]["layers"] = depth
+    name = f"HeadCLIP-Test-Depth{depth}"
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    return tiny_config(backbone=name, **changes)
+
+
+# AnomalyCLIP's features_list is 6, 12, 18, 24 of ViT-L's 24 layers: the quarter
+# points depth * k / 4, k = 1..4. For 6 layers they are 1.5, 3, 4.5, 6, rounded
+# half up to 2, 3, 5, 6.
+@pytest.mark.parametrize("depth, vv_start, quarter_points", [
+    (24, 6, (6, 12, 18, 24)),
+    (12, 3, (3, 6, 9, 12)),
+    (6, 2, (2, 3, 5, 6)),
+])
+def test_default_map_layers_are_the_towers_quarter_points(tmp_path, depth, vv_start, quarter_points):
+    model = headclip.create_model(_tower_config(tmp_path, depth))
+    assert model.vision.depth == depth and model.vision.vv_start_layer == vv_start
+    assert model.vision.map_layers == quarter_points
+    # the training forward and scoring both read every map layer
+    with torch.no_grad():
+        logits = model(model.normalize(_images(1, 64)))
+    assert len(logits.patch_logits) == 4
+    assert model.score(_images(1, 64)).anomaly_map.shape == (1, 64, 64)
+
+
+def test_default_map_layers_never_precede_the_first_vv_layer(tmp_path):
+    # quarter points 2, 3, 5, 6 of 6; those before layer 4 move up to it
+    model = headclip.create_model(tiny_config(vv_start_layer=4))
+    assert model.vision.map_layers == (4, 5, 6)
+    two = headclip.create_model(_tower_config(tmp_path, 2))  # quarter points 0.5, 1, 1.5, 2
+    assert two.vision.vv_start_layer == 1 and two.vision.map_layers == (1, 2)
 
 
 def test_joint_score_mixes_global_and_map():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import HeadCLIPConfig, default_vv_start_layer
+from .config import HeadCLIPConfig, default_map_layers, default_vv_start_layer
 
 
 class VisionFeatures(NamedTuple):
@@ -76,7 +76,7 @@ class DualPathVisionEncoder(nn.Module):
         start = config.vv_start_layer or default_vv_start_layer(self.depth)
         if not 1 <= start <= self.depth:
             raise ValueError(f"vv_start_layer {start} is outside 1..{self.depth}")
-        map_layers = tuple(config.map_layers or (self.depth,))
+        map_layers = tuple(config.map_layers or default_map_layers(self.depth, start))
         for layer in map_layers:
             if not start <= layer <= self.depth:
                 raise ValueError(
