@@ -249,6 +249,32 @@ def test_positional_embedding_interpolation():
     assert torch.equal(resized[0], pos[0])
 
 
+def _resized_grid(pos: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
+    """AnomalyCLIP's VisionTransformer.forward: the patch positions as a (1, width, g, g) image,
+    ``F.interpolate(..., (grid, grid), mode)`` with the default align_corners (False), class position kept."""
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, (grid, grid), mode=mode, align_corners=False)
+    return torch.cat([pos[:1], patches.reshape(1, -1, grid * grid).transpose(1, 2)[0]], dim=0)
+
+
+def test_position_embeddings_are_resized_bilinearly_as_anomalyclip():
+    pos = torch.randn(1 + 14 * 14, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(interpolate_pos_embedding(pos, 37), _resized_grid(pos, 37, "bilinear"),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(interpolate_pos_embedding(pos, 37, "bicubic"), _resized_grid(pos, 37, "bicubic"),
+                               rtol=0, atol=1e-6)
+    # the model's default: the tiny tower's 14 x 14 grid resized to 4 x 4 for 64 px inputs
+    model = headclip.create_model(tiny_config())
+    assert model.config.pos_embedding_interpolation == "bilinear"
+    expected = _resized_grid(model.clip.visual.positional_embedding.detach(), 4, "bilinear")
+    torch.testing.assert_close(model.vision.pos_embedding, expected, rtol=0, atol=1e-6)
+    bicubic = headclip.create_model(tiny_config(pos_embedding_interpolation="bicubic"))
+    assert not torch.allclose(bicubic.vision.pos_embedding, expected)
+    with pytest.raises(ValueError, match="pos_embedding_interpolation must be one of"):
+        tiny_config(pos_embedding_interpolation="nearest")
+
+
 def test_invalid_settings_fail_with_one_line():
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         headclip.create_model(tiny_config(image_size=70))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 AGGREGATES = ("max", "topk_mean")
+POS_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class HeadCLIPConfig:
     # Square input side in pixels; the positional embedding is interpolated
     # to the patch grid (518 / 14 = 37 for ViT-L-14-336).
     image_size: int = 518
+    # How the patch position embeddings are resized to that grid: "bilinear"
+    # (AnomalyCLIP's VisionTransformer.forward) or "bicubic".
+    pos_embedding_interpolation: str = "bilinear"
 
     # First vision layer with the V-V (DPAM) path. None: 6 for a 24-layer
     # backbone, scaled proportionally for other depths.
@@ -77,6 +81,9 @@ class HeadCLIPConfig:
         """Raise ValueError with a one-line message on an invalid setting."""
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.pos_embedding_interpolation not in POS_INTERPOLATIONS:
+            raise ValueError(f"pos_embedding_interpolation must be one of {POS_INTERPOLATIONS}, "
+                             f"got {self.pos_embedding_interpolation!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if not 0.0 <= self.alpha <= 1.0:

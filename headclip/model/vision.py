@@ -34,8 +34,13 @@ class VisionFeatures(NamedTuple):
     patch_tokens: list[torch.Tensor]
 
 
-def interpolate_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """Resize a (1 + g*g, width) positional embedding to (1 + grid*grid, width), bicubic."""
+def interpolate_pos_embedding(pos: torch.Tensor, grid: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize a (1 + g*g, width) positional embedding to (1 + grid*grid, width).
+
+    The class position is kept; the g x g patch positions are resized as an
+    image with ``F.interpolate(mode=mode, align_corners=False)``, which with
+    "bilinear" is AnomalyCLIP's call (its default align_corners is False).
+    """
     cls_pos, patch_pos = pos[:1], pos[1:]
     old = int(round(math.sqrt(patch_pos.shape[0])))
     if old * old != patch_pos.shape[0]:
@@ -43,7 +48,7 @@ def interpolate_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     if old == grid:
         return pos.clone()
     patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode=mode, align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
 
@@ -90,7 +95,8 @@ class DualPathVisionEncoder(nn.Module):
         self._visual = [visual]  # frozen weights belong to the backbone
         self.register_buffer(
             "pos_embedding",
-            interpolate_pos_embedding(visual.positional_embedding.detach(), self.grid),
+            interpolate_pos_embedding(visual.positional_embedding.detach(), self.grid,
+                                      config.pos_embedding_interpolation),
             persistent=False,
         )
         self.head_weights = nn.Parameter(torch.ones(self.depth - start + 1, self.heads))
