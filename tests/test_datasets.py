@@ -158,16 +158,18 @@ def _visa_tree(mvtec: Path, root: Path, mask_values) -> Path:
     return root
 
 
-def _evaluate(ray_cluster, root: Path, checkpoint: str, output: Path) -> pd.DataFrame:
+def _evaluate(ray_cluster, root: Path, checkpoint: str, output: Path, capsys) -> pd.DataFrame:
     code = evaluate_job.main(["--data", str(root), "--layout", "visa", "--checkpoint", checkpoint,
                               "--output", str(output), "--actors", "1", "--shard-size", "8", "--batch-size", "4",
                               "--ray-address", ray_cluster])
     assert code == 0
+    printed = capsys.readouterr().out
+    assert "-bin histograms; binning error at most (points): auroc " in printed, printed
     (metrics,) = output.glob("run_id=*/_eval/metrics.parquet")
     return pd.read_parquet(metrics).set_index("class")
 
 
-def test_visa_class_id_masks_evaluate_as_binary_masks(ray_cluster, tiny_checkpoint, tmp_path):
+def test_visa_class_id_masks_evaluate_as_binary_masks(ray_cluster, tiny_checkpoint, tmp_path, capsys):
     """VisA stores masks as class ids (0 background, 1, 2, ...): the same pixel metrics as 0/255 masks."""
     mvtec = tmp_path / "mvtec"
     write_mvtec_tree(mvtec, ["metal", "leather"], per_class=8, size=48, seed=3)
@@ -176,8 +178,8 @@ def test_visa_class_id_masks_evaluate_as_binary_masks(ray_cluster, tiny_checkpoi
     values = {int(v) for p in (class_ids / "metal" / "Data" / "Masks").rglob("*.png")
               for v in np.unique(np.asarray(Image.open(p)))}
     assert values == {0, 1, 2}
-    expected = _evaluate(ray_cluster, binary, tiny_checkpoint, tmp_path / "eval-255")
-    got = _evaluate(ray_cluster, class_ids, tiny_checkpoint, tmp_path / "eval-ids")
+    expected = _evaluate(ray_cluster, binary, tiny_checkpoint, tmp_path / "eval-255", capsys)
+    got = _evaluate(ray_cluster, class_ids, tiny_checkpoint, tmp_path / "eval-ids", capsys)
     pixel = [c for c in expected.columns if c.startswith("pixel_")]
     assert pixel and not expected[pixel].isna().any().any()
     pd.testing.assert_frame_equal(got, expected)
