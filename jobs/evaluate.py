@@ -46,6 +46,22 @@ def metrics_markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bounds_line(metrics) -> str:
+    """The largest binning error of each pixel metric over the classes, in percentage points.
+
+    It bounds every class's value and their mean; F1-max is only ever under its exact value.
+    """
+    worst: dict[str, float] = {}
+    for name in metrics:
+        for key, value in metrics[name].bounds().items():
+            if value == value:  # NaN where a class has no pixel ground truth
+                worst[key] = max(worst.get(key, 0.0), value)
+    if not worst:
+        return "pixel metrics: no pixel ground truth"
+    cells = ", ".join(f"{key.removeprefix('pixel_')} {100 * value:.3f}" for key, value in worst.items())
+    return f"pixel metrics from {metrics.n_bins}-bin histograms; binning error at most (points): {cells}"
+
+
 def write_metrics(table, run_dir: str, storage_options: Optional[dict]) -> tuple[str, str]:
     import pyarrow as pa
 
@@ -68,6 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     metrics = summary.metrics.table()
     parquet_uri, markdown_uri = write_metrics(metrics, run_dir, args.storage_options)
     print(metrics_markdown(metrics))
+    print(bounds_line(summary.metrics))
     print(f"metrics: {parquet_uri} and {markdown_uri}")
     return 0
 

@@ -13,7 +13,7 @@ from .cli import Parser, UsageError, run, storage_options_arg
 
 EXAMPLE = """example:
   python -m jobs.import_anomalyclip --source checkpoints/9_12_4_multiscale/epoch_15.pth \\
-      --output s3://bucket/models/anomalyclip.safetensors --map-layers 6 12 18 24
+      --output s3://bucket/models/anomalyclip.safetensors
 """
 
 
@@ -26,7 +26,7 @@ def build_parser() -> Parser:
                         help="backbone weights: open_clip tag, path or URL (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=518, help="input side in pixels (default: %(default)s)")
     parser.add_argument("--map-layers", type=int, nargs="+", default=None,
-                        help="vision layers averaged into the anomaly map (default: the last)")
+                        help="vision layers averaged into the anomaly map (default: the quarter points, 6 12 18 24 of 24)")
     parser.add_argument("--storage-options", type=storage_options_arg, default=None,
                         help="fsspec options as JSON, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"...\"}}'")
     return parser

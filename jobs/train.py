@@ -50,8 +50,10 @@ def build_parser() -> Parser:
     p.add_argument("--backbone", default="ViT-L-14-336", help="open_clip model (default: ViT-L-14-336)")
     p.add_argument("--pretrained", default="openai", help="backbone weights: tag, path or URL (default: openai)")
     p.add_argument("--image-size", type=positive_int, default=518)
-    p.add_argument("--map-layers", type=int, nargs="+", default=None, help="vision layers of the anomaly map")
-    p.add_argument("--pixel-weight", type=float, default=4.0, help="weight of the pixel loss (default: 4)")
+    p.add_argument("--map-layers", type=int, nargs="+", default=None,
+                   help="vision layers of the anomaly map (default: the quarter points, 6 12 18 24 of 24)")
+    p.add_argument("--pixel-weight", type=float, default=4.0,
+                   help="weight of the pixel loss summed over map layers (default: 4, as AnomalyCLIP)")
     p.add_argument("--focal-gamma", type=float, default=2.0)
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
     add_storage_flag(p)

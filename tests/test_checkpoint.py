@@ -37,7 +37,7 @@ def test_local_round_trip_is_exact(tmp_path):
     _assert_same_learned_state(model, loaded)
     assert loaded.checkpoint_id == ckpt_id
     assert loaded.config.alpha == 0.25 and loaded.config.aggregate == "topk_mean" and loaded.config.top_k == 7
-    assert loaded.config.vv_start_layer == 2 and loaded.config.map_layers == (6,)
+    assert loaded.config.vv_start_layer == 2 and loaded.config.map_layers == (2, 3, 5, 6)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     assert torch.equal(model.score(images).joint_score, loaded.score(images).joint_score)
     # the id is the sha256 of the content, and the content is deterministic
@@ -60,7 +60,31 @@ def test_checkpoint_holds_only_learned_state_and_config(tmp_path):
     config = meta["config"]
     for field in ("backbone", "pretrained", "pretrained_sha256", "image_size", "map_layers", "alpha", "sigma", "aggregate"):
         assert field in config
+    assert config["pos_embedding_interpolation"] == "bilinear"
     assert meta["headclip_version"] == headclip.__version__
+
+
+def test_checkpoint_without_interpolation_mode_keeps_bicubic(tmp_path, caplog):
+    """Checkpoints written before the setting existed were fitted with bicubic position embeddings."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = _trained_model()
+    path = str(tmp_path / "new.safetensors")
+    headclip.save_checkpoint(model, path)
+    with safe_open(path, "pt") as handle:
+        meta = json.loads(handle.metadata()["headclip"])
+    del meta["config"]["pos_embedding_interpolation"]
+    old = str(tmp_path / "old.safetensors")
+    save_file(load_file(path), old, metadata={"headclip": json.dumps(meta, sort_keys=True)})
+    with caplog.at_level("INFO", logger="headclip.model.checkpoint"):
+        loaded = headclip.create_model(checkpoint=old)
+    assert loaded.config.pos_embedding_interpolation == "bicubic"
+    assert any("old.safetensors" in r.getMessage() and "bicubic" in r.getMessage() for r in caplog.records)
+    bicubic = headclip.create_model(tiny_config(pos_embedding_interpolation="bicubic"))
+    assert torch.equal(loaded.vision.pos_embedding, bicubic.vision.pos_embedding)
+    _assert_same_learned_state(model, loaded)
+    assert headclip.create_model(checkpoint=path).config.pos_embedding_interpolation == "bilinear"
 
 
 def test_s3_round_trip(s3_bucket):

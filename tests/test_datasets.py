@@ -6,9 +6,14 @@ import json
 from pathlib import Path
 
 import fsspec
+import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 from headclip.data.datasets import DatasetError, detect_layout, load_dataset
+from headclip.data.loading import load_mask
+from jobs import evaluate as evaluate_job
 from jobs.make_synthetic import write_mvtec_tree
 
 
@@ -105,3 +110,76 @@ def test_mvtec_on_s3(mvtec, s3_bucket):
     assert all(u.startswith(f"{bucket}/datasets/mvtec/") for u in table["image_uri"].to_pylist())
     masks = [m for m in table["mask_uri"].to_pylist() if m]
     assert len(masks) == 6 and all(fs.exists(m) for m in masks)
+
+
+def _anomalyclip_mask(path: Path, size: int) -> np.ndarray:
+    """AnomalyCLIP's dataset.py (``> 0`` on the grey mask, as 0/255) and utils.get_transform's
+    target transform (Resize, CenterCrop, ToTensor), then test.py's ``> 0.5``."""
+    from torchvision import transforms
+
+    img_mask = np.array(Image.open(path).convert("L")) > 0
+    img_mask = Image.fromarray(img_mask.astype(np.uint8) * 255)
+    target_transform = transforms.Compose([transforms.Resize((size, size)), transforms.CenterCrop(size),
+                                           transforms.ToTensor()])
+    return target_transform(img_mask)[0].numpy() > 0.5
+
+
+def test_masks_with_class_ids_load_as_anomalyclip_reads_them(tmp_path):
+    ids = np.zeros((37, 50), dtype=np.uint8)
+    ids[5:20, 8:30] = 1  # one defect, class id 1
+    ids[24:33, 33:47] = 2  # another, class id 2
+    ids[30, 2] = 1  # a single pixel
+    Image.fromarray(ids).save(tmp_path / "ids.png")
+    Image.fromarray((ids > 0).astype(np.uint8) * 255).save(tmp_path / "binary.png")
+    for size in (64, 24):
+        expected = _anomalyclip_mask(tmp_path / "ids.png", size)
+        assert expected.any()
+        np.testing.assert_array_equal(load_mask(str(tmp_path / "ids.png"), size), expected)
+        np.testing.assert_array_equal(load_mask(str(tmp_path / "binary.png"), size), expected)
+
+
+def _visa_tree(mvtec: Path, root: Path, mask_values) -> Path:
+    """A VisA layout over the images of ``mvtec``; ``mask_values(i, mask)`` writes the i-th mask's pixels."""
+    lines = ["object,split,label,image,mask"]
+    for i, row in enumerate(load_dataset(str(mvtec)).to_pylist()):
+        folder = "Anomaly" if row["label"] else "Normal"
+        image = Path(row["class_name"]) / "Data" / "Images" / folder / f"{i:03d}.png"
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        (root / image).write_bytes(Path(row["image_uri"]).read_bytes())
+        mask = ""
+        if row["label"]:
+            mask = Path(row["class_name"]) / "Data" / "Masks" / folder / f"{i:03d}.png"
+            (root / mask).parent.mkdir(parents=True, exist_ok=True)
+            defect = np.asarray(Image.open(row["mask_uri"])) > 0
+            Image.fromarray(mask_values(i, defect).astype(np.uint8)).save(root / mask)
+        lines.append(f"{row['class_name']},test,{'anomaly' if row['label'] else 'normal'},{image},{mask}")
+    (root / "split_csv").mkdir(parents=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _evaluate(ray_cluster, root: Path, checkpoint: str, output: Path, capsys) -> pd.DataFrame:
+    code = evaluate_job.main(["--data", str(root), "--layout", "visa", "--checkpoint", checkpoint,
+                              "--output", str(output), "--actors", "1", "--shard-size", "8", "--batch-size", "4",
+                              "--ray-address", ray_cluster])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "-bin histograms; binning error at most (points): auroc " in printed, printed
+    (metrics,) = output.glob("run_id=*/_eval/metrics.parquet")
+    return pd.read_parquet(metrics).set_index("class")
+
+
+def test_visa_class_id_masks_evaluate_as_binary_masks(ray_cluster, tiny_checkpoint, tmp_path, capsys):
+    """VisA stores masks as class ids (0 background, 1, 2, ...): the same pixel metrics as 0/255 masks."""
+    mvtec = tmp_path / "mvtec"
+    write_mvtec_tree(mvtec, ["metal", "leather"], per_class=8, size=48, seed=3)
+    binary = _visa_tree(mvtec, tmp_path / "visa-255", lambda i, defect: defect * 255)
+    class_ids = _visa_tree(mvtec, tmp_path / "visa-ids", lambda i, defect: defect * (1 + i % 2))
+    values = {int(v) for p in (class_ids / "metal" / "Data" / "Masks").rglob("*.png")
+              for v in np.unique(np.asarray(Image.open(p)))}
+    assert values == {0, 1, 2}
+    expected = _evaluate(ray_cluster, binary, tiny_checkpoint, tmp_path / "eval-255", capsys)
+    got = _evaluate(ray_cluster, class_ids, tiny_checkpoint, tmp_path / "eval-ids", capsys)
+    pixel = [c for c in expected.columns if c.startswith("pixel_")]
+    assert pixel and not expected[pixel].isna().any().any()
+    pd.testing.assert_frame_equal(got, expected)

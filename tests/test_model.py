@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,43 @@ def test_default_layers_follow_the_paper():
     assert default_vv_start_layer(24) == 6  # the last 19 blocks of 24
     assert 24 - default_vv_start_layer(24) + 1 == 19
     assert default_vv_start_layer(12) == 3
+
+
+def _tower_config(tmp_path, depth: int, **changes) -> headclip.HeadCLIPConfig:
+    """The tiny backbone with a vision tower of ``depth`` layers, registered with open_clip."""
+    cfg = json.loads((headclip.model.backbone.MODEL_CONFIG_DIR / "HeadCLIP-Tiny.json").read_text())
+    cfg["vision_cfg"]["layers"] = depth
+    name = f"HeadCLIP-Test-Depth{depth}"
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    return tiny_config(backbone=name, **changes)
+
+
+# AnomalyCLIP's features_list is 6, 12, 18, 24 of ViT-L's 24 layers: the quarter
+# points depth * k / 4, k = 1..4. For 6 layers they are 1.5, 3, 4.5, 6, rounded
+# half up to 2, 3, 5, 6.
+@pytest.mark.parametrize("depth, vv_start, quarter_points", [
+    (24, 6, (6, 12, 18, 24)),
+    (12, 3, (3, 6, 9, 12)),
+    (6, 2, (2, 3, 5, 6)),
+])
+def test_default_map_layers_are_the_towers_quarter_points(tmp_path, depth, vv_start, quarter_points):
+    model = headclip.create_model(_tower_config(tmp_path, depth))
+    assert model.vision.depth == depth and model.vision.vv_start_layer == vv_start
+    assert model.vision.map_layers == quarter_points
+    # the training forward and scoring both read every map layer
+    with torch.no_grad():
+        logits = model(model.normalize(_images(1, 64)))
+    assert len(logits.patch_logits) == 4
+    assert model.score(_images(1, 64)).anomaly_map.shape == (1, 64, 64)
+
+
+def test_default_map_layers_never_precede_the_first_vv_layer(tmp_path):
+    # quarter points 2, 3, 5, 6 of 6; those before layer 4 move up to it
+    model = headclip.create_model(tiny_config(vv_start_layer=4))
+    assert model.vision.map_layers == (4, 5, 6)
+    two = headclip.create_model(_tower_config(tmp_path, 2))  # quarter points 0.5, 1, 1.5, 2
+    assert two.vision.vv_start_layer == 1 and two.vision.map_layers == (1, 2)
 
 
 def test_joint_score_mixes_global_and_map():
@@ -208,6 +247,32 @@ def test_positional_embedding_interpolation():
     resized = interpolate_pos_embedding(pos, 37)
     assert resized.shape == (1 + 37 * 37, 8)
     assert torch.equal(resized[0], pos[0])
+
+
+def _resized_grid(pos: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
+    """AnomalyCLIP's VisionTransformer.forward: the patch positions as a (1, width, g, g) image,
+    ``F.interpolate(..., (grid, grid), mode)`` with the default align_corners (False), class position kept."""
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, (grid, grid), mode=mode, align_corners=False)
+    return torch.cat([pos[:1], patches.reshape(1, -1, grid * grid).transpose(1, 2)[0]], dim=0)
+
+
+def test_position_embeddings_are_resized_bilinearly_as_anomalyclip():
+    pos = torch.randn(1 + 14 * 14, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(interpolate_pos_embedding(pos, 37), _resized_grid(pos, 37, "bilinear"),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(interpolate_pos_embedding(pos, 37, "bicubic"), _resized_grid(pos, 37, "bicubic"),
+                               rtol=0, atol=1e-6)
+    # the model's default: the tiny tower's 14 x 14 grid resized to 4 x 4 for 64 px inputs
+    model = headclip.create_model(tiny_config())
+    assert model.config.pos_embedding_interpolation == "bilinear"
+    expected = _resized_grid(model.clip.visual.positional_embedding.detach(), 4, "bilinear")
+    torch.testing.assert_close(model.vision.pos_embedding, expected, rtol=0, atol=1e-6)
+    bicubic = headclip.create_model(tiny_config(pos_embedding_interpolation="bicubic"))
+    assert not torch.allclose(bicubic.vision.pos_embedding, expected)
+    with pytest.raises(ValueError, match="pos_embedding_interpolation must be one of"):
+        tiny_config(pos_embedding_interpolation="nearest")
 
 
 def test_invalid_settings_fail_with_one_line():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import headclip
 from headclip.data.datasets import load_dataset
@@ -119,6 +120,60 @@ def test_metrics_from_scoring_actors_match_in_process(ray_cluster, synthetic, tm
     again = execute(prepare(config, held_out), config)
     assert again.shards_skipped == plan.num_shards
     np.testing.assert_allclose(again.metrics.table().to_numpy(dtype=float), merged.to_numpy(dtype=float))
+
+
+def _anomalyclip_focal(logit: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+                       smooth: float = 1e-5) -> torch.Tensor:
+    """AnomalyCLIP's loss.py FocalLoss (apply_nonlin None, alpha None, size_average): (N, C, H, W) probabilities."""
+    num_class = logit.shape[1]
+    logit = logit.reshape(logit.shape[0], num_class, -1).permute(0, 2, 1).reshape(-1, num_class)
+    target = target.reshape(-1, 1)
+    one_hot_key = torch.zeros(target.shape[0], num_class).scatter_(1, target.long(), 1)
+    one_hot_key = torch.clamp(one_hot_key, smooth / (num_class - 1), 1.0 - smooth)
+    pt = (one_hot_key * logit).sum(1) + smooth
+    return (-1 * torch.pow(1 - pt, gamma) * pt.log()).mean()
+
+
+def _anomalyclip_dice(input: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """AnomalyCLIP's loss.py BinaryDiceLoss."""
+    n = targets.shape[0]
+    input_flat, targets_flat = input.reshape(n, -1), targets.reshape(n, -1)
+    dice = (2 * (input_flat * targets_flat).sum(1) + 1) / (input_flat.sum(1) + targets_flat.sum(1) + 1)
+    return 1 - dice.sum() / n
+
+
+def test_loss_is_anomalyclips_over_four_layers():
+    """AnomalyCLIP's train.py: image cross-entropy + 4 * sum over layers (focal + dice + dice)."""
+    from headclip.training.loss import headclip_loss
+
+    model = headclip.create_model(headclip.HeadCLIPConfig(backbone="HeadCLIP-Tiny", pretrained=None, image_size=64))
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=generator)
+    labels = torch.tensor([0, 1, 1, 0])
+    masks = torch.zeros(4, 64, 64, dtype=torch.bool)
+    masks[1, 10:30, 5:40] = True
+    masks[2, 40:60, 30:50] = True
+    with torch.no_grad():
+        logits = model(model.normalize(images))
+    assert len(logits.patch_logits) == 4
+    parts = headclip_loss(logits, labels, masks, None)
+
+    gt = masks.float()
+    loss = 0
+    for layer in logits.patch_logits:
+        # compute_similarity: softmax over (normal, abnormal) per patch, (B, N, 2);
+        # get_similarity_map: the (side, side) grid upsampled bilinearly to the input
+        similarity = layer.flatten(2).transpose(1, 2).softmax(-1)
+        side = int(similarity.shape[1] ** 0.5)
+        similarity_map = similarity.reshape(4, side, side, 2).permute(0, 3, 1, 2)
+        similarity_map = F.interpolate(similarity_map, (64, 64), mode="bilinear")
+        loss += _anomalyclip_focal(similarity_map, gt)
+        loss += _anomalyclip_dice(similarity_map[:, 1, :, :], gt)
+        loss += _anomalyclip_dice(similarity_map[:, 0, :, :], 1 - gt)
+    image_loss = F.cross_entropy(logits.global_logits, labels)
+    torch.testing.assert_close(parts.pixel, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.image, image_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.total, 4 * loss + image_loss, rtol=1e-5, atol=1e-6)
 
 
 def _write(path: Path, data: bytes) -> str:

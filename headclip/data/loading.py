@@ -1,9 +1,12 @@
 """One image and its mask, read and preprocessed for the model: the loader of scoring and training.
 
 Images get the model's preprocessing: the whole image resized (bicubic) to
-the square input. Masks are resized the same way as floats in [0, 1] and
-binarised at 0.5. Loading never raises: a failure is returned as a one-line
-``error``, which scoring turns into an error row and training refuses.
+the square input. Masks are binarised first (any non-zero pixel is defect, so
+MVTec's 0/255 masks and VisA's class ids 1, 2, ... read alike), then resized
+as AnomalyCLIP resizes them (``dataset.py``, ``utils.get_transform``): the 8-bit
+0/255 mask resized bilinearly, a pixel defect when it is above half. Loading
+never raises: a failure is returned as a one-line ``error``, which scoring
+turns into an error row and training refuses.
 """
 
 from __future__ import annotations
@@ -47,14 +50,29 @@ class LoadedImage:
     orientation: int = 1  # EXIF orientation of ``jpeg``
 
 
+# Single-channel modes whose values are read as they are.
+_VALUE_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "F")
+
+
+def _defect_pixels(image: Image.Image) -> np.ndarray:
+    """(H, W) bool: pixels of a mask image with any non-zero value (colour channels; alpha ignored)."""
+    if image.mode in _VALUE_MODES:
+        return np.asarray(image) != 0
+    return np.asarray(image.convert("RGB")).any(axis=-1)
+
+
 def load_mask(uri: Optional[str], size: int, storage_options: Optional[dict] = None) -> Optional[np.ndarray]:
-    """(size, size) bool mask from a mask image, or None when ``uri`` is empty."""
+    """(size, size) bool mask from a mask image, or None when ``uri`` is empty.
+
+    Binarised at ``!= 0`` before resizing; the binary mask is resized as an
+    8-bit 0/255 image with PIL's bilinear filter (torchvision's ``Resize``
+    default, AnomalyCLIP's mask transform) and kept where above 127.5.
+    """
     if not uri:
         return None
     image = Image.open(io.BytesIO(read_bytes(uri, storage_options)))
-    values = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    resized = Image.fromarray(values).resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(resized) > 0.5
+    binary = Image.fromarray(_defect_pixels(image).astype(np.uint8) * 255)
+    return np.asarray(binary.resize((size, size), Image.Resampling.BILINEAR)) > 127
 
 
 def _one_line(err: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +26,11 @@ from ..storage.fs import read_bytes, write_bytes_atomic
 
 FORMAT = "headclip-checkpoint/1"
 METADATA_KEY = "headclip"
+# Checkpoints written before the setting existed were fitted with bicubic
+# position-embedding interpolation and keep it.
+LEGACY_POS_INTERPOLATION = "bicubic"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,8 +99,15 @@ def parse_checkpoint(data: bytes, source: str = "checkpoint") -> Checkpoint:
     payload = _header_metadata(data, source)
     if payload.get("format") != FORMAT:
         raise CheckpointError(f"{source}: unsupported checkpoint format {payload.get('format')!r}")
+    if not isinstance(payload.get("config"), dict):
+        raise CheckpointError(f"{source}: checkpoint without a config")
+    fields = dict(payload["config"])
+    if "pos_embedding_interpolation" not in fields:
+        fields["pos_embedding_interpolation"] = LEGACY_POS_INTERPOLATION
+        log.info("%s was written before pos_embedding_interpolation existed: its position embeddings are "
+                 "resized %s, as when it was fitted", source, LEGACY_POS_INTERPOLATION)
     try:
-        config = HeadCLIPConfig.from_dict(payload["config"])
+        config = HeadCLIPConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: invalid config: {err}") from None
     tensors = load_safetensors(data)

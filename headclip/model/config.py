@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 AGGREGATES = ("max", "topk_mean")
+POS_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass
@@ -37,12 +38,16 @@ class HeadCLIPConfig:
     # Square input side in pixels; the positional embedding is interpolated
     # to the patch grid (518 / 14 = 37 for ViT-L-14-336).
     image_size: int = 518
+    # How the patch position embeddings are resized to that grid: "bilinear"
+    # (AnomalyCLIP's VisionTransformer.forward) or "bicubic".
+    pos_embedding_interpolation: str = "bilinear"
 
     # First vision layer with the V-V (DPAM) path. None: 6 for a 24-layer
     # backbone, scaled proportionally for other depths.
     vv_start_layer: Optional[int] = None
-    # Vision layers whose V-V path features make the anomaly map (averaged).
-    # None: the last layer.
+    # Vision layers whose V-V path features make the anomaly map (per-layer
+    # abnormal probabilities averaged). None: the tower's quarter points, as
+    # AnomalyCLIP's 6, 12, 18, 24 of 24 (see default_map_layers).
     map_layers: Optional[tuple[int, ...]] = None
 
     # Learnable prompts (AnomalyCLIP's object-agnostic prompts).
@@ -76,6 +81,9 @@ class HeadCLIPConfig:
         """Raise ValueError with a one-line message on an invalid setting."""
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.pos_embedding_interpolation not in POS_INTERPOLATIONS:
+            raise ValueError(f"pos_embedding_interpolation must be one of {POS_INTERPOLATIONS}, "
+                             f"got {self.pos_embedding_interpolation!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -128,3 +136,15 @@ class HeadCLIPConfig:
 def default_vv_start_layer(depth: int) -> int:
     """First V-V layer for a vision tower of ``depth`` layers: 6 of 24, scaled."""
     return max(1, min(depth, int(round(depth * 6 / 24))))
+
+
+def default_map_layers(depth: int, vv_start: int) -> tuple[int, ...]:
+    """Map layers for a tower of ``depth`` layers whose V-V path starts at ``vv_start``.
+
+    The quarter points ``depth * k / 4`` for k = 1..4, rounded half up: 6, 12,
+    18, 24 of 24 (AnomalyCLIP's ``features_list``), 3, 6, 9, 12 of 12, and
+    2, 3, 5, 6 of 6. A point before ``vv_start`` moves up to it; repeats are
+    dropped, so shallow towers get fewer layers.
+    """
+    points = ((depth * k + 2) // 4 for k in range(1, 5))
+    return tuple(sorted({min(depth, max(vv_start, p)) for p in points}))

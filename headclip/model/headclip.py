@@ -149,8 +149,9 @@ class HeadCLIP(nn.Module):
         """Global abnormal probability (B,) and the smoothed anomaly map (B, S, S), float32."""
         config = self.config
         global_score = logits.global_logits.float().softmax(dim=-1)[:, 1]
-        # Abnormal probability per patch, averaged over layers, then upsampled
-        # once (bilinear upsampling commutes with the average).
+        # Abnormal probability per patch, averaged over layers (AnomalyCLIP
+        # sums them: the same ranking, but the mean stays in [0, 1]), then
+        # upsampled once (bilinear upsampling commutes with the average).
         patch_prob = torch.stack([l.float().softmax(dim=1)[:, 1] for l in logits.patch_logits]).mean(0)
         size = (config.image_size, config.image_size)
         anomaly_map = F.interpolate(patch_prob.unsqueeze(1), size=size, mode="bilinear", align_corners=False)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import HeadCLIPConfig, default_vv_start_layer
+from .config import HeadCLIPConfig, default_map_layers, default_vv_start_layer
 
 
 class VisionFeatures(NamedTuple):
@@ -34,8 +34,13 @@ class VisionFeatures(NamedTuple):
     patch_tokens: list[torch.Tensor]
 
 
-def interpolate_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """Resize a (1 + g*g, width) positional embedding to (1 + grid*grid, width), bicubic."""
+def interpolate_pos_embedding(pos: torch.Tensor, grid: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize a (1 + g*g, width) positional embedding to (1 + grid*grid, width).
+
+    The class position is kept; the g x g patch positions are resized as an
+    image with ``F.interpolate(mode=mode, align_corners=False)``, which with
+    "bilinear" is AnomalyCLIP's call (its default align_corners is False).
+    """
     cls_pos, patch_pos = pos[:1], pos[1:]
     old = int(round(math.sqrt(patch_pos.shape[0])))
     if old * old != patch_pos.shape[0]:
@@ -43,7 +48,7 @@ def interpolate_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     if old == grid:
         return pos.clone()
     patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode=mode, align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
 
@@ -76,7 +81,7 @@ class DualPathVisionEncoder(nn.Module):
         start = config.vv_start_layer or default_vv_start_layer(self.depth)
         if not 1 <= start <= self.depth:
             raise ValueError(f"vv_start_layer {start} is outside 1..{self.depth}")
-        map_layers = tuple(config.map_layers or (self.depth,))
+        map_layers = tuple(config.map_layers or default_map_layers(self.depth, start))
         for layer in map_layers:
             if not start <= layer <= self.depth:
                 raise ValueError(
@@ -94,7 +99,8 @@ class DualPathVisionEncoder(nn.Module):
         native = visual.positional_embedding.shape[0] == 1 + self.grid * self.grid
         self.register_buffer(
             "_resized_pos_embedding",
-            None if native else interpolate_pos_embedding(visual.positional_embedding.detach(), self.grid),
+            None if native else interpolate_pos_embedding(visual.positional_embedding.detach(), self.grid,
+                                                          config.pos_embedding_interpolation),
             persistent=False,
         )
         self.head_weights = nn.Parameter(torch.ones(self.depth - start + 1, self.heads))
