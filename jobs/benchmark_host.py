@@ -147,10 +147,10 @@ def _sync(device) -> None:
 
 
 class StubModel:
-    """Stands in for the model: maps of the right shape, no forward pass."""
+    """Stands in for the model: maps of the right shape (a smooth blob each), no forward pass."""
 
     def __init__(self, model):
-        self.image_size, self.checkpoint_id, self.device = model.image_size, model.checkpoint_id, model.image_mean.device
+        self.image_size, self.checkpoint_id = model.image_size, model.checkpoint_id
 
     def score(self, images):
         import torch
@@ -158,7 +158,9 @@ class StubModel:
         from headclip.model.headclip import ScoreOutput
 
         n, size = images.shape[0], self.image_size
-        maps = torch.rand(n, size, size, device=images.device)
+        axis = torch.linspace(-1.0, 1.0, size, device=images.device)
+        centre = torch.rand(n, 2, 1, 1, device=images.device) * 1.6 - 0.8
+        maps = torch.exp(-((axis.view(1, 1, -1) - centre[:, 0]) ** 2 + (axis.view(1, -1, 1) - centre[:, 1]) ** 2) / 0.05)
         return ScoreOutput(maps.amax((1, 2)), maps[:, 0, 0], maps)
 
 
@@ -217,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                        image_size=args.image_size), checkpoint)
     model = headclip.create_model(checkpoint=checkpoint, device=device)
     options = ScoringOptions(batch_size=args.batch_size, device=str(device))
-    kwargs = dict(run_id="bench", checkpoint=checkpoint, options=options, torch_threads=cpus)
+    kwargs = dict(run_id="bench", checkpoint=checkpoint, options=options, torch_threads=cpus, model=model)
     decode_modes = {"off": [False], "on": [True], "both": [False, True]}[args.device_decode]
     if not args.no_ray:
         import ray

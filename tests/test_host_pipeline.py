@@ -19,6 +19,8 @@ from headclip.scoring.scorer import ScoringOptions, ShardScorer
 # Largest change of a joint score between reduced-scale and full JPEG decoding on these images
 # (README states the figure measured by jobs.benchmark on the benchmark images).
 REDUCED_DECODE_TOLERANCE = 0.02
+# Largest change of a joint score between nvjpeg and libjpeg-turbo decoding (measured on an H100).
+DEVICE_DECODE_TOLERANCE = 0.03
 
 
 def _jpeg(array: np.ndarray, orientation: int = 1, quality: int = 92) -> bytes:
@@ -114,7 +116,10 @@ def test_device_decoding_keeps_rows_and_errors(tmp_path, tiny_checkpoint):
     assert device.loc["garbage.jpg", "status"] == "error"
     ok = host["status"] == "ok"
     assert list(host.loc[ok, "width"]) == list(device.loc[ok, "width"])
-    assert np.abs(host.loc[ok, "score"] - device.loc[ok, "score"]).max() < 1e-3
+    # On the CPU torchvision and PIL both decode with libjpeg-turbo: the same pixels. On a GPU,
+    # nvjpeg's IDCT and chroma upsampling differ by a grey level or two (README gives the figure).
+    tolerance = 1e-3 if not torch.cuda.is_available() else DEVICE_DECODE_TOLERANCE
+    assert np.abs(host.loc[ok, "score"] - device.loc[ok, "score"]).max() < tolerance
     # the reference: the rotated image decoded upright by PIL gives the same score
     upright = decode_image((tmp_path / "rotated.jpg").read_bytes())
     assert upright.size == (140, 400)

@@ -127,3 +127,27 @@ def test_batched_device_encoding_equals_plain_encoding_bit_for_bit(threshold):
             assert got.mask_rle["size"] == list(mask_size(width, height, 120))
             assert got.mask_area == area and got.bbox == box and got.pixel_max == pixel_max
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(got.anomaly_map_png))), heat)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encoding_on_cuda_equals_a_plain_threshold_there():
+    """On a GPU: each stored mask is exactly ``resize(map) > t`` computed on that GPU; the maps
+    encoded on the CPU differ from it only where the map lies within 1e-5 of the threshold."""
+    rng = np.random.default_rng(3)
+    maps = _maps(rng, 10, 97)
+    sizes = [(1024, 1024), (1023, 767), (4000, 3000), (64, 64), (1024, 1024), (333, 1111)] * 3
+    sizes = sizes[:len(maps)]
+    gpu = encode_maps(maps.cuda(), sizes, 0.5, mask_max_side=2048, heatmap_side=64)
+    cpu = encode_maps(maps, sizes, 0.5, mask_max_side=2048, heatmap_side=64)
+    for j, (width, height) in enumerate(sizes):
+        shape = mask_size(width, height, 2048)
+        resized = F.interpolate(maps[j].cuda()[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
+        plain = (resized > 0.5).cpu().numpy()
+        got = gpu.encoded(j)
+        decoded = coco.decode({"size": got.mask_rle["size"], "counts": got.mask_rle["counts"].encode()})
+        assert np.array_equal(decoded.astype(bool), plain)
+        assert got.mask_area == int(plain.sum()) and got.bbox == _plain_bbox_scaled(plain, width, height)
+        reference = cpu.encoded(j)
+        cpu_mask = coco.decode({"size": reference.mask_rle["size"], "counts": reference.mask_rle["counts"].encode()})
+        near = (resized - 0.5).abs().cpu().numpy() < 1e-5
+        assert not np.any((cpu_mask.astype(bool) != plain) & ~near)

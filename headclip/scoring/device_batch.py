@@ -11,6 +11,7 @@ both becomes an error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional, Sequence
 
@@ -62,37 +63,108 @@ def decode_jpegs(blobs: Sequence[bytes], device: torch.device) -> list[Optional[
         return decoded
 
 
-def upload(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 host array -> (3, H, W) uint8 on ``device`` (pinned, non-blocking on CUDA)."""
-    tensor = torch.from_numpy(pixels)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.permute(2, 0, 1)
+class DeviceFeeder:
+    """Builds model batches on ``device`` and lends a second stream for encoding their results.
 
-
-def model_batch(items: Sequence[LoadedImage], size: int, device: torch.device,
-                max_pixels: int) -> tuple[Optional[torch.Tensor], list[Optional[str]]]:
-    """((B', 3, size, size) uint8 on ``device``, one error or None per item).
-
-    B' counts the items without an error, in order. Items with ``jpeg`` bytes
-    are decoded on the device first; the rest are uploaded as they are.
+    On CUDA, a batch's host arrays are copied into one of two pinned staging
+    buffers and travel in one non-blocking copy; images of one size are
+    resized in one call. :meth:`encoding` runs work on a second stream after
+    a batch's forward, so the next forward queued on the default stream runs
+    while the previous batch is encoded. On the CPU all of this is plain,
+    in-order work.
     """
-    errors: list[Optional[str]] = [None] * len(items)
-    images: list[Optional[torch.Tensor]] = [None] * len(items)
-    pending = [j for j, item in enumerate(items) if item.jpeg is not None]
-    if pending:
-        decoded = decode_jpegs([items[j].jpeg for j in pending], device)
-        for j, image in zip(pending, decoded):
-            if image is not None:
-                images[j] = orient(image, items[j].orientation)
-                continue
-            try:  # the host decoder, at a reduced scale where it can
-                host, _ = decode_scaled(items[j].jpeg, max_pixels, size)
-                images[j] = upload(np.asarray(host, dtype=np.uint8), device)
-            except ImageDecodeError as err:
-                errors[j] = str(err)
-    for j, item in enumerate(items):
-        if item.jpeg is None:
-            images[j] = upload(item.pixels, device)
-    resized = [resize_tensor(image, size) for j, image in enumerate(images) if errors[j] is None]
-    return (torch.stack(resized) if resized else None), errors
+
+    def __init__(self, device: torch.device, size: int, max_pixels: int):
+        self.device, self.size, self.max_pixels = device, size, max_pixels
+        cuda = device.type == "cuda"
+        self._staging: list[Optional[torch.Tensor]] = [None, None]
+        self._copied: list[Optional[torch.cuda.Event]] = [None, None]
+        self._turn = 0
+        self.encode_stream = torch.cuda.Stream(device) if cuda else None
+
+    def _upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """(H, W, 3) uint8 host arrays -> (3, H, W) uint8 views on the device."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in arrays]
+        total = sum(a.nbytes for a in arrays)
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # the buffer's previous copy has left
+        if self._staging[turn] is None or self._staging[turn].numel() < total:
+            self._staging[turn] = torch.empty(int(total * 1.25), dtype=torch.uint8, pin_memory=True)
+        staging = self._staging[turn]
+        host = staging.numpy()
+        offsets = np.cumsum([0] + [a.nbytes for a in arrays])
+        for array, lo, hi in zip(arrays, offsets[:-1], offsets[1:]):
+            host[lo:hi] = array.reshape(-1)
+        on_device = staging[:total].to(self.device, non_blocking=True)
+        self._copied[turn] = torch.cuda.Event()
+        self._copied[turn].record()
+        return [on_device[lo:hi].view(a.shape).permute(2, 0, 1) for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:])]
+
+    def _resize(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, size, size) uint8 from (3, H, W) images; one resize call per distinct size."""
+        out = torch.empty((len(images), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, image in enumerate(images):
+            groups.setdefault(tuple(image.shape[1:]), []).append(j)
+        for shape, index in groups.items():
+            stacked = torch.stack([images[j] for j in index])
+            if shape == (self.size, self.size):
+                out[index] = stacked
+            else:
+                out[index] = torch.stack([resize_tensor(image, self.size) for image in stacked]) \
+                    if self.device.type == "cpu" else _resize_batch(stacked, self.size)
+        return out
+
+    def batch(self, items: Sequence[LoadedImage]) -> tuple[Optional[torch.Tensor], list[Optional[str]]]:
+        """((B', 3, size, size) uint8 on the device, one error or None per item).
+
+        B' counts the items without an error, in order. Items with ``jpeg``
+        bytes are decoded on the device first (on the host where that fails);
+        the rest are uploaded as they are.
+        """
+        errors: list[Optional[str]] = [None] * len(items)
+        images: list[Optional[torch.Tensor]] = [None] * len(items)
+        host: dict[int, np.ndarray] = {j: item.pixels for j, item in enumerate(items) if item.jpeg is None}
+        pending = [j for j, item in enumerate(items) if item.jpeg is not None]
+        if pending:
+            for j, image in zip(pending, decode_jpegs([items[j].jpeg for j in pending], self.device)):
+                if image is not None:
+                    images[j] = orient(image, items[j].orientation)
+                    continue
+                try:  # the host decoder, at a reduced scale where it can
+                    host[j] = np.asarray(decode_scaled(items[j].jpeg, self.max_pixels, self.size)[0], dtype=np.uint8)
+                except ImageDecodeError as err:
+                    errors[j] = str(err)
+        order = sorted(host)
+        for j, image in zip(order, self._upload([host[j] for j in order])):
+            images[j] = image
+        kept = [image for j, image in enumerate(images) if errors[j] is None]
+        return (self._resize(kept) if kept else None), errors
+
+    def mark(self) -> Optional[torch.cuda.Event]:
+        """An event after the work queued so far (a batch's forward), or None on the CPU."""
+        if self.encode_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def encoding(self, after: Optional[torch.cuda.Event]):
+        """Run the body on the encoding stream, once the work before ``after`` is done."""
+        if self.encode_stream is None:
+            yield
+            return
+        self.encode_stream.wait_event(after)
+        with torch.cuda.stream(self.encode_stream):
+            yield
+
+
+def _resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 on a GPU -> (N, 3, size, size) uint8, as :func:`resize_tensor` per image."""
+    import torch.nn.functional as F
+
+    out = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -26,7 +26,7 @@ from ..model.factory import create_model, resolve_device
 from ..storage.fs import filesystem, write_bytes_atomic
 from ..storage.layout import metrics_uri
 from ..storage.schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table, table_to_parquet_bytes
-from .device_batch import model_batch
+from .device_batch import DeviceFeeder
 from .masks import MapBatch, encode_maps
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class ShardScorer:
     def __init__(self, run_id: str, checkpoint: Optional[str], options: ScoringOptions,
                  storage_options: Optional[dict] = None, run_config: Optional[dict] = None,
                  model_overrides: Optional[dict] = None, extra_fields: Optional[list[pa.Field]] = None,
-                 torch_threads: Optional[int] = None):
+                 torch_threads: Optional[int] = None, model=None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         threads = options.io_threads or max(2, torch_threads or torch.get_num_threads())
@@ -91,8 +91,11 @@ class ShardScorer:
         self.options = options
         self.storage_options = storage_options
         self.device = resolve_device(options.device)
-        self.model = create_model(checkpoint=checkpoint, device=self.device, storage_options=storage_options,
-                                  **(model_overrides or {}))
+        if model is None:  # a model built elsewhere (in-process use) is used as it is
+            model = create_model(checkpoint=checkpoint, device=self.device, storage_options=storage_options,
+                                 **(model_overrides or {}))
+        self.model = model
+        self.feeder = DeviceFeeder(self.device, model.image_size, options.max_pixels)
         self.model.eval()
         self.checkpoint_id = self.model.checkpoint_id or "untrained"
         self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id)
@@ -151,24 +154,31 @@ class ShardScorer:
             return {**base_row(i), "status": STATUS_ERROR, "error": error, "width": loaded.width,
                     "height": loaded.height}
 
-        def flush() -> None:
-            pixels, errors = model_batch([loaded for _, loaded in batch], self.model.image_size, self.device,
-                                         options.max_pixels)
+        in_flight: deque[tuple] = deque()  # launched batches: (images, model output, event after the forward)
+
+        def launch() -> None:
+            """Upload, resize and queue the forward of the gathered batch."""
+            pixels, errors = self.feeder.batch([loaded for _, loaded in batch])
             for (i, loaded), error in zip(batch, errors):
                 if error is not None:
                     rows[i] = error_row(i, loaded, error)
             scored = [(i, loaded) for (i, loaded), error in zip(batch, errors) if error is None]
             batch.clear()
-            if not scored:
-                return
-            out = self.model.score(pixels)
-            maps = encode_maps(out.anomaly_map, [(loaded.width, loaded.height) for _, loaded in scored],
-                               options.mask_threshold, options.mask_max_side, options.heatmap_side)
-            joint, global_ = out.joint_score.float().cpu().tolist(), out.global_score.float().cpu().tolist()
-            if metrics is not None:
-                labelled = [records[i] for i, _ in scored]
-                add_scored_batch(metrics, [r["class_name"] for r in labelled], [int(r["label"]) for r in labelled],
-                                 joint, out.anomaly_map.float(), [loaded.mask for _, loaded in scored])
+            if scored:
+                in_flight.append((scored, self.model.score(pixels), self.feeder.mark()))
+
+        def collect() -> None:
+            """Encode the oldest launched batch (while the next forward runs) and make its rows."""
+            scored, out, forward_done = in_flight.popleft()
+            with self.feeder.encoding(forward_done):
+                maps = encode_maps(out.anomaly_map, [(loaded.width, loaded.height) for _, loaded in scored],
+                                   options.mask_threshold, options.mask_max_side, options.heatmap_side)
+                joint, global_ = out.joint_score.float().cpu().tolist(), out.global_score.float().cpu().tolist()
+                if metrics is not None:
+                    labelled = [records[i] for i, _ in scored]
+                    add_scored_batch(metrics, [r["class_name"] for r in labelled],
+                                     [int(r["label"]) for r in labelled], joint, out.anomaly_map.float(),
+                                     [loaded.mask for _, loaded in scored])
             batch_rows = []
             for j, (i, loaded) in enumerate(scored):
                 row = base_row(i)
@@ -187,9 +197,13 @@ class ShardScorer:
                 continue
             batch.append((i, loaded))
             if len(batch) == options.batch_size:
-                flush()
+                launch()
+                while len(in_flight) > 1:  # one forward queued while the previous batch is encoded
+                    collect()
         if batch:
-            flush()
+            launch()
+        while in_flight:
+            collect()
         for indices, future in encodes:
             for i, row in zip(indices, future.result()):
                 rows[i] = row
