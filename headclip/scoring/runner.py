@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..model.checkpoint import read_checkpoint
 from ..model.assets import DEMO_CHECKPOINT
+from ..model.validate import check_checkpoint
 from ..data.decode import IMAGE_EXTENSIONS
 from ..data.listing import list_images, listing_hash
 from .plan import RunPlan, derive_run_id, make_plan, read_plan, write_plan
@@ -124,6 +125,7 @@ def prepare(config: JobConfig, images: Optional[pa.Table] = None) -> RunPlan:
     set's table). Raises CheckpointError, InputError or OSError before any Ray work.
     """
     checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
+    check_checkpoint(checkpoint, config.model_overrides, config.storage_options)
     if images is None:
         images = list_images(config.input, config.extensions, config.storage_options, config.limit)
     elif config.limit is not None:
