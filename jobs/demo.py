@@ -90,17 +90,23 @@ GROUP BY class_name ORDER BY class_name"""
     print(duckdb.sql(top))
 
 
+def provenance(checkpoint: str) -> str:
+    """The command that made ``checkpoint``, without credentials (older checkpoints may hold some)."""
+    from headclip.model.checkpoint import read_checkpoint
+    from headclip.redact import redact_command_line
+
+    return redact_command_line(str(read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip.model.checkpoint import read_checkpoint
     from headclip.model.assets import DEMO_CHECKPOINT
 
 
     data = Path(args.data)
     manifest = generate(data, args.images, args.size)
     checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
-    provenance = read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")
-    print(f"demo checkpoint, made by: {provenance}")
+    print(f"demo checkpoint, made by: {provenance(checkpoint)}")
     score_parser = Parser(prog="python -m jobs.demo")
     add_scoring_flags(score_parser)
     score_args = score_parser.parse_args(["--input", str(manifest), "--output", args.output,

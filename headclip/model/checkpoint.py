@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from .. import __version__
 from .config import HeadCLIPConfig
 from ..errors import CheckpointError
+from ..redact import redact_config
 from ..storage.fs import describe_error, read_bytes, write_bytes_atomic
 
 FORMAT = "headclip-checkpoint/1"
@@ -62,10 +63,12 @@ def serialize(model) -> bytes:
         name: param.detach().to("cpu", torch.float32).contiguous().clone()
         for name, param in model.learnable_parameters().items()
     }
+    config = resolved_config(model).to_dict()
+    config["extra"] = redact_config(config.get("extra") or {})  # provenance without credentials
     payload = {
         "format": FORMAT,
         "headclip_version": __version__,
-        "config": resolved_config(model).to_dict(),
+        "config": config,
     }
     # A single metadata entry keeps the header's byte order fixed.
     metadata = {METADATA_KEY: json.dumps(payload, sort_keys=True)}
