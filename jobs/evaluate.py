@@ -97,6 +97,7 @@ def evaluate_table(table, args):
 
     config = JobConfig(input=args.data, output=args.output, checkpoint=args.checkpoint, shard_size=args.shard_size,
                        actors=args.actors, gpus_per_actor=args.gpus_per_actor, storage_options=args.storage_options,
+                       placement_timeout=args.placement_timeout,
                        scoring=ScoringOptions(batch_size=args.batch_size, metric_bins=args.metric_bins))
     plan = prepare_or_exit(config, table)
     init_ray(args.ray_address)

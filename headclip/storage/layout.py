@@ -27,6 +27,7 @@ from .fs import join
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
 PLAN_IMAGES_FILE = "images.arrow"
+VERSION_COLUMN = "source_version"  # a listed file's ETag or size and mtime, in the plan's image list only
 METRICS_DIR = "_metrics"
 EVAL_DIR = "_eval"
 SUMMARY_FILE = "_summary.json"
