@@ -10,17 +10,20 @@ an audit re-run adds no rows.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from ..storage.fs import filesystem
+from ..storage.results import BrokenShard, read_shard_table
 from ..storage.schema import STATUS_OK
-from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores, history_shard_glob
+from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores
+
+log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ["image_id", "image_uri", "status", "error", "score", "global_score", "is_anomalous", "run_id"]
 
@@ -32,25 +35,15 @@ def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
     files = sorted(fs.glob(day_shard_glob(root))) if fs.exists(root) else []
     frames = []
     for path in files:
-        with fs.open(path, "rb") as handle:
-            frames.append(pq.read_table(handle, columns=columns).to_pandas())
+        try:  # a foreign or broken file under the history is skipped, never fatal
+            frames.append(read_shard_table(fs, path, columns).to_pandas())
+        except BrokenShard as err:
+            log.warning("skipped a file under the history that is not a readable shard: %s", err)
     if not frames:
         return pd.DataFrame(columns=columns or SCORE_COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
     frame["date"] = day.isoformat()
     return frame
-
-
-def known_image_ids(history: str, storage_options: Optional[dict] = None) -> set[str]:
-    """Image ids already in the history, over all days."""
-    fs, root = filesystem(history_scores(history), storage_options)
-    if not fs.exists(root):
-        return set()
-    ids: set[str] = set()
-    for path in fs.glob(history_shard_glob(root)):
-        with fs.open(path, "rb") as handle:
-            ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
-    return ids
 
 
 def days_with_history(history: str, storage_options: Optional[dict] = None) -> list[dt.date]:

@@ -15,6 +15,7 @@ An audit history::
 
     HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/...   a scoring output per day
     HISTORY/reports/date=YYYY-MM-DD/summary.json, report.html
+    HISTORY/locks/date=YYYY-MM-DD.lock               held while an audit of the day runs
 """
 
 from __future__ import annotations
@@ -117,3 +118,8 @@ def day_of_partition(name: str):
         return dt.date.fromisoformat(name[5:])
     except ValueError:
         return None
+
+
+def audit_lock_uri(history: str, day: dt.date) -> str:
+    """The lock an audit of ``day`` holds while it runs: ``HISTORY/locks/date=<day>.lock``."""
+    return join(history, "locks", f"date={day.isoformat()}.lock")
