@@ -146,6 +146,23 @@ def test_a_replaced_file_makes_a_new_run(tiny_checkpoint, tmp_path):
     assert "source_version" not in [f.name for f in replaced.extra_fields]
 
 
+def test_s3_listings_keep_each_object_etag(s3_bucket, tmp_path):
+    import fsspec
+
+    bucket, options = s3_bucket
+    paths = write_images(tmp_path / "images", 2)
+    fs = fsspec.filesystem("s3", **options)
+    for path in paths:
+        fs.pipe(f"{bucket[5:]}/day/{path.name}", path.read_bytes())
+    before = dict(zip(*list_images(f"{bucket}/day/", storage_options=options)
+                      .select(["image_id", "source_version"]).to_pydict().values()))
+    assert all(v.startswith("etag:") for v in before.values()), before
+    fs.pipe(f"{bucket[5:]}/day/{paths[0].name}", paths[1].read_bytes())  # replaced under the same key
+    after = dict(zip(*list_images(f"{bucket}/day/", storage_options=options)
+                     .select(["image_id", "source_version"]).to_pydict().values()))
+    assert after[paths[0].name] != before[paths[0].name] and after[paths[1].name] == before[paths[1].name]
+
+
 # -- 11. FIFOs and reads that never end ----------------------------------------------------------
 
 

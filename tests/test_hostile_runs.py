@@ -128,6 +128,28 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_after_the_wait(ray_cluster, t
     assert time.perf_counter() - start < 30
 
 
+def test_placement_waits_for_a_node_to_join_and_names_the_autoscaler(monkeypatch, caplog):
+    """The wait itself, against a node list that changes: a node that fits joins; an autoscaler is named."""
+    from headclip.errors import PlacementError
+    from headclip.scoring import placement
+
+    calls = []
+
+    def nodes():  # a GPU node joins on the fourth look
+        calls.append(1)
+        return [{"CPU": 2.0}] + ([{"CPU": 8.0, "GPU": 1.0}] if len(calls) >= 4 else [])
+
+    monkeypatch.setattr(placement, "_autoscaler_can_add", lambda need: True)
+    placement.wait_for_placement(4, 1, timeout=30, poll=0.01, nodes=nodes)
+    assert len(calls) == 4 and "waiting up to 30s for the autoscaler to add one" in caplog.text
+    # an autoscaler none of whose node types fits: refused at once
+    monkeypatch.setattr(placement, "_autoscaler_can_add", lambda need: False)
+    start = time.perf_counter()
+    with pytest.raises(PlacementError, match="no node type of the cluster's autoscaler provides it"):
+        placement.wait_for_placement(64, 0, timeout=30, poll=0.01, nodes=lambda: [{"CPU": 2.0}])
+    assert time.perf_counter() - start < 5
+
+
 # -- 13 (the same class). actors whose model cannot load ----------------------------------------
 
 
