@@ -12,7 +12,7 @@ import json
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -45,6 +45,18 @@ class ScoringOptions:
     io_threads: int = 8
     device: str = "auto"  # "auto": CUDA when available
     metric_bins: int = 1000  # pixel-metric histogram bins, for labelled inputs
+    # Calibrated per-group thresholds: an image whose ``group_column`` value is a key of
+    # ``group_thresholds`` gets that (threshold, mask_threshold); any other image the two above.
+    group_column: Optional[str] = None
+    group_thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def thresholds_for(self, record: dict) -> tuple[float, float]:
+        """(threshold, mask_threshold) of one image record."""
+        value = record.get(self.group_column) if self.group_column else None
+        if value is not None and str(value) in self.group_thresholds:
+            threshold, mask_threshold = self.group_thresholds[str(value)]
+            return float(threshold), float(mask_threshold)
+        return self.threshold, self.mask_threshold
 
 
 @dataclass
@@ -101,8 +113,8 @@ class ShardScorer:
         return load_image(record, self.model.image_size, self.storage_options, self.options.max_pixels,
                           with_mask=bool(record.get("has_masks")))
 
-    def _encode(self, anomaly_map: torch.Tensor, loaded: LoadedImage) -> dict[str, Any]:
-        encoded = encode_map(anomaly_map, loaded.width, loaded.height, self.options.mask_threshold,
+    def _encode(self, anomaly_map: torch.Tensor, loaded: LoadedImage, mask_threshold: float) -> dict[str, Any]:
+        encoded = encode_map(anomaly_map, loaded.width, loaded.height, mask_threshold,
                              self.options.mask_max_side, self.options.heatmap_side)
         bbox = encoded.bbox
         return {
@@ -133,8 +145,9 @@ class ShardScorer:
         scored_at = datetime.now(timezone.utc)
 
         def base_row(i: int) -> dict:
-            return {**records[i], "run_id": self.run_id, "shard": shard_index, "threshold": options.threshold,
-                    "mask_threshold": options.mask_threshold, "checkpoint_id": self.checkpoint_id,
+            threshold, mask_threshold = options.thresholds_for(records[i])
+            return {**records[i], "run_id": self.run_id, "shard": shard_index, "threshold": threshold,
+                    "mask_threshold": mask_threshold, "checkpoint_id": self.checkpoint_id,
                     "scored_at": scored_at}
 
         def flush() -> None:
@@ -148,8 +161,9 @@ class ShardScorer:
                 score = float(out.joint_score[j])
                 row = base_row(i)
                 row.update(status=STATUS_OK, width=loaded.width, height=loaded.height, score=score,
-                           global_score=float(out.global_score[j]), is_anomalous=score > options.threshold)
-                encodes.append((i, self.pool.submit(self._encode, out.anomaly_map[j], loaded), row))
+                           global_score=float(out.global_score[j]), is_anomalous=score > row["threshold"])
+                encodes.append((i, self.pool.submit(self._encode, out.anomaly_map[j], loaded, row["mask_threshold"]),
+                                row))
             batch.clear()
 
         for i in range(len(records)):
