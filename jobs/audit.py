@@ -138,7 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score)}
                     for r in top.itertuples()],
         report=join(report_dir, layout.AUDIT_REPORT_FILE), note=note,
-        thresholds=None if calibrated is None else calibrated.summary())
+        thresholds=None if calibrated is None else calibrated.summary() + (
+            f" (group {args.threshold_group})" if args.threshold_group else ""))
     html = render(summary, day_rows, baseline, audit.trend(args.history, day, 30, options), top, options)
     write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), html.encode(), options)
     write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode(), options)

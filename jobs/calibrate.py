@@ -179,9 +179,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plans = [prepare_or_exit(config, table) for table in (good, defects) if table is not None]
     init_ray(args.ray_address)
     summaries = [execute(plan, config) for plan in plans]
-    for summary in summaries:
-        for line in summary.lines():
-            print(line)
+    from headclip.storage.layout import run_uri
+
+    for what, summary in zip(("good images", "defects"), summaries):
+        print(f"scored {summary.images} {what} ({summary.errors} errors) in {summary.seconds:.1f}s; rows: "
+              f"{run_uri(summary.output, summary.run_id)}")
     errors = summaries[0].errors
     if errors:
         log.warning("%d of the %d good images could not be scored (error rows under %s); calibrated on the rest",

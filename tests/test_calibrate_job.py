@@ -233,6 +233,7 @@ def test_audit_uses_a_lines_thresholds(calibrated, tiny_checkpoint, tmp_path, ca
     assert len(rows) == 6 and (rows["threshold"] == np.float32(tiles.threshold)).all()
     summary = json.loads((tmp_path / "h" / "reports" / "date=2026-11-23" / "summary.json").read_text())
     assert summary["thresholds"].startswith("calibrated (quantile rule, target false-alarm rate 0.1")
+    assert summary["thresholds"].endswith(f"score > {tiles.threshold:.4g} (group tiles)")
     page = (tmp_path / "h" / "reports" / "date=2026-11-23" / "report.html").read_text()
     assert f"image score &gt; {np.float32(tiles.threshold):.4g}" in page and "alarm thresholds from" in page
 
@@ -257,3 +258,44 @@ def test_evaluate_applies_thresholds_per_class(calibrated, tiny_checkpoint, tmp_
         assert (part["threshold"] == np.float32(group.threshold)).all()
         assert (part["is_anomalous"] == (part["score"].astype(np.float64) > group.threshold)).all()
     assert "at the image thresholds used" in printed and "false_alarm_rate" in printed
+
+
+def test_calibrate_inputs_are_checked_in_one_line(tmp_path, capsys, monkeypatch):
+    """Bad flags and unusable manifests fail before Ray; a labelled data set splits into good and defects."""
+    monkeypatch.setattr(calibrate_job, "init_ray", lambda *a: pytest.fail("Ray started"))
+    for i in range(4):
+        _write(tmp_path / "img", f"{i}.png", make_sample(i, 32, defect=None).image)
+    _write(tmp_path / "img", "m.png", np.zeros((32, 32), np.uint8))
+    rows = ["image_uri,line,label,mask_uri", "img/0.png,a,0,", "img/1.png,a,1,img/m.png", "img/2.png,b,0,",
+            "img/3.png,b,1,"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "bad.csv").write_text("image_uri,line,label\nimg/0.png,a,2\n")
+    (tmp_path / "orphan.csv").write_text("image_uri,line,label\nimg/0.png,a,0\nimg/1.png,c,1\n")
+    base = ["--output", str(tmp_path / "t.json")]
+    cases = [
+        (["--input", str(tmp_path / "m.csv"), "--target-fpr", "0"], "must lie strictly between 0 and 1"),
+        (["--input", "x", "--data", "y"], "not allowed with argument"),
+        (["--input", str(tmp_path / "m.csv"), "--group-column", "camera"], "no column 'camera' in the input"),
+        (["--input", str(tmp_path / "bad.csv"), "--label-column", "label"], "must hold 0 (good) or 1 (defect), found 2"),
+        (["--input", str(tmp_path / "orphan.csv"), "--label-column", "label", "--group-column", "line"],
+         "group 'c' has defects but no good images"),
+        (["--input", str(tmp_path / "m.csv"), "--rule", "f1"], "--rule f1 needs labelled defects"),
+        (["--input", str(tmp_path / "empty")], "input not found"),
+    ]
+    for argv, message in cases:
+        code, err = _exit(calibrate_job.main, "jobs.calibrate", argv + base, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+    args = calibrate_job.build_parser().parse_args(["--input", str(tmp_path / "m.csv"), "--label-column", "label",
+                                                    "--group-column", "line", "--rule", "f1"] + base)
+    good, defects = calibrate_job.split_images(calibrate_job.read_images(args), args)
+    assert good["class_name"].to_pylist() == ["a", "b"] and set(good["label"].to_pylist()) == {0}
+    assert all(good["has_masks"].to_pylist())  # a good image's mask is all background
+    assert defects["class_name"].to_pylist() == ["a", "b"] and set(defects["label"].to_pylist()) == {1}
+    assert defects["has_masks"].to_pylist() == [True, False]  # line b's defect has no mask: image level only
+    assert defects["mask_uri"].to_pylist()[0] == str(tmp_path / "img" / "m.png")
+    (tmp_path / "m2.csv").write_text("image_uri,label,class_name,mask_uri\nimg/0.png,0,a,\nimg/1.png,1,a,img/m.png\n")
+    data = calibrate_job.build_parser().parse_args(["--data", str(tmp_path / "m2.csv"), "--group-column",
+                                                    "class_name"] + base)
+    good, defects = calibrate_job.split_images(calibrate_job.read_images(data), data)
+    assert good.num_rows == 1 and defects.num_rows == 1 and defects["has_masks"].to_pylist() == [True]
+    assert calibrate_job.default_rows("s3://b/x/thresholds.json") == "s3://b/x/thresholds-rows"
