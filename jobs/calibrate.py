@@ -40,6 +40,7 @@ log = logging.getLogger("jobs.calibrate")
 
 
 def build_parser() -> Parser:
+    from headclip.data.decode import IMAGE_EXTENSIONS
     from headclip.evaluation.calibration import RULES
 
     p = Parser(prog=PROG, description=__doc__, epilog=EXAMPLE)
@@ -66,6 +67,8 @@ def build_parser() -> Parser:
     p.add_argument("--rule", choices=RULES, default="quantile", help=RULE_HELP)
     p.add_argument("--pixel-bins", type=positive_int, default=10_000,
                    help="bins of the normal-pixel histogram, the mask threshold's resolution (default 10000)")
+    p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
+                   help="comma-separated file extensions of a prefix or glob --input (default: %(default)s)")
     p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
     add_cluster_flags(p)
     return p
@@ -77,8 +80,11 @@ def read_images(args):
         return load_dataset_arg(args)
     from headclip.data.listing import InputError, list_images
 
+    extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    if not extensions:
+        raise UsageError("--extensions is empty")
     try:
-        return list_images(args.input, storage_options=args.storage_options)
+        return list_images(args.input, extensions, args.storage_options)
     except InputError as err:
         raise UsageError(str(err)) from None
 
