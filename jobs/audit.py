@@ -20,12 +20,14 @@ import json
 import logging
 from typing import Optional, Sequence
 
-from .cli import Parser, UsageError, add_cluster_flags, init_ray, positive_int, prepare_or_exit, run, unit_float
+from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, init_ray,
+                  load_thresholds_arg, positive_int, prepare_or_exit, run, unit_float, warn_uncalibrated)
 
 EXIT_ALERT = 3
 EXAMPLE = """examples:
   python -m jobs.audit --date 2026-11-23 --prefix-template 's3://bucket/line-7/date={date}/' \\
-      --history s3://bucket/audit/line-7 --checkpoint s3://bucket/models/headclip.safetensors
+      --history s3://bucket/audit/line-7 --checkpoint s3://bucket/models/headclip.safetensors \\
+      --thresholds s3://bucket/audit/thresholds.json --threshold-group line-7
   python -m jobs.audit --input demo-data/images --date 2026-11-23 --history out/audit
 """
 
@@ -50,7 +52,8 @@ def build_parser() -> Parser:
                    help="alert when the KS test of scores against the baseline gives p below this (default 0.001)")
     p.add_argument("--alert-error-rate", type=unit_float, default=0.05,
                    help="alert when more than this share of images fail (default 0.05)")
-    p.add_argument("--threshold", type=unit_float, default=0.5, help="image label threshold (default 0.5)")
+    p.add_argument("--threshold", type=unit_float, default=None, help="image label threshold (default 0.5)")
+    add_thresholds_flags(p)
     add_cluster_flags(p)
     return p
 
@@ -93,6 +96,9 @@ def new_images(input_uri: str, history: str, storage_options: Optional[dict]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     input_uri, day = resolve_input(args)
+    from headclip.model.assets import DEMO_CHECKPOINT
+
+    calibrated = load_thresholds_arg(args, args.checkpoint or str(DEMO_CHECKPOINT))
     from headclip.reporting import audit
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
@@ -110,8 +116,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = JobConfig(input=input_uri, output=layout.day_output(args.history, day), checkpoint=args.checkpoint,
                            shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                            storage_options=options,
-                           scoring=ScoringOptions(threshold=args.threshold, batch_size=args.batch_size))
+                           scoring=ScoringOptions(threshold=0.5 if args.threshold is None else args.threshold,
+                                                  batch_size=args.batch_size))
+        apply_thresholds(config, calibrated)
         plan = prepare_or_exit(config, todo)
+        warn_uncalibrated(plan.images, calibrated)
         init_ray(args.ray_address)
         execute(plan, config)
 
@@ -128,7 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         comparison=comparison, alert=bool(reasons), reasons=reasons,
         top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score)}
                     for r in top.itertuples()],
-        report=join(report_dir, layout.AUDIT_REPORT_FILE), note=note)
+        report=join(report_dir, layout.AUDIT_REPORT_FILE), note=note,
+        thresholds=None if calibrated is None else calibrated.summary() + (
+            f" (group {args.threshold_group})" if args.threshold_group else ""))
     html = render(summary, day_rows, baseline, audit.trend(args.history, day, 30, options), top, options)
     write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), html.encode(), options)
     write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode(), options)
@@ -157,6 +168,8 @@ def render(summary, day_rows, baseline, trend_points, top, storage_options) -> s
     report = Report(title=f"Anomaly audit {summary.date}", banner=banner)
     report.figures = {"new images scored": str(summary.new_images), **score_figures(day_rows)} \
         if len(day_rows) else {"new images scored": "0"}
+    if summary.thresholds:
+        report.figures["alarm thresholds from"] = summary.thresholds
     if comparison.rate_change is not None:
         low, high = comparison.rate_change_ci95
         report.figures["baseline"] = (f"{', '.join(comparison.baseline_days)}: {comparison.baseline_images} images, "

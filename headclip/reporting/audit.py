@@ -101,6 +101,7 @@ class AuditSummary:
     top_images: list[dict[str, Any]]
     report: str = ""
     note: str = ""
+    thresholds: Optional[str] = None  # the calibrated thresholds used, in one line (None: fixed --threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -143,7 +143,20 @@ def score_figures(rows: pd.DataFrame) -> dict[str, str]:
             "anomaly rate": f"{ok['is_anomalous'].mean():.3f} ({int(ok['is_anomalous'].sum())} of {len(ok)})",
             "score p50 / p90 / p99": f"{q.iloc[0]:.3f} / {q.iloc[1]:.3f} / {q.iloc[2]:.3f}",
         })
+    if len(rows) and {"threshold", "mask_threshold"} <= set(rows.columns):
+        figures["thresholds"] = threshold_figure(rows)
     return figures
+
+
+def threshold_figure(rows: pd.DataFrame, listed: int = 6) -> str:
+    """The image and mask thresholds the rows record: one pair, or each pair with its image count."""
+    pairs = rows.groupby(["threshold", "mask_threshold"]).size().sort_index()
+    if len(pairs) == 1:
+        (threshold, mask_threshold), = pairs.index
+        return f"image score > {threshold:.4g}, mask pixels > {mask_threshold:.4g}"
+    shown = "; ".join(f"> {t:.4g} / > {m:.4g} ({n} images)" for (t, m), n in list(pairs.items())[:listed])
+    more = f"; {len(pairs) - listed} more" if len(pairs) > listed else ""
+    return f"{len(pairs)} calibrated pairs (image score / mask pixels): {shown}{more}"
 
 
 def run_report(rows: pd.DataFrame, title: str, top_n: int = 12, storage_options: Optional[dict] = None) -> Report:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -128,13 +128,15 @@ class MapBatch:
         )
 
 
-def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]], mask_threshold: float,
-                mask_max_side: int = 2048, heatmap_side: int = 64) -> MapBatch:
+def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                mask_threshold: Union[float, Sequence[float]], mask_max_side: int = 2048,
+                heatmap_side: int = 64) -> MapBatch:
     """Encode a batch of (B, S, S) anomaly maps on their own device.
 
     ``sizes`` are the images' (width, height). Each map is resized (bilinear)
     to its image's size, or to ``mask_max_side`` on the long side, and
-    thresholded (``map > mask_threshold``); its maximum, the points where its
+    thresholded (``map > mask_threshold``, one threshold or one per image,
+    compared in float32); its maximum, the points where its
     column-major mask changes value and a ``heatmap_side`` heat map are
     computed with batched tensor ops (one per distinct size; on the CPU the
     mask work runs in numpy, which is faster there). Only those come back to
@@ -147,17 +149,20 @@ def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]], ma
     heat_shapes = [mask_size(w, h, heatmap_side) for w, h in sizes]
     n = len(sizes)
     on_cpu = maps.device.type == "cpu"
+    thresholds = np.broadcast_to(np.asarray(mask_threshold, dtype=np.float32), (n,))
     groups = _groups(mask_shapes)
     order, maxima, firsts, change_parts = [], [], [], []
     for shape, index in groups.items():
         resized = F.interpolate(maps[index][:, None], size=shape, mode="bilinear", align_corners=False)[:, 0]
         maxima.append(resized.amax((1, 2)))
         if on_cpu:
-            flat = np.ascontiguousarray((resized.numpy() > mask_threshold).transpose(0, 2, 1)).reshape(len(index), -1)
+            limit = thresholds[index].reshape(-1, 1, 1)
+            flat = np.ascontiguousarray((resized.numpy() > limit).transpose(0, 2, 1)).reshape(len(index), -1)
             change_parts.append(np.flatnonzero(flat[:, 1:] != flat[:, :-1]))
             firsts.append(torch.from_numpy(flat[:, 0].copy()))
         else:
-            flat = (resized > mask_threshold).transpose(1, 2).reshape(len(index), -1)  # column-major, as COCO
+            limit = torch.from_numpy(thresholds[index].copy()).to(resized.device).view(-1, 1, 1)
+            flat = (resized > limit).transpose(1, 2).reshape(len(index), -1)  # column-major, as COCO
             change_parts.append((flat[:, 1:] != flat[:, :-1]).reshape(-1))
             firsts.append(flat[:, 0])
         order.extend(index)

@@ -63,7 +63,12 @@ class JobConfig:
     def row_settings(self) -> dict[str, Any]:
         """The settings that shape rows; they, the input and the checkpoint name a run."""
         scoring = self.scoring
+        calibrated = {}  # per-group thresholds name the run too (absent without them: same ids as before)
+        if scoring.group_column and scoring.group_thresholds:
+            calibrated = {"group_column": scoring.group_column,
+                          "group_thresholds": {k: list(v) for k, v in sorted(scoring.group_thresholds.items())}}
         return {
+            **calibrated,
             "threshold": scoring.threshold,
             "mask_threshold": scoring.mask_threshold,
             "mask_max_side": scoring.mask_max_side,
