@@ -8,11 +8,10 @@ to HeadCLIP, which reads it in two places of its own:
 
 * ``raw_cls_weight``: the same loss on the class token projected without
   ``ln_post``, the way HeadCLIP's global score reads it;
-* ``patch_weight``: each patch token of the V-V path at each layer that
-  HeadCLIP's anomaly map reads (the library's :class:`DualPathVisionEncoder`
-  with the default map layers, head weights off) is pulled towards its
-  image's flawless or defect caption, by whether the generated defect mask
-  covers it; the loss is averaged over those layers.
+* ``patch_weight``: each patch token of the V-V path that HeadCLIP's anomaly
+  map reads (the library's :class:`DualPathVisionEncoder`, head weights off)
+  is pulled towards its image's flawless or defect caption, by whether the
+  generated defect mask covers it.
 
 With both at 0 this is plain CLIP pre-training. Deterministic for a given
 seed and thread count.
@@ -71,10 +70,12 @@ def build_clip(seed: int):
 
 
 def vision_encoder(clip) -> DualPathVisionEncoder:
-    """The library's dual-path encoder over ``clip.visual``, its V-V path read at HeadCLIP's map layers."""
+    """The library's dual-path encoder over ``clip.visual``, its V-V path read at the last layer."""
     visual = clip.visual
     size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
-    config = HeadCLIPConfig(backbone=TINY_BACKBONE, pretrained=None, image_size=size, head_weights=False)
+    depth = len(visual.transformer.resblocks)
+    config = HeadCLIPConfig(backbone=TINY_BACKBONE, pretrained=None, image_size=size, map_layers=(depth,),
+                            head_weights=False)
     return DualPathVisionEncoder(visual, config)
 
 
@@ -98,12 +99,12 @@ def encode_image(encoder: DualPathVisionEncoder, images: torch.Tensor):
 
     pooled: the CLIP image embedding (class token, ln_post, projection), (B, D).
     raw_cls: the class token projected without ln_post, as HeadCLIP reads it, (B, D).
-    patches: projected V-V path patch embeddings, one (B, N, D) per map layer.
+    patches: projected V-V path patch embeddings of the last layer, (B, N, D).
     """
     features = encoder(images)
     pooled = encoder.project(features.class_token)
     raw_cls = encoder.project(features.class_token, layernorm=False)
-    return pooled, raw_cls, [encoder.project(tokens) for tokens in features.patch_tokens]
+    return pooled, raw_cls, encoder.project(features.patch_tokens[-1])
 
 
 # -- losses ----------------------------------------------------------------------------
@@ -198,8 +199,7 @@ def batch_loss(clip, tokenizer, encoder, config: PretrainConfig, images, attrs, 
     if config.patch_weight > 0:
         normal_text = text_features[[index[a] for a, _ in local]]
         defect_text = text_features[[index[b] for _, b in local]]
-        patch_loss = torch.stack([patch_caption_loss(layer, cover.flatten(1), normal_text, defect_text, scale)
-                                  for layer in patches]).mean()
+        patch_loss = patch_caption_loss(patches, cover.flatten(1), normal_text, defect_text, scale)
         loss = loss + config.patch_weight * patch_loss
     return loss, (clip_loss, raw_loss, patch_loss)
 
