@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -26,6 +30,60 @@ from .scoring_helpers import jpeg_bytes, job, run_job, write_images
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _png(width: int, height: int, idat: bytes, bit_depth: int = 8) -> bytes:
+    """A grayscale PNG written chunk by chunk: any header, any compressed data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _header_only_bomb(width: int, height: int) -> bytes:
+    """A PNG of about 70 bytes whose header declares width x height: decoding it fails as truncated."""
+    return _png(width, height, zlib.compress(b"\x00" * 64))
+
+
+def _real_bomb() -> bytes:
+    """A valid 1-bit 8000 x 8000 PNG of about 8 kB; decoded, 64 Mpx (192 MB as RGB)."""
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + 8000 // 8)
+    return _png(8000, 8000, b"".join(packer.compress(row) for _ in range(8000)) + packer.flush(), bit_depth=1)
+
+
+def test_bombs_are_refused_from_the_header_before_decoding():
+    """An image declaring more pixels than max_pixels is refused before any pixel is decoded.
+
+    With the decoder (``ImageFile.load``) replaced by one that fails, the bombs still get their
+    "decompression bomb" error and their declared size, so the answer came from the header.
+    Catches the limit checked after ``image.load()`` (the 70-byte bomb would then be reported
+    as truncated, the real one decoded into 192 MB first).
+    """
+    from PIL import ImageFile
+
+    from headclip.data.decode import decode_image
+    from headclip.errors import ImageDecodeError
+
+    header_only, real = _header_only_bomb(4000, 4000), _real_bomb()
+    assert len(header_only) < 100 and len(real) < 10_000
+    with mock.patch.object(ImageFile.ImageFile, "load", side_effect=AssertionError("pixels were decoded")):
+        for data, side in ((header_only, 4000), (real, 8000)):
+            with pytest.raises(ImageDecodeError, match=rf"^decompression bomb: {side}x{side} = {side * side} "
+                                                       r"pixels exceeds the limit of 1000000$") as caught:
+                decode_image(data, max_pixels=1_000_000)
+            assert (caught.value.width, caught.value.height) == (side, side)
+        # beyond PIL's own limit, Image.open refuses from the header too
+        with pytest.raises(ImageDecodeError, match="^decompression bomb: Image size"):
+            decode_image(_header_only_bomb(30000, 30000))
+        # the replaced decoder is reached by an image within the limit
+        small = io.BytesIO()
+        Image.new("L", (8, 8)).save(small, format="PNG")
+        with pytest.raises(ImageDecodeError, match="pixels were decoded"):
+            decode_image(small.getvalue(), max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError, match="^truncated image"):  # what decoding the 70 bytes gives
+        decode_image(header_only, max_pixels=10**9)
+
+
 def _zoo(folder: Path) -> dict[str, str]:
     """Write the bad-input zoo; returns file name -> expected status."""
     folder.mkdir(parents=True)
@@ -38,6 +96,8 @@ def _zoo(folder: Path) -> dict[str, str]:
     (folder / "text.jpg").write_text("this is not an image\n")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one-pixel.png")
     Image.new("L", (3000, 1000)).save(folder / "bomb.png")  # 3 Mpx against a 1 Mpx limit
+    (folder / "bomb-header.png").write_bytes(_header_only_bomb(4000, 4000))  # 70 bytes, 16 Mpx declared
+    (folder / "bomb-real.png").write_bytes(_real_bomb())  # 8 kB, 64 Mpx when decoded
     Image.fromarray(rng.integers(0, 65535, (30, 50), dtype=np.uint16)).save(folder / "sixteen-bit.png")
     Image.new("CMYK", (32, 32), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
     base.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
@@ -53,7 +113,8 @@ def _zoo(folder: Path) -> dict[str, str]:
     expected = {name: "ok" for name in ("one-pixel.png", "sixteen-bit.png", "cmyk.jpg", "palette.png",
                                         "rgba.png", "exif-rotated.jpg")}
     expected.update({name: "error" for name in ("zero.png", "truncated.jpg", "random.png", "text.jpg",
-                                                "bomb.png", "deleted.png", "read-error.png")})
+                                                "bomb.png", "bomb-header.png", "bomb-real.png",
+                                                "deleted.png", "read-error.png")})
     return expected
 
 
@@ -84,6 +145,10 @@ def test_bad_input_zoo_yields_one_row_each(ray_cluster, tiny_checkpoint, tmp_pat
     assert "not a recognised image" in frame.loc["random.png", "error"]
     assert "decompression bomb" in frame.loc["bomb.png", "error"]
     assert (frame.loc["bomb.png", "width"], frame.loc["bomb.png", "height"]) == (3000, 1000)
+    for name, side in (("bomb-header.png", 4000), ("bomb-real.png", 8000)):  # refused from the header
+        assert frame.loc[name, "error"] == (f"decompression bomb: {side}x{side} = {side * side} pixels exceeds "
+                                            "the limit of 1000000")
+        assert (frame.loc[name, "width"], frame.loc[name, "height"]) == (side, side)
     assert "not found" in frame.loc["deleted.png", "error"]
     assert "read error" in frame.loc["read-error.png", "error"]
     assert (frame.loc["one-pixel.png", "width"], frame.loc["one-pixel.png", "height"]) == (1, 1)
