@@ -194,6 +194,38 @@ def _score_command(input_dir, output_dir, checkpoint, ray_address):
             "--ray-address", ray_address, "--progress-interval", "0.5"]
 
 
+def _ray_job_of(driver_pid: int) -> str:
+    """The Ray job id (hex) of the driver process ``driver_pid``."""
+    from ray._private import state
+
+    jobs = [job["JobID"] for job in state.jobs() if job["DriverPid"] == driver_pid]
+    assert len(jobs) == 1, f"driver {driver_pid} has {len(jobs)} Ray jobs"
+    return jobs[0]
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for_actors_gone(job_id: str, timeout: float) -> None:
+    """Wait until every actor of Ray job ``job_id`` is DEAD and its worker process has exited; fail at the deadline."""
+    from ray._private import state
+
+    deadline = time.monotonic() + timeout
+    while True:
+        actors = [a for a in state.actors().values() if a["JobID"] == job_id]
+        alive = [a["Name"] or a["ActorID"] for a in actors if a["State"] != "DEAD" or not _process_gone(a["Pid"])]
+        if actors and not alive:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the killed driver's actors are still alive after {timeout} s: {alive or 'none found'}")
+        time.sleep(0.1)
+
+
 def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
     # a 224 px tiny model: slow enough on a CPU to interrupt mid-run
     model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=224)
@@ -203,16 +235,21 @@ def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(_score_command(tmp_path / "images", out, checkpoint, ray_cluster), cwd=REPO,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.monotonic() + 120
     try:
-        while time.time() < deadline:
-            if len(list(out.glob("run_id=*/shard-*.parquet"))) >= 3:
-                break
-            assert process.poll() is None, "the job ended before it could be interrupted"
+        while len(list(out.glob("run_id=*/shard-*.parquet"))) < 3:
+            if process.poll() is not None:
+                pytest.fail(f"the job ended (exit code {process.returncode}) before it could be interrupted")
+            if time.monotonic() > deadline:
+                pytest.fail("the job published fewer than 3 shards in 120 s; it could not be interrupted mid-run")
             time.sleep(0.02)
+        driver_job = _ray_job_of(process.pid)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    # Ray kills the dead driver's actors asynchronously: one may still publish a shard, so the
+    # snapshot waits until every actor of that job is dead and its process has exited.
+    _wait_for_actors_gone(driver_job, timeout=60)
     finished = {p: p.stat().st_mtime_ns for p in out.glob("run_id=*/shard-*.parquet")}
     assert 3 <= len(finished) < 30, len(finished)
 
