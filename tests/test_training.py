@@ -39,6 +39,8 @@ def _pixel_auroc(model, table) -> float:
 
 
 def test_two_ray_train_workers_fit_prompts_and_head_weights(ray_cluster, synthetic, tmp_path):
+    """Fitting helps on held-out classes and changes only the learned parts. That two workers
+    compute what one does (averaged gradients) is checked in test_ray_train_run_resumes_with_same_name."""
     fit_table, held_out = synthetic
     config = TrainConfig(model=MODEL, epochs=4, batch_size=8, seed=111)
     untrained = headclip.create_model(headclip.HeadCLIPConfig(**MODEL))
