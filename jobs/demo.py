@@ -93,12 +93,12 @@ GROUP BY class_name ORDER BY class_name"""
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from headclip.model.checkpoint import read_checkpoint
-    from headclip.model.assets import DEMO_CHECKPOINT
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
 
 
     data = Path(args.data)
     manifest = generate(data, args.images, args.size)
-    checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT_URI
     provenance = read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")
     print(f"demo checkpoint, made by: {provenance}")
     score_parser = Parser(prog="python -m jobs.demo")
