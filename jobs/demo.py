@@ -122,10 +122,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.reporting.html import run_report
     from headclip.storage.layout import run_uri
 
-    report_path = Path(args.output) / "report.html"
+    # "_" keeps the report out of the Parquet tree for pandas, pyarrow and Ray Data readers
+    report_path = Path(args.output) / "_report.html"
     rows = results.read_run(run_uri(args.output, plan.run_id))
     report_path.write_text(run_report(rows, f"Demo run {plan.run_id}").html())
-    print(f"\nreport with the worst images and their masks: {report_path} (open it in a browser)")
+    print(f"\nreport with the worst images, their heat maps, masks and ground truth: {report_path} "
+          f"(open it in a browser)")
     if summary.metrics is not None:
         mean = summary.metrics.table().loc["mean"]
         print(f"\ndetection quality on the demo images (their masks are known): "
