@@ -1,6 +1,9 @@
 """The demo: generate a small archive of textured surfaces with known defects,
 score it with the packaged demo model on a local Ray, and query the result.
 
+The demo model is a toy: a tiny backbone pre-trained on generated surfaces only.
+It shows the pipeline end to end offline; it is not a detector for real
+photographs (see TOY_MODEL_NOTE, printed at the start and the end).
 Runs offline in about a minute on 2 CPU cores.
 """
 
@@ -19,6 +22,15 @@ EXAMPLE = """example:
 """
 
 DEMO_TEXTURES = ("wood", "fabric", "concrete", "tiles")
+
+TOY_MODEL_NOTE = """\
+The demo model is a toy: a tiny backbone (HeadCLIP-Tiny) trained on generated surfaces only.
+It flags real photographs as anomalous (scores about 0.99) and ranks real defects no better
+than chance. For real use, fit HeadCLIP on real CLIP weights, then score with that checkpoint:
+  python -m jobs.train --data /data/mvtec_anomaly_detection --layout mvtec --pretrained openai --output models/headclip.safetensors
+  python -m jobs.score --input IMAGES --output out/scores --checkpoint models/headclip.safetensors
+--pretrained openai downloads OpenAI's ViT-L-14-336 weights; offline, name a weight file instead:
+--pretrained /weights/ViT-L-14-336px.pt or --pretrained s3://bucket/weights/ViT-L-14-336px.pt."""
 
 log = logging.getLogger("jobs.demo")
 
@@ -100,6 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     manifest = generate(data, args.images, args.size)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT_URI
     provenance = read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")
+    if args.checkpoint is None:
+        print(TOY_MODEL_NOTE + "\n")
     print(f"demo checkpoint, made by: {provenance}")
     score_parser = Parser(prog="python -m jobs.demo")
     add_scoring_flags(score_parser)
@@ -132,6 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mean = summary.metrics.table().loc["mean"]
         print(f"\ndetection quality on the demo images (their masks are known): "
               f"image AUROC {mean['image_auroc']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f}")
+    if args.checkpoint is None:
+        print("\n" + TOY_MODEL_NOTE)
     return 0
 
 

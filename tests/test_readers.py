@@ -8,9 +8,11 @@ library's own readers return (results.read_run, reporting.audit.read_day).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import polars as pl
 import pyarrow.dataset as ds
@@ -22,6 +24,7 @@ from headclip.scoring.runner import JobConfig, execute, prepare
 from headclip.scoring.scorer import ScoringOptions
 from headclip.storage.layout import run_uri
 from jobs import audit as audit_job
+from jobs import demo as demo_job
 from jobs import report as report_job
 from tests.scoring_helpers import write_images
 
@@ -144,3 +147,17 @@ def test_run_id_lives_in_the_path_and_the_file_metadata(outputs):
     parquet = pq.ParquetFile(shard)
     assert "run_id" not in parquet.schema_arrow.names
     assert parquet.schema_arrow.metadata[b"headclip.run_id"].decode() == run_ids[0]
+
+
+def test_demo_output_reads_and_says_what_the_model_is(ray_cluster, tmp_path, capsys):
+    data, out = tmp_path / "demo-data", tmp_path / "demo"
+    assert demo_job.main(["--images", "8", "--size", "64", "--data", str(data), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "toy" in printed and "--pretrained openai" in printed and "jobs.train" in printed
+    assert (out / "_report.html").exists() and not (out / "report.html").exists()
+    frame = pd.read_parquet(out)
+    assert len(frame) == 8 and frame["run_id"].nunique() == 1
+    assert len(pl.read_parquet(f"{out}/*/*.parquet", hive_partitioning=True)) == 8
+    plan = json.loads(next(out.glob("run_id=*/_plan/plan.json")).read_text())
+    assert plan["config"]["checkpoint"] == "headclip:demo.safetensors"
+    assert np.isfinite(frame["score"]).all()
