@@ -94,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     input_uri, day = resolve_input(args)
     from headclip.reporting import audit
+    from headclip.reporting.html import audit_report
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
     from headclip.storage import layout
@@ -126,11 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = audit.AuditSummary(
         date=day.isoformat(), new_images=0 if todo is None else todo.num_rows, figures=figures,
         comparison=comparison, alert=bool(reasons), reasons=reasons,
-        top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score)}
-                    for r in top.itertuples()],
+        top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score),
+                     "is_anomalous": bool(r.is_anomalous)} for r in top.itertuples()],
         report=join(report_dir, layout.AUDIT_REPORT_FILE), note=note)
-    html = render(summary, day_rows, baseline, audit.trend(args.history, day, 30, options), top, options)
-    write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), html.encode(), options)
+    report = audit_report(summary, day_rows, baseline, audit.trend(args.history, day, 30, options),
+                          thresholds.rate_increase, args.top_n, options)
+    write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), report.html().encode(), options)
     write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode(), options)
     print(f"audit {day.isoformat()}: {figures.images} images ({summary.new_images} new), "
           f"{figures.errors} errors, anomaly rate {_fmt(figures.anomaly_rate)}; report {summary.report}")
@@ -141,39 +143,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def render(summary, day_rows, baseline, trend_points, top, storage_options) -> str:
-    from headclip.reporting.html import Report, Section, errors_html, gallery_html, histogram_svg, line_svg, score_figures
-    from headclip.storage.schema import STATUS_OK
-
-    comparison = summary.comparison
-    if summary.alert:
-        banner = ("alert", "ALERT: " + "; ".join(summary.reasons))
-    elif summary.figures.images == 0:
-        banner = ("ok", f"No images for {summary.date}. {summary.note}".strip())
-    else:
-        banner = ("ok", "No alert." + (f" {summary.note}." if summary.note else ""))
-    report = Report(title=f"Anomaly audit {summary.date}", banner=banner)
-    report.figures = {"new images scored": str(summary.new_images), **score_figures(day_rows)} \
-        if len(day_rows) else {"new images scored": "0"}
-    if comparison.rate_change is not None:
-        low, high = comparison.rate_change_ci95
-        report.figures["baseline"] = (f"{', '.join(comparison.baseline_days)}: {comparison.baseline_images} images, "
-                                      f"anomaly rate {comparison.baseline_anomaly_rate:.3f}")
-        report.figures["change in anomaly rate"] = f"{comparison.rate_change:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
-        report.figures["KS test of scores"] = f"D = {comparison.ks_statistic:.3f}, p = {comparison.ks_p_value:.2g}"
-    else:
-        report.figures["baseline"] = "none in the trailing days"
-    ok_day = day_rows[day_rows["status"] == STATUS_OK]["score"].tolist() if len(day_rows) else []
-    ok_base = baseline[baseline["status"] == STATUS_OK]["score"].tolist() if len(baseline) else []
-    report.sections.append(Section("Scores against the baseline",
-                                   histogram_svg({summary.date: ok_day, "baseline": ok_base})))
-    report.sections.append(Section("Anomaly rate, last 30 days", line_svg(trend_points)))
-    report.sections.append(Section(f"Top {len(top)} anomalous images", gallery_html(top, storage_options)))
-    if len(day_rows):
-        report.sections.append(Section("Errors", errors_html(day_rows)))
-    return report.html()
 
 
 if __name__ == "__main__":
