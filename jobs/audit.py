@@ -6,18 +6,25 @@ figures (images, errors, anomaly rate, score quantiles, top-N images), compares
 them with the trailing baseline (the previous --baseline-days days): the change
 in anomaly rate with a 95% confidence interval and a two-sample
 Kolmogorov-Smirnov test of the scores. Writes summary.json and report.html
-(score histogram against the baseline, anomaly rate over 30 days, gallery of
-the top-N images with masks) to HISTORY/reports/date=<day>/.
+(score histogram against the baseline, anomaly rate over 30 days, a table of
+the top-N images, and image strips of the flagged ones) to
+HISTORY/reports/date=<day>/.
 
 Exit codes: 0 no alert, 2 bad input, 3 an alert condition holds (the summary
-and report say why).
+and report say why; --alert-exit-code changes it). The last line printed is
+"AUDIT ALERT <day>: <reasons> ..." or "AUDIT OK <day>: ...", so a scheduler's
+status message (Ray's job status keeps the log's tail) tells an alert from a
+failure; summary.json has the same line ("message") and "alert". --webhook
+POSTs summary.json to a URL when the audit alerts (or on every run).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import logging
+import sys
 from typing import Optional, Sequence
 
 from .cli import Parser, UsageError, add_cluster_flags, init_ray, positive_int, prepare_or_exit, run, unit_float
@@ -51,8 +58,31 @@ def build_parser() -> Parser:
     p.add_argument("--alert-error-rate", type=unit_float, default=0.05,
                    help="alert when more than this share of images fail (default 0.05)")
     p.add_argument("--threshold", type=unit_float, default=0.5, help="image label threshold (default 0.5)")
+    p.add_argument("--alert-exit-code", type=int, choices=range(0, 126), metavar="CODE", default=EXIT_ALERT,
+                   help=f"exit code when an alert holds (default {EXIT_ALERT}; 0 keeps alerts out of a "
+                        "scheduler's failures, leaving the summary, the last log line and --webhook to tell)")
+    p.add_argument("--webhook", type=webhook_url, default=None,
+                   help="http(s) URL that receives summary.json as a JSON POST when the audit alerts "
+                        "(kept secret: never printed or stored)")
+    p.add_argument("--webhook-on", choices=["alert", "always"], default="alert",
+                   help="POST on alerts only (default) or after every audit")
     add_cluster_flags(p)
     return p
+
+
+def webhook_url(text: str) -> str:
+    """An http(s) URL with a host; the error never repeats the URL (it may hold a token)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host")
+    return text
 
 
 def resolve_input(args) -> tuple[str, dt.date]:
@@ -133,16 +163,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = audit_report(summary, day_rows, baseline, audit.trend(args.history, day, 30, options),
                           thresholds.rate_increase, args.top_n, options)
     write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), report.html().encode(), options)
-    write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode(), options)
-    print(f"audit {day.isoformat()}: {figures.images} images ({summary.new_images} new), "
-          f"{figures.errors} errors, anomaly rate {_fmt(figures.anomaly_rate)}; report {summary.report}")
+    document = summary.to_dict()
+    write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(document, indent=2).encode(), options)
     for reason in reasons:
         print(f"ALERT: {reason}")
-    return EXIT_ALERT if reasons else 0
+    if args.webhook and (summary.alert or args.webhook_on == "always"):
+        from headclip.reporting.notify import post_json
 
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+        delivered, outcome = post_json(args.webhook, document)
+        print(f"webhook {outcome}", file=sys.stdout if delivered else sys.stderr)
+    print(summary.message, flush=True)  # the last line: what a scheduler's status message shows
+    return args.alert_exit_code if reasons else 0
 
 
 if __name__ == "__main__":

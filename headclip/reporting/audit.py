@@ -106,8 +106,18 @@ class AuditSummary:
     report: str = ""
     note: str = ""
 
+    @property
+    def message(self) -> str:
+        """One line a scheduler or a person reads: ``AUDIT ALERT <day>: ...`` or ``AUDIT OK <day>: ...``."""
+        rate = "n/a" if self.figures.anomaly_rate is None else f"{self.figures.anomaly_rate:.3f}"
+        head = (f"{self.figures.images} images ({self.new_images} new), {self.figures.errors} errors, "
+                f"anomaly rate {rate}")
+        if self.alert:
+            return f"AUDIT ALERT {self.date}: " + "; ".join(self.reasons) + f" ({head}; report {self.report})"
+        return f"AUDIT OK {self.date}: {head}; report {self.report}"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "message": self.message}
 
 
 def day_figures(rows: pd.DataFrame) -> DayFigures:
