@@ -87,7 +87,8 @@ def head(tmp_path):
     if not RAY.exists():
         pytest.skip("the ray command is not in this environment")
     commands = readme_commands()
-    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must stay short
+    base = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must stay short
+    temp = base / "ray"  # where a Ray with RAY_TMPDIR=base looks for the latest `ray start`
     home = tmp_path / "home"
     home.mkdir()
     gcs, dashboard = _free_port(), _free_port()
@@ -117,11 +118,11 @@ def head(tmp_path):
                 assert started.returncode == 0, output[-3000:]
                 assert "Ray runtime started" in output, output[-3000:]
         token = (home / ".ray" / "auth_token").read_text().strip()
-        yield env, f"http://127.0.0.1:{dashboard}", token, f"127.0.0.1:{gcs}", temp
+        yield env, f"http://127.0.0.1:{dashboard}", token, f"127.0.0.1:{gcs}", base
     finally:
         if group is not None:
-            _stop_head(group, str(temp))
-        shutil.rmtree(temp, ignore_errors=True)
+            _stop_head(group, str(base))
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _job_api(url: str, token: str):
@@ -142,7 +143,7 @@ def test_readme_head_runs_a_scoring_job_through_the_job_api(head, tmp_path):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    env, url, token, gcs, temp = head
+    env, url, token, gcs, base = head
     client = _job_api(url, token)
     with pytest.raises(AuthenticationError):  # token authentication is on: no token, no job API
         JobSubmissionClient(url, headers={"Authorization": "Bearer not-the-token"}).list_jobs()
@@ -160,7 +161,7 @@ def test_readme_head_runs_a_scoring_job_through_the_job_api(head, tmp_path):
     # `ray start` (Ray's own default would join it)
     probe = ("import ray; from jobs.cli import init_ray; init_ray(None); "
              "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
-    direct = subprocess.Popen([sys.executable, "-c", probe], env={**env, "RAY_TMPDIR": str(temp)}, cwd=REPO,
+    direct = subprocess.Popen([sys.executable, "-c", probe], env={**env, "RAY_TMPDIR": str(base)}, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
@@ -179,7 +180,7 @@ def test_readme_head_runs_a_scoring_job_through_the_job_api(head, tmp_path):
     assert plan["checkpoint_id"] == checkpoint_id(DEMO_CHECKPOINT.read_bytes())
     shard = pq.ParquetFile(next(run_dir.glob("shard-*.parquet")))
     config = json.loads(shard.schema_arrow.metadata[b"headclip.run_config"])
-    assert config["checkpoint"] == "headclip:demo.safetensors" and str(temp) not in json.dumps(config)
+    assert config["checkpoint"] == "headclip:demo.safetensors" and str(base) not in json.dumps(config)
     assert shard.metadata.num_rows == 4
 
     stdout, stderr = direct.communicate(timeout=120)
