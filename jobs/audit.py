@@ -58,7 +58,7 @@ def build_parser() -> Parser:
     p.add_argument("--alert-error-rate", type=unit_float, default=0.05,
                    help="alert when more than this share of images fail (default 0.05)")
     p.add_argument("--threshold", type=unit_float, default=0.5, help="image label threshold (default 0.5)")
-    p.add_argument("--alert-exit-code", type=int, choices=range(0, 126), metavar="CODE", default=EXIT_ALERT,
+    p.add_argument("--alert-exit-code", type=exit_code, metavar="CODE", default=EXIT_ALERT,
                    help=f"exit code when an alert holds (default {EXIT_ALERT}; 0 keeps alerts out of a "
                         "scheduler's failures, leaving the summary, the last log line and --webhook to tell)")
     p.add_argument("--webhook", type=webhook_url, default=None,
@@ -68,6 +68,17 @@ def build_parser() -> Parser:
                    help="POST on alerts only (default) or after every audit")
     add_cluster_flags(p)
     return p
+
+
+def exit_code(text: str) -> int:
+    """An exit code a shell passes on unchanged: 0 to 125."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 125:
+        raise argparse.ArgumentTypeError(f"must be 0 to 125, got {value}")
+    return value
 
 
 def webhook_url(text: str) -> str:
