@@ -6,18 +6,25 @@ figures (images, errors, anomaly rate, score quantiles, top-N images), compares
 them with the trailing baseline (the previous --baseline-days days): the change
 in anomaly rate with a 95% confidence interval and a two-sample
 Kolmogorov-Smirnov test of the scores. Writes summary.json and report.html
-(score histogram against the baseline, anomaly rate over 30 days, gallery of
-the top-N images with masks) to HISTORY/reports/date=<day>/.
+(score histogram against the baseline, anomaly rate over 30 days, a table of
+the top-N images, and image strips of the flagged ones) to
+HISTORY/reports/date=<day>/.
 
 Exit codes: 0 no alert, 2 bad input, 3 an alert condition holds (the summary
-and report say why).
+and report say why; --alert-exit-code changes it). The last line printed is
+"AUDIT ALERT <day>: <reasons> ..." or "AUDIT OK <day>: ...", so a scheduler's
+status message (Ray's job status keeps the log's tail) tells an alert from a
+failure; summary.json has the same line ("message") and "alert". --webhook
+POSTs summary.json to a URL when the audit alerts (or on every run).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import logging
+import sys
 from typing import Optional, Sequence
 
 from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, init_ray,
@@ -54,8 +61,42 @@ def build_parser() -> Parser:
                    help="alert when more than this share of images fail (default 0.05)")
     p.add_argument("--threshold", type=unit_float, default=None, help="image label threshold (default 0.5)")
     add_thresholds_flags(p)
+    p.add_argument("--alert-exit-code", type=exit_code, metavar="CODE", default=EXIT_ALERT,
+                   help=f"exit code when an alert holds (default {EXIT_ALERT}; 0 keeps alerts out of a "
+                        "scheduler's failures, leaving the summary, the last log line and --webhook to tell)")
+    p.add_argument("--webhook", type=webhook_url, default=None,
+                   help="http(s) URL that receives summary.json as a JSON POST when the audit alerts "
+                        "(kept secret: never printed or stored)")
+    p.add_argument("--webhook-on", choices=["alert", "always"], default="alert",
+                   help="POST on alerts only (default) or after every audit")
     add_cluster_flags(p)
     return p
+
+
+def exit_code(text: str) -> int:
+    """An exit code a shell passes on unchanged: 0 to 125."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 125:
+        raise argparse.ArgumentTypeError(f"must be 0 to 125, got {value}")
+    return value
+
+
+def webhook_url(text: str) -> str:
+    """An http(s) URL with a host; the error never repeats the URL (it may hold a token)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host")
+    return text
 
 
 def resolve_input(args) -> tuple[str, dt.date]:
@@ -100,6 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     calibrated = load_thresholds_arg(args, args.checkpoint or str(DEMO_CHECKPOINT))
     from headclip.reporting import audit
+    from headclip.reporting.html import audit_report
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
     from headclip.storage import layout
@@ -135,58 +177,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = audit.AuditSummary(
         date=day.isoformat(), new_images=0 if todo is None else todo.num_rows, figures=figures,
         comparison=comparison, alert=bool(reasons), reasons=reasons,
-        top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score)}
-                    for r in top.itertuples()],
+        top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score),
+                     "is_anomalous": bool(r.is_anomalous)} for r in top.itertuples()],
         report=join(report_dir, layout.AUDIT_REPORT_FILE), note=note,
         thresholds=None if calibrated is None else calibrated.summary() + (
             f" (group {args.threshold_group})" if args.threshold_group else ""))
-    html = render(summary, day_rows, baseline, audit.trend(args.history, day, 30, options), top, options)
-    write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), html.encode(), options)
-    write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode(), options)
-    print(f"audit {day.isoformat()}: {figures.images} images ({summary.new_images} new), "
-          f"{figures.errors} errors, anomaly rate {_fmt(figures.anomaly_rate)}; report {summary.report}")
+    report = audit_report(summary, day_rows, baseline, audit.trend(args.history, day, 30, options),
+                          thresholds.rate_increase, args.top_n, options)
+    write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), report.html().encode(), options)
+    document = summary.to_dict()
+    write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(document, indent=2).encode(), options)
     for reason in reasons:
         print(f"ALERT: {reason}")
-    return EXIT_ALERT if reasons else 0
+    if args.webhook and (summary.alert or args.webhook_on == "always"):
+        from headclip.reporting.notify import post_json
 
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def render(summary, day_rows, baseline, trend_points, top, storage_options) -> str:
-    from headclip.reporting.html import Report, Section, errors_html, gallery_html, histogram_svg, line_svg, score_figures
-    from headclip.storage.schema import STATUS_OK
-
-    comparison = summary.comparison
-    if summary.alert:
-        banner = ("alert", "ALERT: " + "; ".join(summary.reasons))
-    elif summary.figures.images == 0:
-        banner = ("ok", f"No images for {summary.date}. {summary.note}".strip())
-    else:
-        banner = ("ok", "No alert." + (f" {summary.note}." if summary.note else ""))
-    report = Report(title=f"Anomaly audit {summary.date}", banner=banner)
-    report.figures = {"new images scored": str(summary.new_images), **score_figures(day_rows)} \
-        if len(day_rows) else {"new images scored": "0"}
-    if summary.thresholds:
-        report.figures["alarm thresholds from"] = summary.thresholds
-    if comparison.rate_change is not None:
-        low, high = comparison.rate_change_ci95
-        report.figures["baseline"] = (f"{', '.join(comparison.baseline_days)}: {comparison.baseline_images} images, "
-                                      f"anomaly rate {comparison.baseline_anomaly_rate:.3f}")
-        report.figures["change in anomaly rate"] = f"{comparison.rate_change:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
-        report.figures["KS test of scores"] = f"D = {comparison.ks_statistic:.3f}, p = {comparison.ks_p_value:.2g}"
-    else:
-        report.figures["baseline"] = "none in the trailing days"
-    ok_day = day_rows[day_rows["status"] == STATUS_OK]["score"].tolist() if len(day_rows) else []
-    ok_base = baseline[baseline["status"] == STATUS_OK]["score"].tolist() if len(baseline) else []
-    report.sections.append(Section("Scores against the baseline",
-                                   histogram_svg({summary.date: ok_day, "baseline": ok_base})))
-    report.sections.append(Section("Anomaly rate, last 30 days", line_svg(trend_points)))
-    report.sections.append(Section(f"Top {len(top)} anomalous images", gallery_html(top, storage_options)))
-    if len(day_rows):
-        report.sections.append(Section("Errors", errors_html(day_rows)))
-    return report.html()
+        delivered, outcome = post_json(args.webhook, document)
+        print(f"webhook {outcome}", file=sys.stdout if delivered else sys.stderr)
+    print(summary.message, flush=True)  # the last line: what a scheduler's status message shows
+    return args.alert_exit_code if reasons else 0
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
     add_storage_flag(p)
     p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
+                   help="Ray cluster to join: host:port, or 'auto' for the one `ray start` runs on this machine "
+                        "(default: RAY_ADDRESS, else a private local Ray is started, even if one is running)")
 
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
@@ -164,7 +165,11 @@ def prepare_or_exit(config, images=None):
 
 
 def init_ray(address: Optional[str]) -> None:
-    """Join ``address`` (or RAY_ADDRESS), else start a local Ray; nothing if Ray is up."""
+    """Join ``address`` (or RAY_ADDRESS), else start a private local Ray; nothing if Ray is up.
+
+    Without an address Ray's own default would join a cluster that ``ray start``
+    runs on this machine; ``address="local"`` starts a fresh one instead.
+    """
     import ray
 
     if ray.is_initialized():
@@ -173,7 +178,7 @@ def init_ray(address: Optional[str]) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 def add_dataset_flags(p: argparse.ArgumentParser, split_help: str) -> None:

@@ -2,6 +2,10 @@
 calibrate alarm thresholds per texture on separate known-good images, score the
 archive with the packaged demo model on a local Ray, and query the result.
 
+The demo model is a toy: a tiny backbone pre-trained on generated surfaces only.
+It shows the pipeline end to end offline; it is not a detector for real
+photographs (see TOY_MODEL_NOTE, printed at the start and the end).
+
 The archive's labels are known, so the demo prints each texture's false-alarm
 rate (on the archive's good images, which calibration never saw) and detection
 rate at the fixed threshold 0.5 and at the calibrated one.
@@ -26,6 +30,15 @@ EXAMPLE = """example:
 """
 
 DEMO_TEXTURES = ("wood", "fabric", "concrete", "tiles")
+
+TOY_MODEL_NOTE = """\
+The demo model is a toy: a tiny backbone (HeadCLIP-Tiny) trained on generated surfaces only.
+It flags real photographs as anomalous (scores about 0.99) and ranks real defects no better
+than chance. For real use, fit HeadCLIP on real CLIP weights, then score with that checkpoint:
+  python -m jobs.train --data /data/mvtec_anomaly_detection --layout mvtec --pretrained openai --output models/headclip.safetensors
+  python -m jobs.score --input IMAGES --output out/scores --checkpoint models/headclip.safetensors
+--pretrained openai downloads OpenAI's ViT-L-14-336 weights; offline, name a weight file instead:
+--pretrained /weights/ViT-L-14-336px.pt or --pretrained s3://bucket/weights/ViT-L-14-336px.pt."""
 
 log = logging.getLogger("jobs.demo")
 
@@ -110,14 +123,14 @@ def calibrate(manifest: Path, checkpoint: str, output: str, target_fpr: float, c
 
     listed = list_images(str(manifest))
     good = state_table(listed, listed["class_name"].to_pylist(), 0, [True] * listed.num_rows)
-    config = JobConfig(input=str(manifest), output=f"{output}/calibration", checkpoint=checkpoint, shard_size=64,
+    config = JobConfig(input=str(manifest), output=f"{output}/_calibration", checkpoint=checkpoint, shard_size=64,
                        progress_interval=2.0, scoring=ScoringOptions(batch_size=32, metric_bins=10_000))
     plan = prepare_or_exit(config, good)
     init_ray(None)
     summary = execute(plan, config)
     thresholds = fit(summary.metrics, None, summary.checkpoint_id, "class_name", "quantile", target_fpr,
                      checkpoint=checkpoint, command=command)
-    write_thresholds(thresholds, f"{output}/thresholds.json")
+    write_thresholds(thresholds, f"{output}/_thresholds.json")
     return thresholds
 
 
@@ -183,18 +196,20 @@ GROUP BY class_name ORDER BY class_name"""
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from headclip.model.checkpoint import read_checkpoint
-    from headclip.model.assets import DEMO_CHECKPOINT
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
 
 
     data = Path(args.data)
     manifest = generate(data, args.images, args.size)
     good_manifest = generate_good(data, args.good_images, args.size)
-    checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT_URI
     provenance = read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")
+    if args.checkpoint is None:
+        print(TOY_MODEL_NOTE + "\n")
     print(f"demo checkpoint, made by: {provenance}")
     thresholds = calibrate(good_manifest, checkpoint, args.output, args.target_fpr,
                            redacted_command("python -m jobs.demo", list(argv) if argv is not None else sys.argv[1:]))
-    print(f"\ncalibrated on {good_manifest}: {thresholds.summary()}; written to {args.output}/thresholds.json")
+    print(f"\ncalibrated on {good_manifest}: {thresholds.summary()}; written to {args.output}/_thresholds.json")
     score_parser = Parser(prog="python -m jobs.demo")
     add_scoring_flags(score_parser)
     score_args = score_parser.parse_args(["--input", str(manifest), "--output", args.output,
@@ -218,14 +233,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.reporting.html import run_report
     from headclip.storage.layout import run_uri
 
-    report_path = Path(args.output) / "report.html"
+    # "_" keeps the report out of the Parquet tree for pandas, pyarrow and Ray Data readers
+    report_path = Path(args.output) / "_report.html"
     rows = results.read_run(run_uri(args.output, plan.run_id))
     report_path.write_text(run_report(rows, f"Demo run {plan.run_id}").html())
-    print(f"\nreport with the worst images and their masks: {report_path} (open it in a browser)")
+    print(f"\nreport with the worst images, their heat maps, masks and ground truth: {report_path} "
+          f"(open it in a browser)")
     if summary.metrics is not None:
         mean = summary.metrics.table().loc["mean"]
         print(f"\ndetection quality on the demo images (their masks are known): "
               f"image AUROC {mean['image_auroc']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f}")
+    if args.checkpoint is None:
+        print("\n" + TOY_MODEL_NOTE)
     return 0
 
 

@@ -267,9 +267,9 @@ def test_report_has_plots_and_gallery(audited):
     page.feed((history / "reports" / f"date={DAYS[2]}" / "report.html").read_text())
     assert {"histogram", "trend"} <= set(page.svgs)
     assert page.verdict.startswith("ALERT")
-    assert len(page.images) == 6
+    assert len(page.images) == 6 * 3  # a strip per flagged image: image, heat map, prediction
     for src in page.images:
-        assert src.startswith("data:image/png;base64,")
+        assert src.startswith("data:image/jpeg;base64,")
         picture = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         assert picture.size == (64, 64)
     trend = re.findall(r"<circle [^>]*><title>([0-9-]+): ", (history / "reports" / f"date={DAYS[2]}" /
@@ -293,7 +293,7 @@ def test_report_renders_in_headless_chromium(audited, tmp_path):
         capture_output=True, text=True, timeout=120)
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', result.stdout)
     assert loaded, result.stderr[-2000:]
-    assert loaded.group(1) == loaded.group(2) == "6"
+    assert loaded.group(1) == loaded.group(2) == str(6 * 3)
 
 
 def test_report_and_show_for_a_run(audited, tmp_path, capsys):
@@ -302,7 +302,7 @@ def test_report_and_show_for_a_run(audited, tmp_path, capsys):
     assert report_job.main(["--run", str(run_dir), "--output", str(tmp_path / "r.html"), "--top-n", "3"]) == 0
     page = _Page()
     page.feed((tmp_path / "r.html").read_text())
-    assert "histogram" in page.svgs and len(page.images) == 3
+    assert "histogram" in page.svgs and len(page.images) == 3 * 3
     assert show_job.main(["--run", str(run_dir), "--top", "2", "--output-dir", str(tmp_path / "png")]) == 0
     files = sorted((tmp_path / "png").glob("*.png"))
     assert len(files) == 2 and Image.open(files[0]).size == (64, 64)

@@ -23,6 +23,7 @@ from .. import __version__
 from .config import HeadCLIPConfig
 from ..errors import CheckpointError
 from ..storage.fs import read_bytes, write_bytes_atomic
+from .assets import resolve_asset
 
 FORMAT = "headclip-checkpoint/1"
 METADATA_KEY = "headclip"
@@ -115,9 +116,9 @@ def parse_checkpoint(data: bytes, source: str = "checkpoint") -> Checkpoint:
 
 
 def read_checkpoint(uri: str, storage_options: Optional[dict] = None) -> Checkpoint:
-    """Read a checkpoint from a local path or fsspec URL."""
+    """Read a checkpoint from a local path, fsspec URL or packaged asset (``headclip:NAME``)."""
     try:
-        data = read_bytes(uri, storage_options)
+        data = read_bytes(resolve_asset(uri), storage_options)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {uri}: {err}") from None
     return parse_checkpoint(data, uri)

@@ -19,21 +19,25 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..storage.fs import filesystem
-from ..storage.schema import STATUS_OK
-from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores, history_shard_glob
+from ..storage.schema import PARTITION_KEYS, STATUS_OK
+from ..storage.layout import (day_of_partition, day_output, day_shard_glob, history_scores, history_shard_glob,
+                              partition_value)
 
 SCORE_COLUMNS = ["image_id", "image_uri", "status", "error", "score", "global_score", "is_anomalous", "run_id"]
 
 
 def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
              columns: Optional[list[str]] = None) -> pd.DataFrame:
-    """Every row of one day of history (all its runs); empty if none."""
+    """Every row of one day of history (all its runs), with ``run_id`` and ``date`` from the path; empty if none."""
     fs, root = filesystem(day_output(history, day), storage_options)
     files = sorted(fs.glob(day_shard_glob(root))) if fs.exists(root) else []
+    file_columns = None if columns is None else [c for c in columns if c not in PARTITION_KEYS]
     frames = []
     for path in files:
         with fs.open(path, "rb") as handle:
-            frames.append(pq.read_table(handle, columns=columns).to_pandas())
+            frame = pq.read_table(handle, columns=file_columns).to_pandas()
+        frame["run_id"] = partition_value(path, "run_id")
+        frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=columns or SCORE_COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
@@ -103,8 +107,18 @@ class AuditSummary:
     note: str = ""
     thresholds: Optional[str] = None  # the calibrated thresholds used, in one line (None: fixed --threshold)
 
+    @property
+    def message(self) -> str:
+        """One line a scheduler or a person reads: ``AUDIT ALERT <day>: ...`` or ``AUDIT OK <day>: ...``."""
+        rate = "n/a" if self.figures.anomaly_rate is None else f"{self.figures.anomaly_rate:.3f}"
+        head = (f"{self.figures.images} images ({self.new_images} new), {self.figures.errors} errors, "
+                f"anomaly rate {rate}")
+        if self.alert:
+            return f"AUDIT ALERT {self.date}: " + "; ".join(self.reasons) + f" ({head}; report {self.report})"
+        return f"AUDIT OK {self.date}: {head}; report {self.report}"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "message": self.message}
 
 
 def day_figures(rows: pd.DataFrame) -> DayFigures:

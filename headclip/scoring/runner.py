@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import pyarrow as pa
 
 from ..model.checkpoint import read_checkpoint
-from ..model.assets import DEMO_CHECKPOINT
+from ..model.assets import DEMO_CHECKPOINT_URI
 from ..data.decode import IMAGE_EXTENSIONS
 from ..data.listing import list_images, listing_hash
 from .plan import RunPlan, derive_run_id, make_plan, read_plan, write_plan
@@ -35,7 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class JobConfig:
-    """Everything a scoring run needs. ``checkpoint`` None means the demo model."""
+    """Everything a scoring run needs. ``checkpoint`` None means the demo model.
+
+    ``checkpoint_uri`` is the checkpoint as the user named it (the demo model as
+    ``headclip:demo.safetensors``); the plan and the Parquet metadata record
+    that name next to the checkpoint id, never the path it resolved to on a node.
+    """
 
     input: str
     output: str
@@ -58,7 +63,7 @@ class JobConfig:
 
     @property
     def checkpoint_uri(self) -> str:
-        return self.checkpoint or str(DEMO_CHECKPOINT)
+        return self.checkpoint or DEMO_CHECKPOINT_URI
 
     def row_settings(self) -> dict[str, Any]:
         """The settings that shape rows; they, the input and the checkpoint name a run."""

@@ -3,7 +3,7 @@
 A :class:`ShardScorer` loads the model once and then scores whole shards:
 image bytes are read and decoded on a thread pool, ahead of the model, so
 the device does not wait for I/O in steady state; maps are encoded (mask
-RLE, box, heat map PNG) on the same pool while the next batch runs.
+RLE, box, heat map) on the same pool while the next batch runs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ScoringOptions:
     threshold: float = 0.5  # image label: score > threshold
     mask_threshold: float = 0.5  # pixels: anomaly_map > mask_threshold
     mask_max_side: int = 2048  # masks of larger images are stored scaled to this long side
-    heatmap_side: int = 64  # long side of the stored heat map PNG
+    heatmap_side: int = 64  # long side of the stored heat map
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
     batch_size: int = 16
     io_threads: Optional[int] = None  # reading and decoding threads; None: the CPUs the scorer is given
@@ -110,7 +110,7 @@ class ShardScorer:
         self.feeder = DeviceFeeder(self.device, model.image_size, options.max_pixels)
         self.model.eval()
         self.checkpoint_id = self.model.checkpoint_id or "untrained"
-        self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id)
+        self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id, run_id)
         self.io_threads = threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="headclip-io")
 
@@ -159,7 +159,7 @@ class ShardScorer:
 
         def base_row(i: int) -> dict:
             threshold, mask_threshold = options.thresholds_for(records[i])
-            return {**records[i], "run_id": self.run_id, "shard": shard_index, "threshold": threshold,
+            return {**records[i], "shard": shard_index, "threshold": threshold,
                     "mask_threshold": mask_threshold, "checkpoint_id": self.checkpoint_id,
                     "scored_at": scored_at}
 
