@@ -121,13 +121,14 @@ def test_failed_delivery_is_one_line_and_keeps_the_alert(alerted, tiny_checkpoin
     assert SECRET not in out + err
 
 
-def test_quiet_audit_posts_only_when_asked(alerted, tiny_checkpoint):
+def test_quiet_audit_posts_only_when_asked(alerted, tiny_checkpoint, monkeypatch):
     root = alerted[0]
     quiet = ["--alert-error-rate", "0.5"]  # the day's error rate of 0.25 no longer alerts
     with Receiver() as receiver:
         code, out, _ = _audit(root, tiny_checkpoint, "--webhook", receiver.url, *quiet)
         assert code == 0 and receiver.posts == []  # no alert, no post
-        code, out, _ = _audit(root, tiny_checkpoint, "--webhook", receiver.url, "--webhook-on", "always", *quiet)
+        monkeypatch.setenv(audit_job.WEBHOOK_ENV, receiver.url)  # the URL from the environment this time
+        code, out, _ = _audit(root, tiny_checkpoint, "--webhook-on", "always", *quiet)
     assert code == 0 and _last_line(out).startswith(f"AUDIT OK {DAY}: 4 images (0 new), 1 errors")
     assert len(receiver.posts) == 1 and json.loads(receiver.posts[0]["body"])["alert"] is False
 
