@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -31,6 +32,7 @@ from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, a
                   load_thresholds_arg, positive_int, prepare_or_exit, run, unit_float, warn_uncalibrated)
 
 EXIT_ALERT = 3
+WEBHOOK_ENV = "HEADCLIP_AUDIT_WEBHOOK"
 EXAMPLE = """examples:
   python -m jobs.audit --date 2026-11-23 --prefix-template 's3://bucket/line-7/date={date}/' \\
       --history s3://bucket/audit/line-7 --checkpoint s3://bucket/models/headclip.safetensors \\
@@ -64,9 +66,9 @@ def build_parser() -> Parser:
     p.add_argument("--alert-exit-code", type=exit_code, metavar="CODE", default=EXIT_ALERT,
                    help=f"exit code when an alert holds (default {EXIT_ALERT}; 0 keeps alerts out of a "
                         "scheduler's failures, leaving the summary, the last log line and --webhook to tell)")
-    p.add_argument("--webhook", type=webhook_url, default=None,
+    p.add_argument("--webhook", type=webhook_url, default=os.environ.get(WEBHOOK_ENV) or None,
                    help="http(s) URL that receives summary.json as a JSON POST when the audit alerts "
-                        "(kept secret: never printed or stored)")
+                        f"(default: ${WEBHOOK_ENV}, which keeps it off command lines; never printed or stored)")
     p.add_argument("--webhook-on", choices=["alert", "always"], default="alert",
                    help="POST on alerts only (default) or after every audit")
     add_cluster_flags(p)

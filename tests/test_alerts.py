@@ -6,6 +6,8 @@ token in its path, which must never be printed or stored.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,55 +63,73 @@ def _day(folder: Path, good: int, broken: int) -> None:
         (folder / f"broken-{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
 
 
-def _audit(root: Path, checkpoint: str, day: str, *extra: str) -> int:
-    return audit_job.main(["--date", day, "--prefix-template", f"{root}/archive/date={{date}}/",
-                           "--history", str(root / "history"), "--checkpoint", checkpoint, "--shard-size", "4",
-                           *extra])
+DAY = "2026-11-23"
+
+
+def _audit(root: Path, checkpoint: str, *extra: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of jobs.audit over the archive's day."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = audit_job.main(["--date", DAY, "--prefix-template", f"{root}/archive/date={{date}}/",
+                               "--history", str(root / "history"), "--checkpoint", checkpoint,
+                               "--shard-size", "4", *extra])
+    return code, out.getvalue(), err.getvalue()
 
 
 def _last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
-def test_alert_posts_the_summary_and_ends_with_an_alert_line(ray_cluster, tiny_checkpoint, tmp_path, capsys):
-    _day(tmp_path / "archive" / "date=2026-11-23", good=3, broken=1)  # an error rate of 0.25 alerts
+@pytest.fixture(scope="module")
+def alerted(ray_cluster, tiny_checkpoint, tmp_path_factory):
+    """A day audited with a webhook: 3 images and 1 broken file (an error rate of 0.25 alerts).
+
+    Returns (root, exit code, stdout, stderr, the receiver's posts, summary.json's text,
+    report.html's text). Later audits of the same day score nothing new; they recompute
+    the verdict from the history.
+    """
+    root = tmp_path_factory.mktemp("alerts")
+    _day(root / "archive" / f"date={DAY}", good=3, broken=1)
     with Receiver() as receiver:
-        code = _audit(tmp_path, tiny_checkpoint, "2026-11-23", "--webhook", receiver.url)
-    out, err = capsys.readouterr()
+        code, out, err = _audit(root, tiny_checkpoint, "--webhook", receiver.url)
+    reports = root / "history" / "reports" / f"date={DAY}"
+    return (root, code, out, err, receiver.posts, (reports / "summary.json").read_text(),
+            (reports / "report.html").read_text())
+
+
+def test_alert_posts_the_summary_and_ends_with_an_alert_line(alerted):
+    root, code, out, err, posts, summary_text, report_text = alerted
     assert code == audit_job.EXIT_ALERT
-    summary_file = tmp_path / "history" / "reports" / "date=2026-11-23" / "summary.json"
-    summary = json.loads(summary_file.read_text())
+    summary = json.loads(summary_text)
     assert summary["alert"] and any("error rate" in r for r in summary["reasons"])
-    assert _last_line(out) == summary["message"] and summary["message"].startswith("AUDIT ALERT 2026-11-23: ")
-    assert len(receiver.posts) == 1
-    post = receiver.posts[0]
-    assert post["path"] == f"/hooks/{SECRET}" and post["type"] == "application/json"
-    assert json.loads(post["body"]) == summary
+    assert _last_line(out) == summary["message"] and summary["message"].startswith(f"AUDIT ALERT {DAY}: ")
+    assert len(posts) == 1
+    assert posts[0]["path"] == f"/hooks/{SECRET}" and posts[0]["type"] == "application/json"
+    assert json.loads(posts[0]["body"]) == summary
     assert "webhook delivered to http://127.0.0.1:" in out
-    for text in (out, err, summary_file.read_text(),
-                 (summary_file.parent / "report.html").read_text()):
+    for text in (out, err, summary_text, report_text):
         assert SECRET not in text
 
-    # the same day again (nothing new to score) against a receiver that keeps failing:
-    # the alert stands, the failure is one line on stderr, the URL stays secret
+
+def test_failed_delivery_is_one_line_and_keeps_the_alert(alerted, tiny_checkpoint):
+    root = alerted[0]
     with Receiver(statuses=(503,)) as failing:
-        code = _audit(tmp_path, tiny_checkpoint, "2026-11-23", "--webhook", failing.url, "--alert-exit-code", "0")
-    out, err = capsys.readouterr()
+        code, out, err = _audit(root, tiny_checkpoint, "--webhook", failing.url, "--alert-exit-code", "0")
     assert code == 0  # --alert-exit-code 0: the alert is told by the summary, the last line and the webhook
     assert len(failing.posts) == 3 and "not delivered to http://127.0.0.1:" in err and "HTTP 503" in err
-    assert _last_line(out).startswith("AUDIT ALERT 2026-11-23: ")
+    assert _last_line(out).startswith(f"AUDIT ALERT {DAY}: ")
     assert SECRET not in out + err
 
 
-def test_quiet_day_posts_only_when_asked(ray_cluster, tiny_checkpoint, tmp_path, capsys):
-    _day(tmp_path / "archive" / "date=2026-11-24", good=2, broken=0)
+def test_quiet_audit_posts_only_when_asked(alerted, tiny_checkpoint, monkeypatch):
+    root = alerted[0]
+    quiet = ["--alert-error-rate", "0.5"]  # the day's error rate of 0.25 no longer alerts
     with Receiver() as receiver:
-        assert _audit(tmp_path, tiny_checkpoint, "2026-11-24", "--webhook", receiver.url) == 0
-        assert receiver.posts == []  # no alert, no post
-        assert _audit(tmp_path, tiny_checkpoint, "2026-11-24", "--webhook", receiver.url,
-                      "--webhook-on", "always") == 0
-    out = capsys.readouterr().out
-    assert _last_line(out).startswith("AUDIT OK 2026-11-24: 2 images")
+        code, out, _ = _audit(root, tiny_checkpoint, "--webhook", receiver.url, *quiet)
+        assert code == 0 and receiver.posts == []  # no alert, no post
+        monkeypatch.setenv(audit_job.WEBHOOK_ENV, receiver.url)  # the URL from the environment this time
+        code, out, _ = _audit(root, tiny_checkpoint, "--webhook-on", "always", *quiet)
+    assert code == 0 and _last_line(out).startswith(f"AUDIT OK {DAY}: 4 images (0 new), 1 errors")
     assert len(receiver.posts) == 1 and json.loads(receiver.posts[0]["body"])["alert"] is False
 
 

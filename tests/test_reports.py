@@ -9,6 +9,7 @@ the page's DOM for ticks, thresholds, strips and the table's sorting.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_one_box_per_connected_region_matches_a_flood_fill():
 
 def test_rate_axis_stops_at_one():
     svg = line_svg([("d1", 0.9), ("d2", 1.0)])
-    ticks = [float(t) for t in __import__("re").findall(r"class='tick'[^>]*>([0-9.]+)<", svg.split("x-axis")[0])]
+    ticks = [float(t) for t in re.findall(r"class='tick'[^>]*>([0-9.]+)<", svg.split("x-axis")[0])]
     assert max(ticks) == 1.0 and 1.15 not in ticks
 
 
