@@ -20,6 +20,18 @@ class InputError(HeadCLIPError):
     """An input that cannot be listed (missing, empty, malformed manifest)."""
 
 
+class InputNotFoundError(InputError):
+    """An input location that does not exist (as opposed to one that exists but holds no images)."""
+
+
+class EmptyInputError(InputError):
+    """An input location that exists but holds no images."""
+
+
+class OutputError(HeadCLIPError):
+    """An output location that cannot be read or written."""
+
+
 class DatasetError(HeadCLIPError):
     """A labelled data set that cannot be loaded as asked."""
 
@@ -39,3 +51,15 @@ class ThresholdsError(HeadCLIPError):
 
 class UsageError(HeadCLIPError):
     """Bad flags or arguments of an entry point, found before any work starts."""
+
+
+class JobError(HeadCLIPError):
+    """A run that cannot go on (output that cannot be written, shards that keep failing); one line."""
+
+
+class PlacementError(UsageError):
+    """Scoring actors whose resources no node of the cluster can provide, within the wait allowed."""
+
+
+class LockedError(HeadCLIPError):
+    """Another live process holds the lock of what this one would write (an audit of the same day)."""

@@ -10,7 +10,14 @@ Kolmogorov-Smirnov test of the scores. Writes summary.json and report.html
 the top-N images, and image strips of the flagged ones) to
 HISTORY/reports/date=<day>/.
 
-Exit codes: 0 no alert, 2 bad input, 3 an alert condition holds (the summary
+An image is scored again when its latest row is an error (unless
+--no-rescore-errors) or its file changed (ETag, or size and modification
+time); only its newest row stays in the day. A day whose input does not
+exist is an error unless --allow-missing-day says an empty day is expected.
+One audit of a history and day runs at a time (a lock under HISTORY/locks/).
+
+
+Exit codes: 0 no alert, 2 bad input (or another audit of the day is running), 3 an alert condition holds (the summary
 and report say why; --alert-exit-code changes it). The last line printed is
 "AUDIT ALERT <day>: <reasons> ..." or "AUDIT OK <day>: ...", so a scheduler's
 status message (Ray's job status keeps the log's tail) tells an alert from a
@@ -28,8 +35,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, init_ray,
-                  load_thresholds_arg, positive_int, prepare_or_exit, run, unit_float, warn_uncalibrated)
+from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, check_storage_options,
+                  init_ray, load_thresholds_arg, positive_float, positive_int, prepare_or_exit, run, unit_float,
+                  warn_uncalibrated)
 
 EXIT_ALERT = 3
 WEBHOOK_ENV = "HEADCLIP_AUDIT_WEBHOOK"
@@ -71,6 +79,12 @@ def build_parser() -> Parser:
                         f"(default: ${WEBHOOK_ENV}, which keeps it off command lines; never printed or stored)")
     p.add_argument("--webhook-on", choices=["alert", "always"], default="alert",
                    help="POST on alerts only (default) or after every audit")
+    p.add_argument("--allow-missing-day", action="store_true",
+                   help="a day whose input does not exist is an empty day, not an error (exit 2)")
+    p.add_argument("--no-rescore-errors", action="store_true",
+                   help="keep error rows as they are (default: images whose latest row is an error are scored again)")
+    p.add_argument("--lock-stale-after", type=positive_float, default=6 * 3600.0,
+                   help="seconds after which another audit's lock of the day counts as abandoned (default 21600)")
     add_cluster_flags(p)
     return p
 
@@ -117,49 +131,65 @@ def resolve_input(args) -> tuple[str, dt.date]:
     return args.input, day
 
 
-def new_images(input_uri: str, history: str, storage_options: Optional[dict]):
-    """The day's listing without the images already in the history (ids are URIs)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from headclip.reporting.audit import known_image_ids
-    from headclip.data.listing import InputError, list_images
+def new_images(input_uri: str, history: str, storage_options: Optional[dict], allow_missing: bool = False,
+               rescore_errors: bool = True):
+    """(images to score or None, a note): the day's listing less what the history holds already (ids are URIs)."""
+    from headclip.data.listing import list_images
+    from headclip.errors import EmptyInputError, InputError, InputNotFoundError
+    from headclip.storage.history import images_to_score, scored_images
 
     try:
         listed = list_images(input_uri, storage_options=storage_options)
-    except InputError:
-        return None
+    except InputNotFoundError:
+        if not allow_missing:
+            raise UsageError(f"the day's input {input_uri} does not exist (a wrong --prefix-template or bucket? "
+                             f"give --allow-missing-day if a day without images is expected)") from None
+        return None, f"{input_uri} does not exist (--allow-missing-day)"
+    except EmptyInputError:
+        return None, f"{input_uri} exists but holds no images"
+    except InputError as err:
+        raise UsageError(str(err)) from None
     listed = listed.set_column(0, "image_id", listed["image_uri"])
-    known = known_image_ids(history, storage_options)
-    if known:
-        listed = listed.filter(pc.invert(pc.is_in(listed["image_id"], value_set=pa.array(sorted(known)))))
-    return listed if listed.num_rows else None
+    todo = images_to_score(listed, scored_images(history, storage_options), rescore_errors)
+    if not todo.images.num_rows:
+        return None, f"no new images under {input_uri}"
+    return todo.images, f"scored {todo.describe()}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     input_uri, day = resolve_input(args)
     from headclip.model.assets import DEMO_CHECKPOINT
+    from headclip.storage import layout
+    from headclip.storage.fs import canonical_uri
+    from headclip.storage.history import AuditLock
 
+    options = args.storage_options
+    check_storage_options(options, input_uri, args.history)
     calibrated = load_thresholds_arg(args, args.checkpoint or str(DEMO_CHECKPOINT))
+    input_uri = canonical_uri(input_uri, options)  # dir and dir/ are one input
+    with AuditLock(layout.audit_lock_uri(args.history, day), options, args.lock_stale_after):
+        return audit_day(args, input_uri, day, calibrated)
+
+
+def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
+    """Score the day's new images, compare, report; the caller holds the day's lock."""
+    from headclip.redact import redact_text
     from headclip.reporting import audit
     from headclip.reporting.html import audit_report
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
     from headclip.storage import layout
     from headclip.storage.fs import join, write_bytes_atomic
-
+    from headclip.storage.history import drop_superseded
 
     options = args.storage_options
-    todo = new_images(input_uri, args.history, options)
-    note = ""
-    if todo is None:
-        note = f"no new images under {input_uri} for {day.isoformat()}"
-        log.info(note)
-    else:
+    todo, note = new_images(input_uri, args.history, options, args.allow_missing_day, not args.no_rescore_errors)
+    log.info(redact_text(note))
+    if todo is not None:
         config = JobConfig(input=input_uri, output=layout.day_output(args.history, day), checkpoint=args.checkpoint,
                            shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                           storage_options=options,
+                           storage_options=options, placement_timeout=args.placement_timeout,
                            scoring=ScoringOptions(threshold=0.5 if args.threshold is None else args.threshold,
                                                   batch_size=args.batch_size))
         apply_thresholds(config, calibrated)
@@ -167,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warn_uncalibrated(plan.images, calibrated)
         init_ray(args.ray_address)
         execute(plan, config)
+        drop_superseded(args.history, day, options)
 
     day_rows = audit.read_day(args.history, day, options)
     baseline, used = audit.baseline_rows(args.history, day, args.baseline_days, options)
@@ -181,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         comparison=comparison, alert=bool(reasons), reasons=reasons,
         top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score),
                      "is_anomalous": bool(r.is_anomalous)} for r in top.itertuples()],
-        report=join(report_dir, layout.AUDIT_REPORT_FILE), note=note,
+        report=join(report_dir, layout.AUDIT_REPORT_FILE), note=redact_text(note),
         thresholds=None if calibrated is None else calibrated.summary() + (
             f" (group {args.threshold_group})" if args.threshold_group else ""))
     report = audit_report(summary, day_rows, baseline, audit.trend(args.history, day, 30, options),

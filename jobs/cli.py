@@ -17,7 +17,9 @@ from typing import Callable, Optional, Sequence
 
 from headclip.errors import UsageError
 
+EXIT_FAILED = 1  # a run that could not finish (JobError)
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,6 +31,22 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse, naming an unknown flag first (argparse names a missing required one before it)."""
+        args = sys.argv[1:] if args is None else list(args)
+        required = [a for a in self._actions if a.required] + [g for g in self._mutually_exclusive_groups
+                                                                 if g.required]
+        for item in required:
+            item.required = False
+        try:
+            _, unknown = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for item in required:
+                item.required = True
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(args, namespace)
 
 
 def storage_options_arg(text: str) -> dict:
@@ -53,6 +71,20 @@ def positive_int(text: str) -> int:
     value = _parse(text, int, "an integer")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _parse(text, float, "a number")
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _parse(text, float, "a number")
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -83,13 +115,15 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
                    help=f"images per shard and output file (default: {shard_size})")
     p.add_argument("--actors", type=positive_int, default=None,
                    help="scoring actors (default: one per GPU, or CPU actors when there is none)")
-    p.add_argument("--gpus-per-actor", type=float, default=None,
+    p.add_argument("--gpus-per-actor", type=non_negative_float, default=None,
                    help="GPUs each actor reserves (default: 1 if the cluster has GPUs, else CPU actors); "
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
     add_storage_flag(p)
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join: host:port, or 'auto' for the one `ray start` runs on this machine "
                         "(default: RAY_ADDRESS, else a private local Ray is started, even if one is running)")
+    p.add_argument("--placement-timeout", type=positive_float, default=300.0,
+                   help="seconds to wait for a node that can hold a scoring actor before giving up (default 300)")
 
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
@@ -102,7 +136,7 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="HeadCLIP checkpoint (default: the packaged demo model)")
     p.add_argument("--run-id", default=None,
                    help="run id (default: derived from input, listing, checkpoint and settings, so a rerun resumes)")
-    p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs each actor reserves")
+    p.add_argument("--cpus-per-actor", type=positive_float, default=None, help="CPUs each actor reserves")
     p.add_argument("--threshold", type=unit_float, default=None, help="image label: score > threshold (default 0.5)")
     p.add_argument("--mask-threshold", type=unit_float, default=None,
                    help="mask pixels: anomaly map > this (default 0.5)")
@@ -121,7 +155,9 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-decode", action="store_true",
                    help="decode JPEGs on the model's device (nvjpeg on a GPU); images it cannot decode are "
                         "decoded on the host")
-    p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--progress-interval", type=positive_float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--read-timeout", type=positive_float, default=300.0,
+                   help="seconds one image may take to read before it becomes an error row (default 300)")
     add_cluster_flags(p)
 
 
@@ -132,7 +168,8 @@ def job_config(args):
 
     scoring = ScoringOptions(threshold=_or_default(args.threshold), mask_threshold=_or_default(args.mask_threshold),
                              mask_max_side=args.mask_max_side, batch_size=args.batch_size, device=args.device,
-                             reduced_decode=args.reduced_decode, device_decode=args.device_decode)
+                             reduced_decode=args.reduced_decode, device_decode=args.device_decode,
+                             read_timeout=args.read_timeout)
     if args.max_pixels:
         scoring.max_pixels = args.max_pixels
     extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
@@ -142,7 +179,24 @@ def job_config(args):
                      shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                      cpus_per_actor=args.cpus_per_actor, limit=args.limit, extensions=extensions,
                      storage_options=args.storage_options, scoring=scoring,
-                     progress_interval=args.progress_interval)
+                     progress_interval=args.progress_interval, placement_timeout=args.placement_timeout)
+
+
+def check_storage_options(options: Optional[dict], *uris: Optional[str]) -> None:
+    """Refuse ``--storage-options`` that the filesystem of any of ``uris`` cannot take, in one line."""
+    if not options:
+        return
+    from headclip.storage.fs import filesystem
+
+    for uri in filter(None, uris):
+        try:
+            fs, _ = filesystem(uri, options)
+            connect = getattr(fs, "connect", None)  # s3fs builds its client from the options here
+            if callable(connect):
+                connect()
+        except (TypeError, AttributeError, ValueError, KeyError) as err:
+            raise UsageError(f"--storage-options do not suit {uri.split('://')[0] if '://' in uri else 'local'} "
+                             f"storage: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
 
 
 def _or_default(value: Optional[float], default: float = 0.5) -> float:
@@ -150,18 +204,15 @@ def _or_default(value: Optional[float], default: float = 0.5) -> float:
 
 
 def prepare_or_exit(config, images=None):
-    """Plan the run; every input problem becomes a UsageError (one line, exit 2)."""
-    from headclip.errors import CheckpointError, InputError
+    """Plan the run; every input or output problem becomes a UsageError (one line, exit 2)."""
+    from headclip.errors import InputError, OutputError
     from headclip.scoring.runner import prepare
 
+    check_storage_options(config.storage_options, config.input, config.output, config.checkpoint)
     try:
         return prepare(config, images)
-    except CheckpointError:
-        raise
-    except InputError as err:
+    except (InputError, OutputError) as err:
         raise UsageError(str(err)) from None
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot use output {config.output}: {' '.join(str(err).split())}") from None
 
 
 def init_ray(address: Optional[str]) -> None:
@@ -194,6 +245,7 @@ def load_dataset_arg(args):
     from headclip.data.datasets import DatasetError, load_dataset
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    check_storage_options(args.storage_options, args.data)
     try:
         return load_dataset(args.data, args.layout, args.split, classes, args.storage_options)
     except DatasetError as err:
@@ -204,6 +256,7 @@ def read_run_arg(args):
     """The rows of the run ``--run`` names, as pandas; a missing run becomes one line."""
     from headclip import results
 
+    check_storage_options(args.storage_options, args.run)
     try:
         return results.read_run(args.run, args.storage_options)
     except FileNotFoundError as err:
@@ -211,14 +264,28 @@ def read_run_arg(args):
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> None:
-    """Run ``main`` and exit with its code; known input errors become one line, exit 2."""
+    """Run ``main`` and exit with its code.
+
+    Bad input is one line and exit 2; a run that cannot finish, one line and
+    exit 1; Ctrl-C, one line and exit 130. Printed lines hold no credentials.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from headclip.errors import CheckpointError
+    from headclip.errors import HeadCLIPError, JobError
+    from headclip.redact import redact_text
+
+    def say(message: str) -> None:
+        print(f"{prog}: {redact_text(' '.join(message.split()))}", file=sys.stderr)
 
     try:
         code = main(argv)
-    except (UsageError, CheckpointError, FileNotFoundError, PermissionError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        say("interrupted; run the same command to resume")
+        code = EXIT_INTERRUPTED
+    except JobError as err:
+        say(f"error: {err}")
+        code = EXIT_FAILED
+    except (HeadCLIPError, FileNotFoundError, PermissionError) as err:
+        say(f"error: {err}")
         code = EXIT_USAGE
     sys.exit(code)
 

@@ -193,9 +193,16 @@ GROUP BY class_name ORDER BY class_name"""
             print(f"note: {name}: {warning}")
 
 
+def provenance(checkpoint: str) -> str:
+    """The command that made ``checkpoint``, without credentials (older checkpoints may hold some)."""
+    from headclip.model.checkpoint import read_checkpoint
+    from headclip.redact import redact_command_line
+
+    return redact_command_line(str(read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from headclip.model.checkpoint import read_checkpoint
     from headclip.model.assets import DEMO_CHECKPOINT_URI
 
 
@@ -203,10 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     manifest = generate(data, args.images, args.size)
     good_manifest = generate_good(data, args.good_images, args.size)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT_URI
-    provenance = read_checkpoint(checkpoint).config.extra.get("provenance", "unknown")
     if args.checkpoint is None:
         print(TOY_MODEL_NOTE + "\n")
-    print(f"demo checkpoint, made by: {provenance}")
+    print(f"demo checkpoint, made by: {provenance(checkpoint)}")
     thresholds = calibrate(good_manifest, checkpoint, args.output, args.target_fpr,
                            redacted_command("python -m jobs.demo", list(argv) if argv is not None else sys.argv[1:]))
     print(f"\ncalibrated on {good_manifest}: {thresholds.summary()}; written to {args.output}/_thresholds.json")

@@ -115,6 +115,7 @@ def evaluate_table(table, args):
 
     config = JobConfig(input=args.data, output=args.output, checkpoint=args.checkpoint, shard_size=args.shard_size,
                        actors=args.actors, gpus_per_actor=args.gpus_per_actor, storage_options=args.storage_options,
+                       placement_timeout=args.placement_timeout,
                        scoring=ScoringOptions(batch_size=args.batch_size, metric_bins=args.metric_bins))
     thresholds = load_thresholds_arg(args, config.checkpoint_uri)
     apply_thresholds(config, thresholds)

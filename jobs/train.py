@@ -78,7 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.training.launcher import fit
     from headclip.training.loop import TrainConfig
 
-    command = "python -m jobs.train " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    from headclip.redact import redact_command
+
+    # the provenance recorded in every checkpoint holds no credentials
+    command = "python -m jobs.train " + shlex.join(redact_command(sys.argv[1:] if argv is None else list(argv)))
     try:
         model = HeadCLIPConfig(backbone=args.backbone, pretrained=args.pretrained, image_size=args.image_size,
                                map_layers=tuple(args.map_layers) if args.map_layers else None,
@@ -100,7 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for row in history:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if not k.startswith("_")})
-    print(f"wrote {args.output} (checkpoint id {checkpoint_id(data)})")
+    from headclip.redact import redact_text
+
+    print(f"wrote {redact_text(args.output)} (checkpoint id {checkpoint_id(data)})")
     return 0
 
 

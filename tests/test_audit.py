@@ -232,7 +232,7 @@ def test_rerun_adds_no_rows(audited, tiny_checkpoint, tmp_path):
 def test_day_without_images_says_so(audited, tiny_checkpoint, tmp_path):
     _, _, archive = audited
     history = _copy_history(audited, tmp_path)
-    code = audit_job.main(_args(archive, history, tiny_checkpoint, "2026-11-24"))
+    code = audit_job.main(_args(archive, history, tiny_checkpoint, "2026-11-24", "--allow-missing-day"))
     assert code == 0
     summary = _summary(history, "2026-11-24")
     assert summary["new_images"] == 0 and summary["figures"]["images"] == 0

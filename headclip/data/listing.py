@@ -3,11 +3,17 @@
 An input is a prefix (folder), a glob, a single image, or a manifest file
 (CSV or Parquet with an ``image_uri`` column, optional ``image_id`` and any
 extra columns, which travel with each image into the output).
+
+Only regular files are listed (no FIFOs, devices or broken links). A listed
+file's ``source_version`` (ETag, or size and modification time) is kept in
+the run's plan, not in the output, so a replaced file is noticed. Manifest
+columns named like output columns are refused, never overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 from typing import Optional, Sequence
 
@@ -16,12 +22,21 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from ..errors import EmptyInputError, InputError, InputNotFoundError
 from .decode import IMAGE_EXTENSIONS
-from ..storage.fs import as_uri, filesystem, open_file, resolve_relative
+from ..storage.fs import (as_uri, describe_error, file_version, filesystem, is_connection_error, open_file,
+                          resolve_relative)
+from ..storage.layout import VERSION_COLUMN
+from ..storage.schema import RESULT_COLUMNS
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 GLOB_CHARS = "*?["
+# columns a manifest cannot bring: the job computes them
+RESERVED_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("image_id", "image_uri")) + (VERSION_COLUMN,)
+# columns with a meaning for labelled inputs, and the types they need
+LABEL_VALUES = (0, 1)
+
+log = logging.getLogger(__name__)
 
 
 def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_options: Optional[dict] = None,
@@ -31,13 +46,18 @@ def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_
     Columns: ``image_id`` (path relative to the input root, or the manifest's),
     ``image_uri`` (absolute; with the input's protocol), then manifest extras.
     """
-    fs, path = filesystem(uri, storage_options)
-    if path.lower().endswith(MANIFEST_SUFFIXES):
-        table = _read_manifest(uri, fs, path, storage_options)
-    else:
-        table = _list_files(uri, fs, path, extensions)
+    try:
+        fs, path = filesystem(uri, storage_options)
+        if path.lower().endswith(MANIFEST_SUFFIXES):
+            table = _read_manifest(uri, fs, path, storage_options)
+        else:
+            table = _list_files(uri, fs, path, extensions)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any storage failure is one line naming its kind
+        raise InputError(f"cannot list input {uri}: {describe_error(err)}") from None
     if table.num_rows == 0:
-        raise InputError(f"no images found at {uri} (extensions {', '.join(extensions)})")
+        raise EmptyInputError(f"no images found at {uri} (extensions {', '.join(extensions)})")
     table = table.sort_by([("image_uri", "ascending")])
     duplicates = table.num_rows - len(pc.unique(table["image_id"]))
     if duplicates:
@@ -47,28 +67,74 @@ def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_
     return table
 
 
+def _missing(uri, fs, path, what: str) -> InputError:
+    """The error for a path that does not exist, unless the store could not be reached at all."""
+    try:
+        fs.info(path)
+    except FileNotFoundError as err:
+        if is_connection_error(err):
+            return InputError(f"cannot reach {uri}: {describe_error(err)}")
+    except Exception as err:  # noqa: BLE001 - a store that cannot be asked is not "not found"
+        return InputError(f"cannot reach {uri}: {describe_error(err)}")
+    return InputNotFoundError(f"{what} not found: {uri}")
+
+
 def _list_files(uri, fs, path, extensions) -> pa.Table:
     suffixes = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if any(ch in path for ch in GLOB_CHARS):
         root = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)].rsplit("/", 1)[0]
-        found = [p for p in fs.glob(path) if not fs.isdir(p)]
+        found = fs.glob(path, detail=True)
     elif fs.isdir(path):
         root = path.rstrip("/")
-        found = fs.find(path)
+        found = fs.find(path, detail=True)
     elif fs.exists(path):
         root = posixpath.dirname(path)
-        found = [path]
+        found = {path: fs.info(path)}
     else:
-        raise InputError(f"input not found: {uri}")
-    files = sorted(p for p in found if p.lower().endswith(suffixes) and not posixpath.basename(p).startswith("."))
+        raise _missing(uri, fs, path, "input")
+    named = {p: info for p, info in found.items()
+             if p.lower().endswith(suffixes) and not posixpath.basename(p).startswith(".")}
+    files = sorted(p for p, info in named.items() if info.get("type") == "file")
+    if len(files) < len(named):
+        others = sorted(set(named) - set(files))
+        log.warning("%s: skipped %d entries that are not regular files (first: %s)", uri, len(others), others[0])
     ids = [posixpath.relpath(p, root) if root else p for p in files]
     uris = [as_uri(fs, p, uri) for p in files]
-    return pa.table({"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string())})
+    return pa.table({"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string()),
+                     VERSION_COLUMN: pa.array([file_version(named[p]) for p in files], pa.string())})
+
+
+def check_image_table(table: pa.Table, source: str, reserved: tuple[str, ...] = RESERVED_COLUMNS) -> None:
+    """Refuse an image table whose columns would overwrite output columns or have unusable types.
+
+    ``label`` must hold integers 0/1 without nulls; ``class_name`` and
+    ``mask_uri`` strings; ``has_masks`` booleans (they drive metrics and masks).
+    """
+    clash = [name for name in table.column_names if name in reserved]
+    if clash:
+        raise InputError(f"{source}: column{'s' if len(clash) > 1 else ''} {', '.join(clash)} "
+                         f"{'are' if len(clash) > 1 else 'is'} computed by the job; rename "
+                         f"{'them' if len(clash) > 1 else 'it'} in the manifest")
+    schema = table.schema
+    if "label" in schema.names:
+        column = table["label"]
+        kind = schema.field("label").type
+        if not (pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+            raise InputError(f"{source}: label must be integers 0 or 1, got {kind} values")
+        values = set(pc.unique(column.cast(pa.int64())).to_pylist())
+        if values - set(LABEL_VALUES):
+            shown = sorted(values - set(LABEL_VALUES), key=str)[:3]
+            raise InputError(f"{source}: label must be 0 or 1 on every row, found {shown}")
+    strings = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
+    for name, checks, what in (("class_name", strings, "strings"), ("mask_uri", strings, "strings"),
+                               ("has_masks", (pa.types.is_boolean, pa.types.is_null), "booleans")):
+        if name in schema.names and not any(check(schema.field(name).type) for check in checks):
+            raise InputError(f"{source}: {name} must be {what}, got {schema.field(name).type} values")
 
 
 def _read_manifest(uri, fs, path, storage_options) -> pa.Table:
     if not fs.exists(path):
-        raise InputError(f"manifest not found: {uri}")
+        raise _missing(uri, fs, path, "manifest")
     with open_file(uri, "rb", storage_options) as handle:
         try:
             table = pacsv.read_csv(handle) if path.lower().endswith(".csv") else pq.read_table(handle)
@@ -76,6 +142,7 @@ def _read_manifest(uri, fs, path, storage_options) -> pa.Table:
             raise InputError(f"cannot read manifest {uri}: {str(err).splitlines()[0]}") from None
     if "image_uri" not in table.column_names:
         raise InputError(f"manifest {uri} has no image_uri column (columns: {', '.join(table.column_names)})")
+    check_image_table(table, f"manifest {uri}")
     base = posixpath.dirname(path)
     uris = []
     for value in table["image_uri"].to_pylist():
@@ -83,8 +150,8 @@ def _read_manifest(uri, fs, path, storage_options) -> pa.Table:
         if resolved is None:
             raise InputError(f"manifest {uri} has an empty image_uri")
         uris.append(resolved)
-    if "image_id" in table.column_names:
-        ids = [str(v) for v in table["image_id"].to_pylist()]
+    if "image_id" in table.column_names:  # a missing (null or empty) id falls back to the URI
+        ids = [u if v is None or str(v).strip() == "" else str(v) for v, u in zip(table["image_id"].to_pylist(), uris)]
     else:
         ids = uris
     extras = [name for name in table.column_names if name not in ("image_id", "image_uri")]
@@ -95,12 +162,16 @@ def _read_manifest(uri, fs, path, storage_options) -> pa.Table:
 
 
 def listing_hash(table: pa.Table) -> str:
-    """sha256 over the sorted image ids and URIs: what the run was planned over."""
+    """sha256 over the sorted image ids, URIs and (when listed) versions: what the run was planned over."""
     digest = hashlib.sha256()
-    for image_id, image_uri in zip(table["image_id"].to_pylist(), table["image_uri"].to_pylist()):
+    versions = table[VERSION_COLUMN].to_pylist() if VERSION_COLUMN in table.column_names else None
+    for i, (image_id, image_uri) in enumerate(zip(table["image_id"].to_pylist(), table["image_uri"].to_pylist())):
         digest.update(image_id.encode())
         digest.update(b"\0")
         digest.update(image_uri.encode())
+        if versions is not None and versions[i] is not None:
+            digest.update(b"\0")
+            digest.update(versions[i].encode())
         digest.update(b"\n")
     return digest.hexdigest()
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import DatasetError, ImageDecodeError
-from ..storage.fs import read_bytes
+from ..storage.fs import describe_error, is_connection_error, read_bytes
 from .decode import DEFAULT_MAX_PIXELS, decode_scaled, exif_orientation, open_image, upright_size
 from .transforms import resize_square
 
@@ -96,10 +96,10 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
     uri = record["image_uri"]
     try:
         data = read_bytes(uri, storage_options)
-    except FileNotFoundError:
-        return LoadedImage(error=f"not found: {uri}")
-    except (OSError, ValueError) as err:
-        return LoadedImage(error=f"read error: {type(err).__name__}: {_one_line(err)}")
+    except Exception as err:  # noqa: BLE001 - any failure to read (store, protocol, credentials) is the row's error
+        if isinstance(err, FileNotFoundError) and not is_connection_error(err):
+            return LoadedImage(error=f"not found: {uri}")
+        return LoadedImage(error=f"read error: {describe_error(err)}")
     jpeg, orientation = None, 1
     try:
         if keep_jpeg and data[:3] == JPEG_MAGIC and data.rstrip(b"\x00")[-2:] == JPEG_END:

@@ -22,7 +22,8 @@ from safetensors.torch import save as save_safetensors
 from .. import __version__
 from .config import HeadCLIPConfig
 from ..errors import CheckpointError
-from ..storage.fs import read_bytes, write_bytes_atomic
+from ..redact import redact_config
+from ..storage.fs import describe_error, read_bytes, write_bytes_atomic
 from .assets import resolve_asset
 
 FORMAT = "headclip-checkpoint/1"
@@ -63,10 +64,12 @@ def serialize(model) -> bytes:
         name: param.detach().to("cpu", torch.float32).contiguous().clone()
         for name, param in model.learnable_parameters().items()
     }
+    config = resolved_config(model).to_dict()
+    config["extra"] = redact_config(config.get("extra") or {})  # provenance without credentials
     payload = {
         "format": FORMAT,
         "headclip_version": __version__,
-        "config": resolved_config(model).to_dict(),
+        "config": config,
     }
     # A single metadata entry keeps the header's byte order fixed.
     metadata = {METADATA_KEY: json.dumps(payload, sort_keys=True)}
@@ -81,6 +84,7 @@ def save_checkpoint(model, uri: str, storage_options: Optional[dict] = None) -> 
 
 
 def _header_metadata(data: bytes, source: str) -> dict:
+    """The HeadCLIP payload of a safetensors header; CheckpointError for anything malformed."""
     if len(data) < 8:
         raise CheckpointError(f"{source}: not a safetensors file ({len(data)} bytes)")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -90,10 +94,18 @@ def _header_metadata(data: bytes, source: str) -> dict:
         header = json.loads(data[8:8 + header_len])
     except ValueError:
         raise CheckpointError(f"{source}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{source}: not a safetensors file (header is a JSON {type(header).__name__})")
     metadata = header.get("__metadata__") or {}
-    if METADATA_KEY not in metadata:
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise CheckpointError(f"{source}: safetensors file without a HeadCLIP config")
-    return json.loads(metadata[METADATA_KEY])
+    try:
+        payload = json.loads(metadata[METADATA_KEY])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: its HeadCLIP config is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{source}: its HeadCLIP config is a JSON {type(payload).__name__}, not an object")
+    return payload
 
 
 def parse_checkpoint(data: bytes, source: str = "checkpoint") -> Checkpoint:
@@ -111,16 +123,31 @@ def parse_checkpoint(data: bytes, source: str = "checkpoint") -> Checkpoint:
         config = HeadCLIPConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: invalid config: {err}") from None
-    tensors = load_safetensors(data)
+    tensors = _load_tensors(data, source)
     return Checkpoint(config, tensors, checkpoint_id(data), payload.get("headclip_version", "?"), source)
+
+
+def _load_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    """The learned tensors; refused when the data is malformed or any value is NaN or infinite."""
+    try:
+        tensors = load_safetensors(data)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type on malformed data
+        raise CheckpointError(f"{source}: malformed tensor data: {' '.join(str(err).split())[:200]}") from None
+    for name, tensor in sorted(tensors.items()):
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} holds {tensor.dtype} values, not floating point")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN or infinite values")
+    return tensors
 
 
 def read_checkpoint(uri: str, storage_options: Optional[dict] = None) -> Checkpoint:
     """Read a checkpoint from a local path, fsspec URL or packaged asset (``headclip:NAME``)."""
     try:
         data = read_bytes(resolve_asset(uri), storage_options)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {uri}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - missing, unreachable, unknown protocol: one line each
+        raise CheckpointError(f"cannot read checkpoint {uri}: {describe_error(err)}") from None
     return parse_checkpoint(data, uri)
 
 

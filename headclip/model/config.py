@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -88,10 +89,10 @@ class HeadCLIPConfig:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.sigma < math.inf:  # NaN fails too
+            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if self.top_k <= 0:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
         if self.n_ctx <= 0 or self.deep_prompt_length < 0:

@@ -10,18 +10,20 @@ an audit re-run adds no rows.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from ..storage.fs import filesystem
+from ..storage.results import BrokenShard, read_shard_table
 from ..storage.schema import PARTITION_KEYS, STATUS_OK
-from ..storage.layout import (day_of_partition, day_output, day_shard_glob, history_scores, history_shard_glob,
-                              partition_value)
+from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores, partition_value
+
+log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ["image_id", "image_uri", "status", "error", "score", "global_score", "is_anomalous", "run_id"]
 
@@ -34,8 +36,11 @@ def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
     file_columns = None if columns is None else [c for c in columns if c not in PARTITION_KEYS]
     frames = []
     for path in files:
-        with fs.open(path, "rb") as handle:
-            frame = pq.read_table(handle, columns=file_columns).to_pandas()
+        try:  # a foreign or broken file under the history is skipped, never fatal
+            frame = read_shard_table(fs, path, file_columns).to_pandas()
+        except BrokenShard as err:
+            log.warning("skipped a file under the history that is not a readable shard: %s", err)
+            continue
         frame["run_id"] = partition_value(path, "run_id")
         frames.append(frame)
     if not frames:
@@ -43,18 +48,6 @@ def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
     frame = pd.concat(frames, ignore_index=True)
     frame["date"] = day.isoformat()
     return frame
-
-
-def known_image_ids(history: str, storage_options: Optional[dict] = None) -> set[str]:
-    """Image ids already in the history, over all days."""
-    fs, root = filesystem(history_scores(history), storage_options)
-    if not fs.exists(root):
-        return set()
-    ids: set[str] = set()
-    for path in fs.glob(history_shard_glob(root)):
-        with fs.open(path, "rb") as handle:
-            ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
-    return ids
 
 
 def days_with_history(history: str, storage_options: Optional[dict] = None) -> list[dt.date]:

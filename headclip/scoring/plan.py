@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from ..data.listing import listing_hash, shard_slices
 from ..storage.fs import filesystem, read_bytes, write_bytes_atomic
-from ..storage.layout import plan_file_uri, plan_images_uri, shard_uri
+from ..storage.layout import VERSION_COLUMN, plan_file_uri, plan_images_uri, shard_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RunPlan:
 
     @property
     def extra_fields(self) -> list[pa.Field]:
-        return [f for f in self.images.schema if f.name not in ("image_id", "image_uri")]
+        return [f for f in self.images.schema if f.name not in ("image_id", "image_uri", VERSION_COLUMN)]
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:

@@ -4,13 +4,18 @@ Data flows one way: listing -> shards -> actors (decode -> model -> encode)
 -> Parquet. Each actor reserves a GPU (or CPUs), loads the model once and
 scores whole shards. A shard is done once its file is published; a rerun
 skips it. If an actor dies, its shards go to a fresh actor.
+
+Before any actor starts, the checkpoint is checked against its backbone's
+structure and the cluster against one actor's resources; a resumed run must
+keep its settings. An actor that cannot start, a shard that keeps failing
+and an output that cannot be written end the run with one line (JobError).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import posixpath
+import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -18,17 +23,22 @@ from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 
+from ..errors import InputError, JobError, OutputError
 from ..model.checkpoint import read_checkpoint
 from ..model.assets import DEMO_CHECKPOINT_URI
+from ..model.validate import check_checkpoint
 from ..data.decode import IMAGE_EXTENSIONS
-from ..data.listing import list_images, listing_hash
+from ..data.listing import check_image_table, list_images, listing_hash
+from .placement import DEFAULT_TIMEOUT, actor_layout, cpus_per_gpu, wait_for_placement
 from .plan import RunPlan, derive_run_id, make_plan, read_plan, write_plan
 from .progress import Progress
-from ..storage.schema import STATUS_OK
 from ..evaluation.metrics import MetricsByClass
+from ..redact import redact_options, redact_text
 from .scorer import ScoringOptions, ShardResult, ShardScorer, ShardTask
-from ..storage.fs import filesystem, read_bytes, write_bytes_atomic
-from ..storage.layout import metrics_uri, run_uri, summary_uri
+from .shards import BrokenShard, finished_shards, remove_temporary_files, shard_result
+from ..storage.fs import canonical_uri, describe_error, write_bytes_atomic
+from ..storage.layout import run_uri, summary_uri
+from ..storage.schema import RESULT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,9 @@ class JobConfig:
     model_overrides: dict = field(default_factory=dict)
     max_shard_attempts: int = 3
     max_actor_restarts: int = 16
+    max_init_failures: int = 2  # actors whose model fails to load before the run gives up
     progress_interval: float = 5.0
+    placement_timeout: float = DEFAULT_TIMEOUT  # seconds to wait for a node that can hold an actor
 
     @property
     def checkpoint_uri(self) -> str:
@@ -115,7 +127,7 @@ class JobSummary:
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "metrics"}
-        return {**data, "images_per_second": round(self.images_per_second, 3)}
+        return {**data, "output": redact_text(self.output), "images_per_second": round(self.images_per_second, 3)}
 
     def lines(self) -> list[str]:
         return [
@@ -123,68 +135,72 @@ class JobSummary:
             f"({self.shards_skipped} already done), {self.errors} errors, {self.anomalous} anomalous",
             f"throughput {self.images_per_second:.1f} images/s over {self.seconds:.1f}s, "
             f"{self.actor_restarts} actor restarts",
-            f"output: {run_uri(self.output, self.run_id)}",
+            f"output: {redact_text(run_uri(self.output, self.run_id))}",
         ]
+
+
+# settings a resumed run must keep, besides its checkpoint
+RESUME_SETTINGS = ("input", "threshold", "mask_threshold", "mask_max_side", "heatmap_side", "max_pixels", "shard_size",
+                   "limit", "extensions", "model_overrides")
 
 
 def prepare(config: JobConfig, images: Optional[pa.Table] = None) -> RunPlan:
     """Validate the checkpoint, list the input and write (or read back) the run's plan.
 
     ``images`` replaces the listing of ``config.input`` (e.g. a labelled data
-    set's table). Raises CheckpointError, InputError or OSError before any Ray work.
+    set's table). Raises CheckpointError, InputError or OutputError before any Ray work.
     """
     checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
+    check_checkpoint(checkpoint, config.model_overrides, config.storage_options)
     if images is None:
         images = list_images(config.input, config.extensions, config.storage_options, config.limit)
-    elif config.limit is not None:
-        images = images.slice(0, config.limit)
+    else:
+        check_image_table(images, f"input {config.input}", reserved=_OUTPUT_ONLY)
+        if config.limit is not None:
+            images = images.slice(0, config.limit)
     listed = listing_hash(images)
     settings = {**config.row_settings(), "listing_hash": listed}
-    run_id = config.run_id or derive_run_id(config.input, checkpoint.checkpoint_id, settings)
-    existing = read_plan(config.output, run_id, config.storage_options)
+    input_uri = canonical_uri(config.input, config.storage_options)
+    run_id = config.run_id or derive_run_id(input_uri, checkpoint.checkpoint_id, settings)
+    run_config = redact_options({"input": input_uri, "checkpoint": config.checkpoint_uri, **config.row_settings()})
+    try:
+        existing = read_plan(config.output, run_id, config.storage_options)
+    except Exception as err:  # noqa: BLE001 - unreadable, unreachable, not a directory: one line
+        raise OutputError(f"cannot use output {config.output}: {describe_error(err)}") from None
     if existing is not None:
+        differing = _differing_settings(existing, run_config, checkpoint.checkpoint_id)
+        if differing:
+            raise InputError(f"run {run_id} was planned with other settings ({'; '.join(differing)}); run it with "
+                             f"those, or give a new --run-id")
         if existing.listing_hash != listed:
             log.warning("run %s was planned over a different listing (%d images, now %d); continuing its "
                         "stored plan, give a new --run-id to score the current listing", run_id,
                         existing.images.num_rows, images.num_rows)
         log.info("resuming run %s from its stored plan (%d images)", run_id, existing.images.num_rows)
         return existing
-    run_config = {"input": config.input, "checkpoint": config.checkpoint_uri, **config.row_settings()}
     plan = make_plan(run_id, config.output, images, config.shard_size, run_config, checkpoint.checkpoint_id)
-    write_plan(plan, config.storage_options)
+    try:
+        write_plan(plan, config.storage_options)
+    except Exception as err:  # noqa: BLE001 - read-only, full, unreachable: one line before any work
+        raise OutputError(f"cannot use output {config.output}: {describe_error(err)}") from None
     return plan
 
 
-def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
-    """The fewest CPUs per GPU on any live GPU node (``ray.nodes()`` entries), or None without GPU nodes."""
-    shares = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in nodes
-              if node.get("Alive", True) and node.get("Resources", {}).get("GPU", 0) > 0]
-    return min(shares) if shares else None
+_OUTPUT_ONLY = tuple(c for c in RESULT_COLUMNS if c not in ("image_id", "image_uri"))
 
 
-def actor_layout(config: JobConfig, resources: dict[str, float], num_shards: int,
-                 gpu_node_cpus_per_gpu: Optional[float] = None) -> tuple[int, float, float]:
-    """(actors, gpus per actor, cpus per actor) for a cluster with ``resources`` now.
-
-    An explicit ``gpus_per_actor > 0`` requests GPU actors even when the
-    cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors. A
-    GPU actor takes its GPUs' share of the CPUs of a GPU node
-    (``gpu_node_cpus_per_gpu``, from :func:`cpus_per_gpu`; 4 per GPU when no
-    GPU node is up yet): decoding and encoding run on those CPUs.
-    """
-    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
-    explicit = config.gpus_per_actor
-    if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
-        per_actor = explicit or 1.0
-        actors = config.actors or max(1, int(gpus // per_actor))
-        share = gpu_node_cpus_per_gpu if gpu_node_cpus_per_gpu is not None else 4.0
-        cpus_per_actor = config.cpus_per_actor or max(1.0, float(int(share * per_actor)))
-        return max(1, min(actors, num_shards)), per_actor, cpus_per_actor
-    default_cpus = cpus if cpus <= 4 else 4.0
-    cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
-                                               else default_cpus)
-    actors = config.actors or max(1, int(cpus // cpus_per_actor))
-    return max(1, min(actors, num_shards)), 0.0, cpus_per_actor
+def _differing_settings(plan: RunPlan, run_config: dict, checkpoint_id: str) -> list[str]:
+    """'name stored -> now' for each setting of a stored plan that the current command changes."""
+    differing = []
+    if plan.checkpoint_id != checkpoint_id:
+        differing.append(f"checkpoint {plan.checkpoint_id[:12]} -> {checkpoint_id[:12]}")
+    stored = dict(plan.config)
+    if "input" in stored:
+        stored["input"] = canonical_uri(stored["input"])  # plans written before inputs were canonical
+    for name in RESUME_SETTINGS:
+        if name in stored and name in run_config and stored[name] != run_config[name]:
+            differing.append(f"{name} {stored[name]!r} -> {run_config[name]!r}")
+    return differing
 
 
 class _ScorerActor:
@@ -223,6 +239,7 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
     actors_n, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending), cpus_per_gpu(ray.nodes()))
     log.info("run %s: %d images in %d shards on %d actors (%.2g GPU, %.2g CPU each)", plan.run_id,
              plan.images.num_rows, plan.num_shards, actors_n, gpus, cpus)
+    wait_for_placement(cpus, gpus, config.placement_timeout)
     scorer_kwargs = dict(run_id=plan.run_id, checkpoint=config.checkpoint_uri, options=config.scoring,
                          storage_options=config.storage_options, run_config=plan.config,
                          model_overrides=config.model_overrides, extra_fields=plan.extra_fields,
@@ -239,6 +256,7 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
         on_event("actors", [f"headclip-scorer-{plan.run_id}-{s}-0" for s in range(actors_n)])
     inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, shard)
     attempts = [0] * plan.num_shards
+    init_failures = 0
     try:
         while pending or inflight:
             for slot in range(actors_n):
@@ -255,8 +273,13 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                     pending.appendleft(shard)
                     if gen == generation[slot]:
                         summary.actor_restarts += 1
+                        if getattr(err, "actor_init_failed", False):
+                            init_failures += 1
+                            if init_failures >= config.max_init_failures:
+                                raise JobError(f"scoring actors cannot start: {_cause_line(err)}") from None
                         if summary.actor_restarts > config.max_actor_restarts:
-                            raise RuntimeError(f"too many scoring actors died ({summary.actor_restarts})") from err
+                            raise JobError(f"too many scoring actors died ({summary.actor_restarts}); the "
+                                           f"last: {_cause_line(err)}") from None
                         log.warning("scoring actor %d died (%s); shard %d goes to a new actor", slot,
                                     type(err).__name__, shard)
                         generation[slot] += 1
@@ -265,12 +288,19 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                 except ray.exceptions.RayTaskError as err:
                     attempts[shard] += 1
                     if attempts[shard] >= config.max_shard_attempts:
-                        raise RuntimeError(f"shard {shard} failed {attempts[shard]} times: "
-                                           f"{str(err.cause if hasattr(err, 'cause') else err).splitlines()[0]}")
+                        raise JobError(f"shard {shard} failed {attempts[shard]} times: {_cause_line(err)} "
+                                       f"(writing {redact_text(plan.shard_uri(shard))})") from None
                     log.warning("shard %d failed (attempt %d), retrying: %s", shard, attempts[shard],
-                                str(err).splitlines()[0])
+                                _cause_line(err))
                     pending.append(shard)
                     continue
+                if result.skipped:  # another driver published it: count what its file holds
+                    try:
+                        result = shard_result(plan, shard, config.storage_options)
+                    except BrokenShard as broken:
+                        log.warning("shard %d is broken and is scored again: %s", shard, broken)
+                        pending.append(shard)
+                        continue
                 _account(summary, result)
                 progress.update(result)
                 if on_event:
@@ -278,7 +308,19 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
             progress.tick()
     finally:
         _stop_actors(ray, actors)
+        _discard(ray, list(inflight))
     return _finish(summary, plan, config, progress, start)
+
+
+def _discard(ray, refs: list, timeout: float = 10.0) -> None:
+    """Collect the calls still in flight when a run ends early, so Ray prints no 'unhandled error' for them."""
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - the run has already failed or been interrupted
+            pass
 
 
 def _stop_actors(ray, actors: list, timeout: float = 10.0) -> None:
@@ -295,38 +337,27 @@ def _stop_actors(ray, actors: list, timeout: float = 10.0) -> None:
         ray.kill(actor, no_restart=True)
 
 
+def _cause_line(err: BaseException) -> str:
+    """The one line that says why a remote call failed: the last 'SomeError: message' line of its report."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException) and str(cause).strip():
+        return f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return " ".join((named[-1] if named else lines[0] if lines else type(err).__name__).split())[:300]
+
+
 def _finish(summary: JobSummary, plan: RunPlan, config: JobConfig, progress: Progress, start: float) -> JobSummary:
     progress.close()
     summary.seconds = time.perf_counter() - start
-    write_bytes_atomic(summary_uri(run_uri(plan.output, plan.run_id)), json.dumps(summary.to_dict(), indent=2).encode(), config.storage_options)
+    remove_temporary_files(plan, config.storage_options)
+    uri = summary_uri(run_uri(plan.output, plan.run_id))
+    try:
+        write_bytes_atomic(uri, json.dumps(summary.to_dict(), indent=2).encode(), config.storage_options)
+    except OSError as err:
+        raise JobError(f"every shard is published, but the summary cannot be written to {redact_text(uri)}: "
+                       f"{' '.join(str(err).split())}") from None
     return summary
-
-
-def finished_shards(plan: RunPlan, storage_options: Optional[dict] = None) -> list[ShardResult]:
-    """Shards of ``plan`` whose files are already published, with their counts."""
-    import pyarrow.parquet as pq
-
-    fs, root = filesystem(run_uri(plan.output, plan.run_id), storage_options)
-    if not fs.exists(root):
-        return []
-    names = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
-    results = []
-    for index in range(plan.num_shards):
-        uri = plan.shard_uri(index)
-        if posixpath.basename(uri) not in names:
-            continue
-        with fs.open(filesystem(uri, storage_options)[1], "rb") as handle:
-            table = pq.read_table(handle, columns=["status", "is_anomalous"])
-        status = table["status"].to_pylist()
-        metrics = None
-        metrics_path = filesystem(metrics_uri(uri), storage_options)[1]
-        if fs.exists(metrics_path):
-            metrics = MetricsByClass.from_dict(json.loads(read_bytes(metrics_uri(uri), storage_options))).to_dict()
-        results.append(ShardResult(index, images=table.num_rows, skipped=True,
-                                   errors=sum(1 for s in status if s != STATUS_OK),
-                                   anomalous=sum(1 for a in table["is_anomalous"].to_pylist() if a),
-                                   metrics=metrics))
-    return results
 
 
 def _account(summary: JobSummary, result: ShardResult) -> None:

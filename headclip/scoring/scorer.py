@@ -12,6 +12,7 @@ import json
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
@@ -47,6 +48,7 @@ class ScoringOptions:
     reduced_decode: bool = True  # large JPEGs decode at a reduced DCT scale (still >= the input size)
     device_decode: bool = False  # JPEGs decode on the model's device (nvjpeg on CUDA), else on the host
     metric_bins: int = 1000  # pixel-metric histogram bins, for labelled inputs
+    read_timeout: float = 300.0  # seconds one image may take to read and decode before it is an error row
     # Calibrated per-group thresholds: an image whose ``group_column`` value is a key of
     # ``group_thresholds`` gets that (threshold, mask_threshold); any other image the two above.
     group_column: Optional[str] = None
@@ -203,7 +205,7 @@ class ShardScorer:
             while next_to_submit < len(records) and len(loads) < window:
                 loads.append(self.pool.submit(self._load, records[next_to_submit]))
                 next_to_submit += 1
-            loaded = loads.popleft().result()
+            loaded = self._wait(loads.popleft(), records[i]["image_uri"])
             if loaded.error is not None:
                 rows[i] = error_row(i, loaded, loaded.error)
                 continue
@@ -220,6 +222,17 @@ class ShardScorer:
             for i, row in zip(indices, future.result()):
                 rows[i] = row
         return rows_to_table(rows, self.schema)
+
+    def _wait(self, future: Future, uri: str) -> LoadedImage:
+        """The loaded image, or an error after ``read_timeout``; a hung read's thread is left behind."""
+        try:
+            return future.result(timeout=self.options.read_timeout)
+        except FutureTimeout:
+            log.warning("reading %s took over %gs; it becomes an error row", uri, self.options.read_timeout)
+            # the hung thread keeps its pool slot: later work goes to a fresh pool
+            self.pool.shutdown(wait=False)
+            self.pool = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="headclip-io")
+            return LoadedImage(error=f"read timed out after {self.options.read_timeout:g}s")
 
     def score_shard(self, task: ShardTask) -> ShardResult:
         """Score a shard and publish its Parquet file; a finished shard is skipped."""
@@ -243,7 +256,7 @@ class ShardScorer:
 
     def close(self) -> None:
         """Stop the I/O threads; the scorer cannot be used afterwards."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # a hung read must not hang the actor
 
     def __enter__(self) -> "ShardScorer":
         return self

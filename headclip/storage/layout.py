@@ -20,6 +20,7 @@ An audit history::
 
     HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/...   a scoring output per day
     HISTORY/reports/date=YYYY-MM-DD/summary.json, report.html
+    HISTORY/locks/date=YYYY-MM-DD.lock               held while an audit of the day runs
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .fs import join
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
 PLAN_IMAGES_FILE = "images.arrow"
+VERSION_COLUMN = "source_version"  # a listed file's ETag or size and mtime, in the plan's image list only
 METRICS_DIR = "_metrics"
 EVAL_DIR = "_eval"
 SUMMARY_FILE = "_summary.json"
@@ -129,3 +131,8 @@ def day_of_partition(name: str):
         return dt.date.fromisoformat(name[5:])
     except ValueError:
         return None
+
+
+def audit_lock_uri(history: str, day: dt.date) -> str:
+    """The lock an audit of ``day`` holds while it runs: ``HISTORY/locks/date=<day>.lock``."""
+    return join(history, "locks", f"date={day.isoformat()}.lock")

@@ -1,0 +1,111 @@
+"""Placing scoring actors: their size, and whether the cluster can hold one at all (said within seconds).
+
+Ray keeps an actor whose resources no node has pending forever. Before the
+actors start, the driver compares one actor's request (CPUs, GPUs) with each
+live node's total resources. When none fits it says so at once: that it waits
+for the autoscaler to add a node (when the cluster reports an autoscaler
+whose node types can provide it), or that no node can hold it. It then waits
+up to ``timeout`` seconds for such a node and fails with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+from ..errors import PlacementError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runner import JobConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 300.0  # seconds; a cloud GPU node usually joins within a few minutes
+
+
+def _fits(resources: dict, need: dict[str, float]) -> bool:
+    return all(resources.get(name, 0.0) >= amount for name, amount in need.items() if amount > 0)
+
+
+def _live_nodes() -> list[dict]:
+    import ray
+
+    return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def _autoscaler_can_add(need: dict[str, float]) -> Optional[bool]:
+    """True/False: whether an autoscaler node type provides ``need``; None without an autoscaler config."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or differently built Ray: treat as no autoscaler
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return any(group.max_count != 0 and _fits(dict(group.resources), need) for group in config.node_group_configs)
+
+
+def _describe(need: dict[str, float]) -> str:
+    return " and ".join(f"{amount:g} {name}" for name, amount in need.items())
+
+
+def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0,
+                       nodes: Callable[[], list[dict]] = _live_nodes) -> None:
+    """Return once some live node can hold an actor of ``cpus``/``gpus``; PlacementError after ``timeout``."""
+    need = {"CPU": float(cpus), "GPU": float(gpus)}
+    if any(_fits(resources, need) for resources in nodes()):
+        return
+    largest = max(nodes(), key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+    have = f"the largest node has {largest.get('CPU', 0.0):g} CPU and {largest.get('GPU', 0.0):g} GPU"
+    autoscaler = _autoscaler_can_add(need)
+    if autoscaler is False:
+        raise PlacementError(f"no node can hold a scoring actor needing {_describe(need)} ({have}), and no "
+                             f"node type of the cluster's autoscaler provides it")
+    if autoscaler:
+        log.warning("no node can hold a scoring actor needing %s yet (%s); waiting up to %gs for the autoscaler "
+                    "to add one", _describe(need), have, timeout)
+    else:
+        log.warning("no node can hold a scoring actor needing %s (%s); waiting up to %gs for one to join "
+                    "(--placement-timeout)", _describe(need), have, timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        if any(_fits(resources, need) for resources in nodes()):
+            log.info("a node that can hold the scoring actors has joined")
+            return
+    raise PlacementError(f"no node can hold a scoring actor needing {_describe(need)} ({have}); gave up after "
+                         f"{timeout:g}s (--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
+
+
+def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
+    """The fewest CPUs per GPU on any live GPU node (``ray.nodes()`` entries), or None without GPU nodes."""
+    shares = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in nodes
+              if node.get("Alive", True) and node.get("Resources", {}).get("GPU", 0) > 0]
+    return min(shares) if shares else None
+
+
+def actor_layout(config: "JobConfig", resources: dict[str, float], num_shards: int,
+                 gpu_node_cpus_per_gpu: Optional[float] = None) -> tuple[int, float, float]:
+    """(actors, gpus per actor, cpus per actor) for a cluster with ``resources`` now.
+
+    An explicit ``gpus_per_actor > 0`` requests GPU actors even when the
+    cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors. A
+    GPU actor takes its GPUs' share of the CPUs of a GPU node
+    (``gpu_node_cpus_per_gpu``, from :func:`cpus_per_gpu`; 4 per GPU when no
+    GPU node is up yet): decoding and encoding run on those CPUs.
+    """
+    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
+    explicit = config.gpus_per_actor
+    if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
+        per_actor = explicit or 1.0
+        actors = config.actors or max(1, int(gpus // per_actor))
+        share = gpu_node_cpus_per_gpu if gpu_node_cpus_per_gpu is not None else 4.0
+        cpus_per_actor = config.cpus_per_actor or max(1.0, float(int(share * per_actor)))
+        return max(1, min(actors, num_shards)), per_actor, cpus_per_actor
+    default_cpus = cpus if cpus <= 4 else 4.0
+    cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
+                                               else default_cpus)
+    actors = config.actors or max(1, int(cpus // cpus_per_actor))
+    return max(1, min(actors, num_shards)), 0.0, cpus_per_actor
