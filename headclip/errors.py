@@ -45,6 +45,10 @@ class ImageDecodeError(HeadCLIPError):
         self.height = height
 
 
+class ThresholdsError(HeadCLIPError):
+    """A thresholds file that cannot be read, or was calibrated with another checkpoint."""
+
+
 class UsageError(HeadCLIPError):
     """Bad flags or arguments of an entry point, found before any work starts."""
 

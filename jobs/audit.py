@@ -6,8 +6,9 @@ figures (images, errors, anomaly rate, score quantiles, top-N images), compares
 them with the trailing baseline (the previous --baseline-days days): the change
 in anomaly rate with a 95% confidence interval and a two-sample
 Kolmogorov-Smirnov test of the scores. Writes summary.json and report.html
-(score histogram against the baseline, anomaly rate over 30 days, gallery of
-the top-N images with masks) to HISTORY/reports/date=<day>/.
+(score histogram against the baseline, anomaly rate over 30 days, a table of
+the top-N images, and image strips of the flagged ones) to
+HISTORY/reports/date=<day>/.
 
 An image is scored again when its latest row is an error (unless
 --no-rescore-errors) or its file changed (ETag, or size and modification
@@ -15,24 +16,35 @@ time); only its newest row stays in the day. A day whose input does not
 exist is an error unless --allow-missing-day says an empty day is expected.
 One audit of a history and day runs at a time (a lock under HISTORY/locks/).
 
-Exit codes: 0 no alert, 2 bad input (or another audit of the day is running),
-3 an alert condition holds (the summary and report say why).
+
+Exit codes: 0 no alert, 2 bad input (or another audit of the day is running), 3 an alert condition holds (the summary
+and report say why; --alert-exit-code changes it). The last line printed is
+"AUDIT ALERT <day>: <reasons> ..." or "AUDIT OK <day>: ...", so a scheduler's
+status message (Ray's job status keeps the log's tail) tells an alert from a
+failure; summary.json has the same line ("message") and "alert". --webhook
+POSTs summary.json to a URL when the audit alerts (or on every run).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import logging
+import os
+import sys
 from typing import Optional, Sequence
 
-from .cli import (Parser, UsageError, add_cluster_flags, check_storage_options, init_ray, positive_float, positive_int,
-                  prepare_or_exit, run, unit_float)
+from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, check_storage_options,
+                  init_ray, load_thresholds_arg, positive_float, positive_int, prepare_or_exit, run, unit_float,
+                  warn_uncalibrated)
 
 EXIT_ALERT = 3
+WEBHOOK_ENV = "HEADCLIP_AUDIT_WEBHOOK"
 EXAMPLE = """examples:
   python -m jobs.audit --date 2026-11-23 --prefix-template 's3://bucket/line-7/date={date}/' \\
-      --history s3://bucket/audit/line-7 --checkpoint s3://bucket/models/headclip.safetensors
+      --history s3://bucket/audit/line-7 --checkpoint s3://bucket/models/headclip.safetensors \\
+      --thresholds s3://bucket/audit/thresholds.json --threshold-group line-7
   python -m jobs.audit --input demo-data/images --date 2026-11-23 --history out/audit
 """
 
@@ -57,7 +69,16 @@ def build_parser() -> Parser:
                    help="alert when the KS test of scores against the baseline gives p below this (default 0.001)")
     p.add_argument("--alert-error-rate", type=unit_float, default=0.05,
                    help="alert when more than this share of images fail (default 0.05)")
-    p.add_argument("--threshold", type=unit_float, default=0.5, help="image label threshold (default 0.5)")
+    p.add_argument("--threshold", type=unit_float, default=None, help="image label threshold (default 0.5)")
+    add_thresholds_flags(p)
+    p.add_argument("--alert-exit-code", type=exit_code, metavar="CODE", default=EXIT_ALERT,
+                   help=f"exit code when an alert holds (default {EXIT_ALERT}; 0 keeps alerts out of a "
+                        "scheduler's failures, leaving the summary, the last log line and --webhook to tell)")
+    p.add_argument("--webhook", type=webhook_url, default=os.environ.get(WEBHOOK_ENV) or None,
+                   help="http(s) URL that receives summary.json as a JSON POST when the audit alerts "
+                        f"(default: ${WEBHOOK_ENV}, which keeps it off command lines; never printed or stored)")
+    p.add_argument("--webhook-on", choices=["alert", "always"], default="alert",
+                   help="POST on alerts only (default) or after every audit")
     p.add_argument("--allow-missing-day", action="store_true",
                    help="a day whose input does not exist is an empty day, not an error (exit 2)")
     p.add_argument("--no-rescore-errors", action="store_true",
@@ -66,6 +87,32 @@ def build_parser() -> Parser:
                    help="seconds after which another audit's lock of the day counts as abandoned (default 21600)")
     add_cluster_flags(p)
     return p
+
+
+def exit_code(text: str) -> int:
+    """An exit code a shell passes on unchanged: 0 to 125."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 125:
+        raise argparse.ArgumentTypeError(f"must be 0 to 125, got {value}")
+    return value
+
+
+def webhook_url(text: str) -> str:
+    """An http(s) URL with a host; the error never repeats the URL (it may hold a token)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host")
+    return text
 
 
 def resolve_input(args) -> tuple[str, dt.date]:
@@ -112,21 +159,24 @@ def new_images(input_uri: str, history: str, storage_options: Optional[dict], al
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     input_uri, day = resolve_input(args)
+    from headclip.model.assets import DEMO_CHECKPOINT
     from headclip.storage import layout
     from headclip.storage.fs import canonical_uri
     from headclip.storage.history import AuditLock
 
     options = args.storage_options
     check_storage_options(options, input_uri, args.history)
+    calibrated = load_thresholds_arg(args, args.checkpoint or str(DEMO_CHECKPOINT))
     input_uri = canonical_uri(input_uri, options)  # dir and dir/ are one input
     with AuditLock(layout.audit_lock_uri(args.history, day), options, args.lock_stale_after):
-        return audit_day(args, input_uri, day)
+        return audit_day(args, input_uri, day, calibrated)
 
 
-def audit_day(args, input_uri: str, day: dt.date) -> int:
+def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
     """Score the day's new images, compare, report; the caller holds the day's lock."""
     from headclip.redact import redact_text
     from headclip.reporting import audit
+    from headclip.reporting.html import audit_report
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
     from headclip.storage import layout
@@ -140,8 +190,11 @@ def audit_day(args, input_uri: str, day: dt.date) -> int:
         config = JobConfig(input=input_uri, output=layout.day_output(args.history, day), checkpoint=args.checkpoint,
                            shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                            storage_options=options, placement_timeout=args.placement_timeout,
-                           scoring=ScoringOptions(threshold=args.threshold, batch_size=args.batch_size))
+                           scoring=ScoringOptions(threshold=0.5 if args.threshold is None else args.threshold,
+                                                  batch_size=args.batch_size))
+        apply_thresholds(config, calibrated)
         plan = prepare_or_exit(config, todo)
+        warn_uncalibrated(plan.images, calibrated)
         init_ray(args.ray_address)
         execute(plan, config)
         drop_superseded(args.history, day, options)
@@ -157,55 +210,25 @@ def audit_day(args, input_uri: str, day: dt.date) -> int:
     summary = audit.AuditSummary(
         date=day.isoformat(), new_images=0 if todo is None else todo.num_rows, figures=figures,
         comparison=comparison, alert=bool(reasons), reasons=reasons,
-        top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score)}
-                    for r in top.itertuples()],
-        report=join(report_dir, layout.AUDIT_REPORT_FILE), note=redact_text(note))
-    html = render(summary, day_rows, baseline, audit.trend(args.history, day, 30, options), top, options)
-    write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), html.encode(), options)
-    write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode(), options)
-    print(f"audit {day.isoformat()}: {figures.images} images ({summary.new_images} new), "
-          f"{figures.errors} errors, anomaly rate {_fmt(figures.anomaly_rate)}; {redact_text(note)}; "
-          f"report {redact_text(summary.report)}")
+        top_images=[{"image_id": r.image_id, "image_uri": r.image_uri, "score": float(r.score),
+                     "is_anomalous": bool(r.is_anomalous)} for r in top.itertuples()],
+        report=join(report_dir, layout.AUDIT_REPORT_FILE), note=redact_text(note),
+        thresholds=None if calibrated is None else calibrated.summary() + (
+            f" (group {args.threshold_group})" if args.threshold_group else ""))
+    report = audit_report(summary, day_rows, baseline, audit.trend(args.history, day, 30, options),
+                          thresholds.rate_increase, args.top_n, options)
+    write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), report.html().encode(), options)
+    document = summary.to_dict()
+    write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(document, indent=2).encode(), options)
     for reason in reasons:
         print(f"ALERT: {reason}")
-    return EXIT_ALERT if reasons else 0
+    if args.webhook and (summary.alert or args.webhook_on == "always"):
+        from headclip.reporting.notify import post_json
 
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def render(summary, day_rows, baseline, trend_points, top, storage_options) -> str:
-    from headclip.reporting.html import Report, Section, errors_html, gallery_html, histogram_svg, line_svg, score_figures
-    from headclip.storage.schema import STATUS_OK
-
-    comparison = summary.comparison
-    if summary.alert:
-        banner = ("alert", "ALERT: " + "; ".join(summary.reasons))
-    elif summary.figures.images == 0:
-        banner = ("ok", f"No images for {summary.date}. {summary.note}".strip())
-    else:
-        banner = ("ok", "No alert." + (f" {summary.note}." if summary.note else ""))
-    report = Report(title=f"Anomaly audit {summary.date}", banner=banner)
-    report.figures = {"new images scored": str(summary.new_images), **score_figures(day_rows)} \
-        if len(day_rows) else {"new images scored": "0"}
-    if comparison.rate_change is not None:
-        low, high = comparison.rate_change_ci95
-        report.figures["baseline"] = (f"{', '.join(comparison.baseline_days)}: {comparison.baseline_images} images, "
-                                      f"anomaly rate {comparison.baseline_anomaly_rate:.3f}")
-        report.figures["change in anomaly rate"] = f"{comparison.rate_change:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
-        report.figures["KS test of scores"] = f"D = {comparison.ks_statistic:.3f}, p = {comparison.ks_p_value:.2g}"
-    else:
-        report.figures["baseline"] = "none in the trailing days"
-    ok_day = day_rows[day_rows["status"] == STATUS_OK]["score"].tolist() if len(day_rows) else []
-    ok_base = baseline[baseline["status"] == STATUS_OK]["score"].tolist() if len(baseline) else []
-    report.sections.append(Section("Scores against the baseline",
-                                   histogram_svg({summary.date: ok_day, "baseline": ok_base})))
-    report.sections.append(Section("Anomaly rate, last 30 days", line_svg(trend_points)))
-    report.sections.append(Section(f"Top {len(top)} anomalous images", gallery_html(top, storage_options)))
-    if len(day_rows):
-        report.sections.append(Section("Errors", errors_html(day_rows)))
-    return report.html()
+        delivered, outcome = post_json(args.webhook, document)
+        print(f"webhook {outcome}", file=sys.stdout if delivered else sys.stderr)
+    print(summary.message, flush=True)  # the last line: what a scheduler's status message shows
+    return args.alert_exit_code if reasons else 0
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ No job imports another job; what two jobs need lives here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -92,6 +95,13 @@ def unit_float(text: str) -> float:
     return value
 
 
+def open_unit_float(text: str) -> float:
+    value = _parse(text, float, "a number")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", type=storage_options_arg, default=None,
                    help="fsspec options as JSON, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'")
@@ -110,7 +120,8 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
     add_storage_flag(p)
     p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
+                   help="Ray cluster to join: host:port, or 'auto' for the one `ray start` runs on this machine "
+                        "(default: RAY_ADDRESS, else a private local Ray is started, even if one is running)")
     p.add_argument("--placement-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for a node that can hold a scoring actor before giving up (default 300)")
 
@@ -126,9 +137,10 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", default=None,
                    help="run id (default: derived from input, listing, checkpoint and settings, so a rerun resumes)")
     p.add_argument("--cpus-per-actor", type=positive_float, default=None, help="CPUs each actor reserves")
-    p.add_argument("--threshold", type=unit_float, default=0.5, help="image label: score > threshold (default 0.5)")
-    p.add_argument("--mask-threshold", type=unit_float, default=0.5,
+    p.add_argument("--threshold", type=unit_float, default=None, help="image label: score > threshold (default 0.5)")
+    p.add_argument("--mask-threshold", type=unit_float, default=None,
                    help="mask pixels: anomaly map > this (default 0.5)")
+    add_thresholds_flags(p)
     p.add_argument("--mask-max-side", type=positive_int, default=2048,
                    help="masks of larger images are stored scaled to this long side (default 2048)")
     p.add_argument("--max-pixels", type=positive_int, default=None,
@@ -154,7 +166,7 @@ def job_config(args):
     from headclip.scoring.runner import JobConfig
     from headclip.scoring.scorer import ScoringOptions
 
-    scoring = ScoringOptions(threshold=args.threshold, mask_threshold=args.mask_threshold,
+    scoring = ScoringOptions(threshold=_or_default(args.threshold), mask_threshold=_or_default(args.mask_threshold),
                              mask_max_side=args.mask_max_side, batch_size=args.batch_size, device=args.device,
                              reduced_decode=args.reduced_decode, device_decode=args.device_decode,
                              read_timeout=args.read_timeout)
@@ -187,6 +199,10 @@ def check_storage_options(options: Optional[dict], *uris: Optional[str]) -> None
                              f"storage: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
 
 
+def _or_default(value: Optional[float], default: float = 0.5) -> float:
+    return default if value is None else value
+
+
 def prepare_or_exit(config, images=None):
     """Plan the run; every input or output problem becomes a UsageError (one line, exit 2)."""
     from headclip.errors import InputError, OutputError
@@ -200,7 +216,11 @@ def prepare_or_exit(config, images=None):
 
 
 def init_ray(address: Optional[str]) -> None:
-    """Join ``address`` (or RAY_ADDRESS), else start a local Ray; nothing if Ray is up."""
+    """Join ``address`` (or RAY_ADDRESS), else start a private local Ray; nothing if Ray is up.
+
+    Without an address Ray's own default would join a cluster that ``ray start``
+    runs on this machine; ``address="local"`` starts a fresh one instead.
+    """
     import ray
 
     if ray.is_initialized():
@@ -209,7 +229,7 @@ def init_ray(address: Optional[str]) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 def add_dataset_flags(p: argparse.ArgumentParser, split_help: str) -> None:
@@ -268,3 +288,102 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
         say(f"error: {err}")
         code = EXIT_USAGE
     sys.exit(code)
+
+
+# -- calibrated thresholds and secrets ---------------------------------------------------
+
+log = logging.getLogger("jobs.cli")
+SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "signature", "auth")
+_SECRET = "|".join(SECRET_WORDS)
+REDACTED = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """``text`` with URI credentials (``s3://user:pass@...``) and secret-like query values hidden."""
+    text = re.sub(r"([A-Za-z][\w+.-]*://)[^/@\s]+@", rf"\1{REDACTED}@", text)
+    return re.sub(rf"([?&;][^=&;\s]*(?:{_SECRET})[^=&;\s]*=)[^&;\s]*", rf"\1{REDACTED}", text, flags=re.I)
+
+
+def redacted_command(prog: str, argv: Sequence[str]) -> str:
+    """``prog`` and its arguments with --storage-options and every key/secret/token/password-like
+    flag's value hidden, and credentials removed from URIs."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        if arg.startswith("--"):
+            name, eq, _ = arg.partition("=")
+            if name == "--storage-options" or re.search(_SECRET, name, re.I):
+                out.append(f"{name}={REDACTED}" if eq else name)
+                hide_next = not eq
+                continue
+        out.append(redact(arg))
+    return " ".join([prog, shlex.join(out)]).strip()
+
+
+def add_thresholds_flags(p: argparse.ArgumentParser) -> None:
+    """--thresholds (a file from jobs.calibrate) and --threshold-group."""
+    p.add_argument("--thresholds", default=None,
+                   help="calibrated thresholds from jobs.calibrate (JSON, local or s3://): each image gets its "
+                        "group's image and mask thresholds (group column as calibrated, else the pooled default); "
+                        "must come from the same checkpoint; instead of --threshold/--mask-threshold")
+    p.add_argument("--threshold-group", default=None,
+                   help="with --thresholds: give every image this group's thresholds (e.g. the line an audit covers)")
+
+
+def load_thresholds_arg(args, checkpoint_uri: str):
+    """The thresholds file of --thresholds, checked against the checkpoint; None without one.
+
+    Every problem (unreadable file, another checkpoint, an unknown --threshold-group, a
+    --threshold given too) is a UsageError: one line, exit 2, before Ray starts.
+    """
+    if not getattr(args, "thresholds", None):
+        if getattr(args, "threshold_group", None):
+            raise UsageError("--threshold-group needs --thresholds")
+        return None
+    for flag in ("threshold", "mask_threshold"):
+        if getattr(args, flag, None) is not None:
+            raise UsageError(f"give --{flag.replace('_', '-')} or --thresholds, not both")
+    from headclip.errors import ThresholdsError
+    from headclip.evaluation.thresholds import read_thresholds
+    from headclip.model.checkpoint import read_checkpoint
+
+    try:
+        thresholds = read_thresholds(args.thresholds, args.storage_options)
+        thresholds.check_checkpoint(read_checkpoint(checkpoint_uri, args.storage_options).checkpoint_id,
+                                    redact(checkpoint_uri))
+    except ThresholdsError as err:
+        raise UsageError(str(err)) from None
+    group = getattr(args, "threshold_group", None)
+    if group is not None:
+        if group not in thresholds.groups:
+            raise UsageError(f"--threshold-group {group!r} is not in {args.thresholds} "
+                             f"(groups: {', '.join(sorted(thresholds.groups)) or 'none'})")
+        thresholds = dataclasses.replace(thresholds, default=thresholds.groups[group], groups={})
+    return thresholds
+
+
+def apply_thresholds(config, thresholds) -> None:
+    """Give ``config`` (a JobConfig) the thresholds' per-group values; nothing for None."""
+    if thresholds is not None:
+        config.scoring = dataclasses.replace(config.scoring, **thresholds.scoring_fields())
+
+
+def warn_uncalibrated(images, thresholds) -> None:
+    """Log the images of ``images`` (a listing) that will get the pooled default threshold."""
+    if thresholds is None or not thresholds.groups:
+        return
+    column = thresholds.group_column
+    if column not in images.column_names:
+        log.warning("the input has no %r column: every image gets the default threshold %.4g (all groups pooled)",
+                    column, thresholds.default.threshold)
+        return
+    values = [None if v is None else str(v) for v in images[column].to_pylist()]
+    other = sorted({v for v in values if v not in thresholds.groups}, key=str)
+    if other:
+        count = sum(1 for v in values if v not in thresholds.groups)
+        log.warning("%d images of %s %s were not calibrated: they get the default threshold %.4g (all groups "
+                    "pooled)", count, column, ", ".join(map(str, other[:5])) + (" ..." if len(other) > 5 else ""),
+                    thresholds.default.threshold)

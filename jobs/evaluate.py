@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from .cli import (Parser, add_cluster_flags, add_dataset_flags, init_ray, load_dataset_arg, positive_int,
-                  prepare_or_exit, run)
+from .cli import (Parser, add_cluster_flags, add_dataset_flags, add_thresholds_flags, apply_thresholds, init_ray,
+                  load_dataset_arg, load_thresholds_arg, positive_int, prepare_or_exit, run, warn_uncalibrated)
 
 EXAMPLE = """examples:
   ray job submit --working-dir . -- python -m jobs.evaluate --data s3://bucket/visa --layout visa \\
@@ -32,6 +32,7 @@ def build_parser() -> Parser:
     p.add_argument("--output", required=True, help="where rows and the metrics table go")
     p.add_argument("--metric-bins", type=positive_int, default=1000,
                    help="pixel-metric histogram bins; the error bound shrinks as they grow (default 1000)")
+    add_thresholds_flags(p)
     add_cluster_flags(p)
     return p
 
@@ -86,7 +87,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(metrics_markdown(metrics))
     print(bounds_line(summary.metrics))
     print(f"metrics: {parquet_uri} and {markdown_uri}")
+    print_alarm_rates(run_dir, args.storage_options)
     return 0
+
+
+def print_alarm_rates(run_dir: str, storage_options: Optional[dict]) -> None:
+    """False-alarm and detection rates per class at the thresholds the rows record."""
+    from headclip import results
+    from headclip.evaluation.calibration import alarm_rates
+    from headclip.storage.schema import STATUS_OK
+
+    rows = results.read_run(run_dir, storage_options,
+                            ["image_uri", "status", "class_name", "label", "is_anomalous", "threshold"])
+    ok = rows[rows["status"] == STATUS_OK]
+    rates = alarm_rates(ok["class_name"], ok["label"], ok["is_anomalous"])
+    thresholds = sorted(set(ok["threshold"].round(4)))
+    print(f"\nat the image thresholds used ({', '.join(f'{t:g}' for t in thresholds[:8])}"
+          f"{' ...' if len(thresholds) > 8 else ''}):")
+    print(rates.to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 def evaluate_table(table, args):
@@ -99,7 +117,10 @@ def evaluate_table(table, args):
                        actors=args.actors, gpus_per_actor=args.gpus_per_actor, storage_options=args.storage_options,
                        placement_timeout=args.placement_timeout,
                        scoring=ScoringOptions(batch_size=args.batch_size, metric_bins=args.metric_bins))
+    thresholds = load_thresholds_arg(args, config.checkpoint_uri)
+    apply_thresholds(config, thresholds)
     plan = prepare_or_exit(config, table)
+    warn_uncalibrated(plan.images, thresholds)
     init_ray(args.ray_address)
     summary = execute(plan, config)
     for line in summary.lines():

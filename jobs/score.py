@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from .cli import Parser, add_scoring_flags, init_ray, job_config, prepare_or_exit, run
+from .cli import (Parser, add_scoring_flags, apply_thresholds, init_ray, job_config, load_thresholds_arg,
+                  prepare_or_exit, run, warn_uncalibrated)
 
 EXAMPLE = """examples:
   python -m jobs.score --input demo-data/images --output out/scores
   ray job submit --working-dir . -- python -m jobs.score \\
       --input s3://bucket/line-7/ --output s3://bucket/scores/ \\
       --checkpoint s3://bucket/models/headclip.safetensors
+  python -m jobs.score --input line-7/manifest.csv --output out/scores --thresholds thresholds.json
 """
 
 log = logging.getLogger("jobs.score")
@@ -31,7 +33,10 @@ def build_parser() -> Parser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config = job_config(args)
+    thresholds = load_thresholds_arg(args, config.checkpoint_uri)
+    apply_thresholds(config, thresholds)
     plan = prepare_or_exit(config)
+    warn_uncalibrated(plan.images, thresholds)
     from headclip.scoring.runner import execute
 
     init_ray(args.ray_address)

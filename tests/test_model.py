@@ -298,3 +298,99 @@ def test_several_map_layers_are_averaged():
     from headclip.model.smoothing import gaussian_blur
 
     torch.testing.assert_close(anomaly_map, gaussian_blur(upsampled, 4.0))
+
+
+def _dpam_attention(block, x: torch.Tensor, weights) -> torch.Tensor:
+    """The V-V path's attention output of one open_clip block, written out per head.
+
+    x: (B, N, D), the original path entering the block (both paths read its
+    ``ln_1``); per head h, ``w_h * softmax(V_h V_h^T / sqrt(d)) V_h``; the heads
+    are concatenated and only then sent through the block's out-projection.
+    ``weights`` None: AnomalyCLIP's DPAM, no head weights at all.
+    """
+    attn = block.attn
+    dim, heads = attn.embed_dim, attn.num_heads
+    head_dim = dim // heads
+    values = F.linear(block.ln_1(x), attn.in_proj_weight[2 * dim:], attn.in_proj_bias[2 * dim:])
+    per_head = []
+    for h in range(heads):
+        v = values[..., h * head_dim:(h + 1) * head_dim]
+        mixed = torch.softmax(v @ v.transpose(-1, -2) / math.sqrt(head_dim), dim=-1) @ v
+        per_head.append(mixed if weights is None else weights[h] * mixed)
+    return attn.out_proj(torch.cat(per_head, dim=-1))
+
+
+def _anomalyclip_vision(model, images: torch.Tensor, weights) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Reference dual-path vision forward built from open_clip's own modules.
+
+    The original path is open_clip's plain block forward, layer by layer. The
+    V-V path starts from the hidden state entering the first V-V layer and adds
+    :func:`_dpam_attention` of every later block (no MLP). ``weights``: None,
+    or (adapted layers, heads). Returns the final class token and the V-V patch
+    tokens (class token removed) of each map layer.
+    """
+    visual = model.clip.visual
+    assert visual.positional_embedding.shape[0] == 1 + model.vision.grid ** 2  # native size: no interpolation
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = visual.ln_pre(visual.patch_dropout(torch.cat([cls, x], dim=1) + visual.positional_embedding))
+    start, x_vv, tokens = model.vision.vv_start_layer, None, {}
+    for layer, block in enumerate(visual.transformer.resblocks, start=1):
+        assert isinstance(block.ls_1, torch.nn.Identity)  # AnomalyCLIP's blocks have no layer scale
+        if layer >= start:
+            x_vv = x if x_vv is None else x_vv
+            x_vv = x_vv + _dpam_attention(block, x, None if weights is None else weights[layer - start])
+        x = block(x)  # open_clip's own block: the original path
+        tokens[layer] = None if x_vv is None else x_vv[:, 1:]
+    return x[:, 0], [tokens[layer] for layer in model.vision.map_layers]
+
+
+def _maps_from_tokens(model, class_token, patch_tokens):
+    """HeadCLIP's head (projection, text similarity, map) on given vision features."""
+    from unittest import mock
+
+    from headclip.model.vision import VisionFeatures
+
+    with mock.patch.object(model.vision, "forward", lambda images: VisionFeatures(class_token, patch_tokens)):
+        return model.anomaly_probabilities(model(None))
+
+
+@pytest.mark.parametrize("map_layers", [(6,), (2, 4, 6)])
+@pytest.mark.parametrize("head_weights", ["ones", "random"])
+def test_vision_encoder_equals_anomalyclip_reference(map_layers, head_weights):
+    """README: "with all weights at 1 the model is AnomalyCLIP exactly", and weights scale heads.
+
+    The reference is built from open_clip's blocks (plain block forward for the
+    original path, the V-V sum written out per head), in float64, at the
+    backbone's native 224 px. It catches: head weights applied after the
+    out-projection (or to V before the attention), the V-V path reading its own
+    hidden state instead of the original path's, a wrong softmax scale or axis,
+    an MLP on the V-V path, a V-V path starting at another layer, and weights
+    of 1 that are not the identity.
+    """
+    model = headclip.create_model(tiny_config(image_size=224, map_layers=map_layers)).double()
+    assert model.vision.vv_start_layer == 2 and model.vision.head_weights.shape == (5, 4)
+    if head_weights == "random":
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            model.vision.head_weights.copy_(torch.rand(5, 4, generator=generator, dtype=torch.float64) * 2)
+        weights = model.vision.head_weights.detach().clone()
+    else:
+        assert torch.equal(model.vision.head_weights, torch.ones(5, 4, dtype=torch.float64))
+        weights = None  # AnomalyCLIP: no head weights at all
+    images = model.normalize(_images(2, 224, seed=4)).double()
+    with torch.no_grad():
+        features = model.vision(images)
+        ref_class, ref_tokens = _anomalyclip_vision(model, images, weights)
+        assert len(features.patch_tokens) == len(ref_tokens) == len(map_layers)
+        torch.testing.assert_close(features.class_token, ref_class, rtol=1e-10, atol=1e-10)
+        for ours, ref in zip(features.patch_tokens, ref_tokens):
+            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+        global_score, anomaly_map = model.anomaly_probabilities(model(images))
+        ref_global, ref_map = _maps_from_tokens(model, ref_class, ref_tokens)
+    torch.testing.assert_close(anomaly_map, ref_map, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(global_score, ref_global, rtol=1e-9, atol=1e-9)
+    if head_weights == "random":  # the weights matter: the unweighted reference differs
+        with torch.no_grad():
+            _, unweighted = _anomalyclip_vision(model, images, None)
+        assert (features.patch_tokens[-1] - unweighted[-1]).abs().max() > 1e-3

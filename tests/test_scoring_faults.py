@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -26,6 +30,60 @@ from .scoring_helpers import jpeg_bytes, job, run_job, write_images
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _png(width: int, height: int, idat: bytes, bit_depth: int = 8) -> bytes:
+    """A grayscale PNG written chunk by chunk: any header, any compressed data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _header_only_bomb(width: int, height: int) -> bytes:
+    """A PNG of about 70 bytes whose header declares width x height: decoding it fails as truncated."""
+    return _png(width, height, zlib.compress(b"\x00" * 64))
+
+
+def _real_bomb() -> bytes:
+    """A valid 1-bit 8000 x 8000 PNG of about 8 kB; decoded, 64 Mpx (192 MB as RGB)."""
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + 8000 // 8)
+    return _png(8000, 8000, b"".join(packer.compress(row) for _ in range(8000)) + packer.flush(), bit_depth=1)
+
+
+def test_bombs_are_refused_from_the_header_before_decoding():
+    """An image declaring more pixels than max_pixels is refused before any pixel is decoded.
+
+    With the decoder (``ImageFile.load``) replaced by one that fails, the bombs still get their
+    "decompression bomb" error and their declared size, so the answer came from the header.
+    Catches the limit checked after ``image.load()`` (the 70-byte bomb would then be reported
+    as truncated, the real one decoded into 192 MB first).
+    """
+    from PIL import ImageFile
+
+    from headclip.data.decode import decode_image
+    from headclip.errors import ImageDecodeError
+
+    header_only, real = _header_only_bomb(4000, 4000), _real_bomb()
+    assert len(header_only) < 100 and len(real) < 10_000
+    with mock.patch.object(ImageFile.ImageFile, "load", side_effect=AssertionError("pixels were decoded")):
+        for data, side in ((header_only, 4000), (real, 8000)):
+            with pytest.raises(ImageDecodeError, match=rf"^decompression bomb: {side}x{side} = {side * side} "
+                                                       r"pixels exceeds the limit of 1000000$") as caught:
+                decode_image(data, max_pixels=1_000_000)
+            assert (caught.value.width, caught.value.height) == (side, side)
+        # beyond PIL's own limit, Image.open refuses from the header too
+        with pytest.raises(ImageDecodeError, match="^decompression bomb: Image size"):
+            decode_image(_header_only_bomb(30000, 30000))
+        # the replaced decoder is reached by an image within the limit
+        small = io.BytesIO()
+        Image.new("L", (8, 8)).save(small, format="PNG")
+        with pytest.raises(ImageDecodeError, match="pixels were decoded"):
+            decode_image(small.getvalue(), max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError, match="^truncated image"):  # what decoding the 70 bytes gives
+        decode_image(header_only, max_pixels=10**9)
+
+
 def _zoo(folder: Path) -> dict[str, str]:
     """Write the bad-input zoo; returns file name -> expected status."""
     folder.mkdir(parents=True)
@@ -38,6 +96,8 @@ def _zoo(folder: Path) -> dict[str, str]:
     (folder / "text.jpg").write_text("this is not an image\n")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one-pixel.png")
     Image.new("L", (3000, 1000)).save(folder / "bomb.png")  # 3 Mpx against a 1 Mpx limit
+    (folder / "bomb-header.png").write_bytes(_header_only_bomb(4000, 4000))  # 70 bytes, 16 Mpx declared
+    (folder / "bomb-real.png").write_bytes(_real_bomb())  # 8 kB, 64 Mpx when decoded
     Image.fromarray(rng.integers(0, 65535, (30, 50), dtype=np.uint16)).save(folder / "sixteen-bit.png")
     Image.new("CMYK", (32, 32), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
     base.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
@@ -53,7 +113,8 @@ def _zoo(folder: Path) -> dict[str, str]:
     expected = {name: "ok" for name in ("one-pixel.png", "sixteen-bit.png", "cmyk.jpg", "palette.png",
                                         "rgba.png", "exif-rotated.jpg")}
     expected.update({name: "error" for name in ("zero.png", "truncated.jpg", "random.png", "text.jpg",
-                                                "bomb.png", "deleted.png", "read-error.png")})
+                                                "bomb.png", "bomb-header.png", "bomb-real.png",
+                                                "deleted.png", "read-error.png")})
     return expected
 
 
@@ -84,6 +145,10 @@ def test_bad_input_zoo_yields_one_row_each(ray_cluster, tiny_checkpoint, tmp_pat
     assert "not a recognised image" in frame.loc["random.png", "error"]
     assert "decompression bomb" in frame.loc["bomb.png", "error"]
     assert (frame.loc["bomb.png", "width"], frame.loc["bomb.png", "height"]) == (3000, 1000)
+    for name, side in (("bomb-header.png", 4000), ("bomb-real.png", 8000)):  # refused from the header
+        assert frame.loc[name, "error"] == (f"decompression bomb: {side}x{side} = {side * side} pixels exceeds "
+                                            "the limit of 1000000")
+        assert (frame.loc[name, "width"], frame.loc[name, "height"]) == (side, side)
     assert "not found" in frame.loc["deleted.png", "error"]
     assert "read error" in frame.loc["read-error.png", "error"]
     assert (frame.loc["one-pixel.png", "width"], frame.loc["one-pixel.png", "height"]) == (1, 1)
@@ -129,6 +194,38 @@ def _score_command(input_dir, output_dir, checkpoint, ray_address):
             "--ray-address", ray_address, "--progress-interval", "0.5"]
 
 
+def _ray_job_of(driver_pid: int) -> str:
+    """The Ray job id (hex) of the driver process ``driver_pid``."""
+    from ray._private import state
+
+    jobs = [job["JobID"] for job in state.jobs() if job["DriverPid"] == driver_pid]
+    assert len(jobs) == 1, f"driver {driver_pid} has {len(jobs)} Ray jobs"
+    return jobs[0]
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for_actors_gone(job_id: str, timeout: float) -> None:
+    """Wait until every actor of Ray job ``job_id`` is DEAD and its worker process has exited; fail at the deadline."""
+    from ray._private import state
+
+    deadline = time.monotonic() + timeout
+    while True:
+        actors = [a for a in state.actors().values() if a["JobID"] == job_id]
+        alive = [a["Name"] or a["ActorID"] for a in actors if a["State"] != "DEAD" or not _process_gone(a["Pid"])]
+        if actors and not alive:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the killed driver's actors are still alive after {timeout} s: {alive or 'none found'}")
+        time.sleep(0.1)
+
+
 def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
     # a 224 px tiny model: slow enough on a CPU to interrupt mid-run
     model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=224)
@@ -138,16 +235,21 @@ def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(_score_command(tmp_path / "images", out, checkpoint, ray_cluster), cwd=REPO,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.monotonic() + 120
     try:
-        while time.time() < deadline:
-            if len(list(out.glob("run_id=*/shard-*.parquet"))) >= 3:
-                break
-            assert process.poll() is None, "the job ended before it could be interrupted"
+        while len(list(out.glob("run_id=*/shard-*.parquet"))) < 3:
+            if process.poll() is not None:
+                pytest.fail(f"the job ended (exit code {process.returncode}) before it could be interrupted")
+            if time.monotonic() > deadline:
+                pytest.fail("the job published fewer than 3 shards in 120 s; it could not be interrupted mid-run")
             time.sleep(0.02)
+        driver_job = _ray_job_of(process.pid)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    # Ray kills the dead driver's actors asynchronously: one may still publish a shard, so the
+    # snapshot waits until every actor of that job is dead and its process has exited.
+    _wait_for_actors_gone(driver_job, timeout=60)
     finished = {p: p.stat().st_mtime_ns for p in out.glob("run_id=*/shard-*.parquet")}
     assert 3 <= len(finished) < 30, len(finished)
 

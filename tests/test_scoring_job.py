@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
 
 import duckdb
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import torch.nn.functional as F
 from pycocotools import mask as coco
 
+import headclip
 from headclip import results
+from headclip.data.decode import decode_image
 from headclip.storage.layout import run_uri
 from headclip.scoring.scorer import ScoringOptions
 
 from .scoring_helpers import job, reference_scores, run_job, write_images
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _check_rows(frame, checkpoint, blobs, expected_ids):
@@ -142,3 +153,129 @@ def test_thresholds_shape_rows(ray_cluster, tiny_checkpoint, tmp_path):
     assert plan_high.run_id != plan.run_id
     frame = results.read_run(run_uri(high.output, plan_high.run_id))
     assert not frame["is_anomalous"].any() and (frame["mask_area"] == 0).all() and frame["bbox"].isna().all()
+
+
+def _readme_type(text: str) -> pa.DataType:
+    """A type as README's schema table writes it, e.g. ``struct<x0, y0, x1, y1: int32>``."""
+    text = text.strip()
+    simple = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(),
+              "bool": pa.bool_(), "binary": pa.binary()}
+    if text in simple:
+        return simple[text]
+    stamp = re.fullmatch(r"timestamp\[(\w+), (\w+)\]", text)
+    if stamp:
+        return pa.timestamp(stamp.group(1), tz=stamp.group(2))
+    if text.startswith("list<") and text.endswith(">"):
+        return pa.list_(_readme_type(text[5:-1]))
+    if text.startswith("struct<") and text.endswith(">"):
+        parts, depth, start, body = [], 0, 0, text[7:-1]
+        for i, char in enumerate(body + ","):
+            depth += {"<": 1, ">": -1}.get(char, 0)
+            if char == "," and depth == 0:
+                parts.append(body[start:i].strip())
+                start = i + 1
+        fields, untyped = [], []
+        for part in parts:  # "a, b: int32" gives both names the type
+            name, _, kind = part.partition(":")
+            untyped.append(name.strip())
+            if kind:
+                fields += [pa.field(n, _readme_type(kind)) for n in untyped]
+                untyped = []
+        assert not untyped, text
+        return pa.struct(fields)
+    raise AssertionError(f"README type not understood: {text!r}")
+
+
+def _readme_schema() -> tuple[list[tuple[str, pa.DataType]], set[str]]:
+    """(column, type) rows of README's output schema table, and the columns it says are never null."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Output schema (a contract)")[1].split("\nReading results back")[0]
+    columns = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            type_cell = cells[1].strip("`")
+            columns += [(name, _readme_type(type_cell)) for name in re.findall(r"`([^`]+)`", cells[0])]
+    never_null = re.search(r"Never null: (.*?)\.\s", section, re.S)
+    assert columns and never_null, "README's schema table or its 'Never null' line is missing"
+    return columns, set(re.findall(r"`([^`]+)`", never_null.group(1)))
+
+
+def _plain_bbox(mask: np.ndarray, width: int, height: int):
+    """Box of a mask of another size in image pixels (x1, y1 exclusive), by a plain loop."""
+    xs = [x for y in range(mask.shape[0]) for x in range(mask.shape[1]) if mask[y, x]]
+    ys = [y for y in range(mask.shape[0]) for x in range(mask.shape[1]) if mask[y, x]]
+    if not xs:
+        return None
+    sx, sy = width / mask.shape[1], height / mask.shape[0]
+    return {"x0": math.floor(min(xs) * sx), "y0": math.floor(min(ys) * sy),
+            "x1": math.ceil((max(xs) + 1) * sx), "y1": math.ceil((max(ys) + 1) * sy)}
+
+
+def test_rows_follow_readme_schema_and_masks_are_thresholded_maps(ray_cluster, tiny_checkpoint, tmp_path):
+    """End to end, at a mask threshold in between (0.62, image threshold 0.5) and with masks of
+    the larger images scaled (--mask-max-side 60):
+
+    * ``mask_rle`` is ``resize(map, mask size) > 0.62`` of the in-process model's map, and
+      ``mask_area`` its pixel count; pixels within 1e-4 of the threshold may differ (batched
+      against single-image forward, 2e-5). Catches the image threshold used for masks, a
+      threshold on the 8-bit heat map (one bin off), thresholding before resizing, and
+      width and height swapped.
+    * ``bbox`` is the box of the decoded mask in image pixels (plain loop). Catches swapped or
+      inclusive coordinates and boxes left in mask pixels.
+    * The Parquet schema (order, types, nullability) is README's table, parsed here, and the
+      data honour it: nulls only where README allows them, ``scored_at`` in UTC.
+    """
+    paths = write_images(tmp_path / "images", 8)
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    threshold = 0.62
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint, shard_size=4,
+                 scoring=ScoringOptions(mask_threshold=threshold, mask_max_side=60, batch_size=3, io_threads=4))
+    started = datetime.now(timezone.utc)
+    plan, summary = run_job(config)
+    finished = datetime.now(timezone.utc)
+    run_dir = run_uri(config.output, plan.run_id)
+    frame = results.read_run(run_dir).set_index("image_id")
+    assert len(frame) == 9 and summary.errors == 1 and frame.loc["broken.png", "status"] == "error"
+
+    model = headclip.create_model(checkpoint=tiny_checkpoint)
+    partial, scaled, empty = 0, 0, 0
+    for path in paths:
+        row = frame.loc[path.name]
+        image = decode_image(path.read_bytes())
+        assert (row["width"], row["height"]) == image.size
+        anomaly_map = model.score(headclip.preprocess([image], model.image_size)).anomaly_map[0]
+        long_side = max(image.size)
+        if long_side > 60:
+            size = (round(image.height * 60 / long_side), round(image.width * 60 / long_side))
+            scaled += 1
+        else:
+            size = (image.height, image.width)
+        resized = F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        expected = (resized > threshold).numpy()
+        mask = results.mask(row)
+        assert mask.shape == size, path.name
+        clear = (resized - threshold).abs().numpy() > 1e-4
+        assert np.array_equal(mask[clear], expected[clear]), (path.name, int((mask != expected)[clear].sum()))
+        assert clear.mean() > 0.95
+        assert row["mask_area"] == int(mask.sum())
+        assert row["pixel_max"] == pytest.approx(float(resized.max()), abs=2e-5)
+        box = _plain_bbox(mask, row["width"], row["height"])
+        assert row["bbox"] == box, path.name
+        partial += 0 < mask.sum() < mask.size
+        empty += box is None
+    assert partial >= 3 and scaled >= 2 and empty >= 1  # the threshold is in between, some masks scaled
+
+    columns, never_null = _readme_schema()
+    for shard in results.shard_files(run_dir):
+        schema = pq.read_schema(shard)
+        assert [(f.name, f.type) for f in schema] == columns
+        assert {f.name for f in schema if not f.nullable} == never_null
+    assert not frame.reset_index()[sorted(never_null)].isna().any().any()
+    ok = frame[frame["status"] == "ok"]
+    assert ok["error"].isna().all() and ok["score"].notna().all() and ok["mask_rle"].notna().all()
+    assert (ok["bbox"].isna() == (ok["mask_area"] == 0)).all()
+    assert frame.loc["broken.png", ["score", "global_score", "pixel_max", "is_anomalous", "mask_rle", "mask_area",
+                                    "bbox", "anomaly_map"]].isna().all()
+    assert str(frame["scored_at"].dt.tz) == "UTC"
+    assert ((frame["scored_at"] >= started) & (frame["scored_at"] <= finished)).all()

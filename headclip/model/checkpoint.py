@@ -24,6 +24,7 @@ from .config import HeadCLIPConfig
 from ..errors import CheckpointError
 from ..redact import redact_config
 from ..storage.fs import describe_error, read_bytes, write_bytes_atomic
+from .assets import resolve_asset
 
 FORMAT = "headclip-checkpoint/1"
 METADATA_KEY = "headclip"
@@ -142,9 +143,9 @@ def _load_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(uri: str, storage_options: Optional[dict] = None) -> Checkpoint:
-    """Read a checkpoint from a local path or fsspec URL."""
+    """Read a checkpoint from a local path, fsspec URL or packaged asset (``headclip:NAME``)."""
     try:
-        data = read_bytes(uri, storage_options)
+        data = read_bytes(resolve_asset(uri), storage_options)
     except Exception as err:  # noqa: BLE001 - missing, unreachable, unknown protocol: one line each
         raise CheckpointError(f"cannot read checkpoint {uri}: {describe_error(err)}") from None
     return parse_checkpoint(data, uri)

@@ -20,8 +20,8 @@ import pandas as pd
 
 from ..storage.fs import filesystem
 from ..storage.results import BrokenShard, read_shard_table
-from ..storage.schema import STATUS_OK
-from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores
+from ..storage.schema import PARTITION_KEYS, STATUS_OK
+from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores, partition_value
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,19 @@ SCORE_COLUMNS = ["image_id", "image_uri", "status", "error", "score", "global_sc
 
 def read_day(history: str, day: dt.date, storage_options: Optional[dict] = None,
              columns: Optional[list[str]] = None) -> pd.DataFrame:
-    """Every row of one day of history (all its runs); empty if none."""
+    """Every row of one day of history (all its runs), with ``run_id`` and ``date`` from the path; empty if none."""
     fs, root = filesystem(day_output(history, day), storage_options)
     files = sorted(fs.glob(day_shard_glob(root))) if fs.exists(root) else []
+    file_columns = None if columns is None else [c for c in columns if c not in PARTITION_KEYS]
     frames = []
     for path in files:
         try:  # a foreign or broken file under the history is skipped, never fatal
-            frames.append(read_shard_table(fs, path, columns).to_pandas())
+            frame = read_shard_table(fs, path, file_columns).to_pandas()
         except BrokenShard as err:
             log.warning("skipped a file under the history that is not a readable shard: %s", err)
+            continue
+        frame["run_id"] = partition_value(path, "run_id")
+        frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=columns or SCORE_COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
@@ -94,9 +98,20 @@ class AuditSummary:
     top_images: list[dict[str, Any]]
     report: str = ""
     note: str = ""
+    thresholds: Optional[str] = None  # the calibrated thresholds used, in one line (None: fixed --threshold)
+
+    @property
+    def message(self) -> str:
+        """One line a scheduler or a person reads: ``AUDIT ALERT <day>: ...`` or ``AUDIT OK <day>: ...``."""
+        rate = "n/a" if self.figures.anomaly_rate is None else f"{self.figures.anomaly_rate:.3f}"
+        head = (f"{self.figures.images} images ({self.new_images} new), {self.figures.errors} errors, "
+                f"anomaly rate {rate}")
+        if self.alert:
+            return f"AUDIT ALERT {self.date}: " + "; ".join(self.reasons) + f" ({head}; report {self.report})"
+        return f"AUDIT OK {self.date}: {head}; report {self.report}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "message": self.message}
 
 
 def day_figures(rows: pd.DataFrame) -> DayFigures:

@@ -85,7 +85,7 @@ class DeviceFeeder:
     def _upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """(H, W, 3) uint8 host arrays -> (3, H, W) uint8 views on the device."""
         if self.device.type != "cuda":
-            return [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in arrays]
+            return [torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1) for a in arrays]
         total = sum(a.nbytes for a in arrays)
         turn, self._turn = self._turn, 1 - self._turn
         if self._copied[turn] is not None:

@@ -1,4 +1,4 @@
-"""Whether the cluster can hold a scoring actor at all, said within seconds, with a bounded wait.
+"""Placing scoring actors: their size, and whether the cluster can hold one at all (said within seconds).
 
 Ray keeps an actor whose resources no node has pending forever. Before the
 actors start, the driver compares one actor's request (CPUs, GPUs) with each
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from ..errors import PlacementError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runner import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +77,35 @@ def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOU
             return
     raise PlacementError(f"no node can hold a scoring actor needing {_describe(need)} ({have}); gave up after "
                          f"{timeout:g}s (--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
+
+
+def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
+    """The fewest CPUs per GPU on any live GPU node (``ray.nodes()`` entries), or None without GPU nodes."""
+    shares = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in nodes
+              if node.get("Alive", True) and node.get("Resources", {}).get("GPU", 0) > 0]
+    return min(shares) if shares else None
+
+
+def actor_layout(config: "JobConfig", resources: dict[str, float], num_shards: int,
+                 gpu_node_cpus_per_gpu: Optional[float] = None) -> tuple[int, float, float]:
+    """(actors, gpus per actor, cpus per actor) for a cluster with ``resources`` now.
+
+    An explicit ``gpus_per_actor > 0`` requests GPU actors even when the
+    cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors. A
+    GPU actor takes its GPUs' share of the CPUs of a GPU node
+    (``gpu_node_cpus_per_gpu``, from :func:`cpus_per_gpu`; 4 per GPU when no
+    GPU node is up yet): decoding and encoding run on those CPUs.
+    """
+    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
+    explicit = config.gpus_per_actor
+    if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
+        per_actor = explicit or 1.0
+        actors = config.actors or max(1, int(gpus // per_actor))
+        share = gpu_node_cpus_per_gpu if gpu_node_cpus_per_gpu is not None else 4.0
+        cpus_per_actor = config.cpus_per_actor or max(1.0, float(int(share * per_actor)))
+        return max(1, min(actors, num_shards)), per_actor, cpus_per_actor
+    default_cpus = cpus if cpus <= 4 else 4.0
+    cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
+                                               else default_cpus)
+    actors = config.actors or max(1, int(cpus // cpus_per_actor))
+    return max(1, min(actors, num_shards)), 0.0, cpus_per_actor

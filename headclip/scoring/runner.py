@@ -25,11 +25,11 @@ import pyarrow as pa
 
 from ..errors import InputError, JobError, OutputError
 from ..model.checkpoint import read_checkpoint
-from ..model.assets import DEMO_CHECKPOINT
+from ..model.assets import DEMO_CHECKPOINT_URI
 from ..model.validate import check_checkpoint
 from ..data.decode import IMAGE_EXTENSIONS
 from ..data.listing import check_image_table, list_images, listing_hash
-from .placement import DEFAULT_TIMEOUT, wait_for_placement
+from .placement import DEFAULT_TIMEOUT, actor_layout, cpus_per_gpu, wait_for_placement
 from .plan import RunPlan, derive_run_id, make_plan, read_plan, write_plan
 from .progress import Progress
 from ..evaluation.metrics import MetricsByClass
@@ -45,7 +45,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class JobConfig:
-    """Everything a scoring run needs. ``checkpoint`` None means the demo model."""
+    """Everything a scoring run needs. ``checkpoint`` None means the demo model.
+
+    ``checkpoint_uri`` is the checkpoint as the user named it (the demo model as
+    ``headclip:demo.safetensors``); the plan and the Parquet metadata record
+    that name next to the checkpoint id, never the path it resolved to on a node.
+    """
 
     input: str
     output: str
@@ -70,12 +75,17 @@ class JobConfig:
 
     @property
     def checkpoint_uri(self) -> str:
-        return self.checkpoint or str(DEMO_CHECKPOINT)
+        return self.checkpoint or DEMO_CHECKPOINT_URI
 
     def row_settings(self) -> dict[str, Any]:
         """The settings that shape rows; they, the input and the checkpoint name a run."""
         scoring = self.scoring
+        calibrated = {}  # per-group thresholds name the run too (absent without them: same ids as before)
+        if scoring.group_column and scoring.group_thresholds:
+            calibrated = {"group_column": scoring.group_column,
+                          "group_thresholds": {k: list(v) for k, v in sorted(scoring.group_thresholds.items())}}
         return {
+            **calibrated,
             "threshold": scoring.threshold,
             "mask_threshold": scoring.mask_threshold,
             "mask_max_side": scoring.mask_max_side,
@@ -191,38 +201,6 @@ def _differing_settings(plan: RunPlan, run_config: dict, checkpoint_id: str) -> 
         if name in stored and name in run_config and stored[name] != run_config[name]:
             differing.append(f"{name} {stored[name]!r} -> {run_config[name]!r}")
     return differing
-
-
-def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
-    """The fewest CPUs per GPU on any live GPU node (``ray.nodes()`` entries), or None without GPU nodes."""
-    shares = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in nodes
-              if node.get("Alive", True) and node.get("Resources", {}).get("GPU", 0) > 0]
-    return min(shares) if shares else None
-
-
-def actor_layout(config: JobConfig, resources: dict[str, float], num_shards: int,
-                 gpu_node_cpus_per_gpu: Optional[float] = None) -> tuple[int, float, float]:
-    """(actors, gpus per actor, cpus per actor) for a cluster with ``resources`` now.
-
-    An explicit ``gpus_per_actor > 0`` requests GPU actors even when the
-    cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors. A
-    GPU actor takes its GPUs' share of the CPUs of a GPU node
-    (``gpu_node_cpus_per_gpu``, from :func:`cpus_per_gpu`; 4 per GPU when no
-    GPU node is up yet): decoding and encoding run on those CPUs.
-    """
-    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
-    explicit = config.gpus_per_actor
-    if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
-        per_actor = explicit or 1.0
-        actors = config.actors or max(1, int(gpus // per_actor))
-        share = gpu_node_cpus_per_gpu if gpu_node_cpus_per_gpu is not None else 4.0
-        cpus_per_actor = config.cpus_per_actor or max(1.0, float(int(share * per_actor)))
-        return max(1, min(actors, num_shards)), per_actor, cpus_per_actor
-    default_cpus = cpus if cpus <= 4 else 4.0
-    cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
-                                               else default_cpus)
-    actors = config.actors or max(1, int(cpus // cpus_per_actor))
-    return max(1, min(actors, num_shards)), 0.0, cpus_per_actor
 
 
 class _ScorerActor:

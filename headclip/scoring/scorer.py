@@ -3,7 +3,7 @@
 A :class:`ShardScorer` loads the model once and then scores whole shards:
 image bytes are read and decoded on a thread pool, ahead of the model, so
 the device does not wait for I/O in steady state; maps are encoded (mask
-RLE, box, heat map PNG) on the same pool while the next batch runs.
+RLE, box, heat map) on the same pool while the next batch runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -40,7 +40,7 @@ class ScoringOptions:
     threshold: float = 0.5  # image label: score > threshold
     mask_threshold: float = 0.5  # pixels: anomaly_map > mask_threshold
     mask_max_side: int = 2048  # masks of larger images are stored scaled to this long side
-    heatmap_side: int = 64  # long side of the stored heat map PNG
+    heatmap_side: int = 64  # long side of the stored heat map
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
     batch_size: int = 16
     io_threads: Optional[int] = None  # reading and decoding threads; None: the CPUs the scorer is given
@@ -49,6 +49,18 @@ class ScoringOptions:
     device_decode: bool = False  # JPEGs decode on the model's device (nvjpeg on CUDA), else on the host
     metric_bins: int = 1000  # pixel-metric histogram bins, for labelled inputs
     read_timeout: float = 300.0  # seconds one image may take to read and decode before it is an error row
+    # Calibrated per-group thresholds: an image whose ``group_column`` value is a key of
+    # ``group_thresholds`` gets that (threshold, mask_threshold); any other image the two above.
+    group_column: Optional[str] = None
+    group_thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def thresholds_for(self, record: dict) -> tuple[float, float]:
+        """(threshold, mask_threshold) of one image record."""
+        value = record.get(self.group_column) if self.group_column else None
+        if value is not None and str(value) in self.group_thresholds:
+            threshold, mask_threshold = self.group_thresholds[str(value)]
+            return float(threshold), float(mask_threshold)
+        return self.threshold, self.mask_threshold
 
 
 @dataclass
@@ -100,7 +112,7 @@ class ShardScorer:
         self.feeder = DeviceFeeder(self.device, model.image_size, options.max_pixels)
         self.model.eval()
         self.checkpoint_id = self.model.checkpoint_id or "untrained"
-        self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id)
+        self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id, run_id)
         self.io_threads = threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="headclip-io")
 
@@ -148,8 +160,9 @@ class ShardScorer:
         scored_at = datetime.now(timezone.utc)
 
         def base_row(i: int) -> dict:
-            return {**records[i], "run_id": self.run_id, "shard": shard_index, "threshold": options.threshold,
-                    "mask_threshold": options.mask_threshold, "checkpoint_id": self.checkpoint_id,
+            threshold, mask_threshold = options.thresholds_for(records[i])
+            return {**records[i], "shard": shard_index, "threshold": threshold,
+                    "mask_threshold": mask_threshold, "checkpoint_id": self.checkpoint_id,
                     "scored_at": scored_at}
 
         def error_row(i: int, loaded: LoadedImage, error: str) -> dict:
@@ -173,21 +186,20 @@ class ShardScorer:
             """Encode the oldest launched batch (while the next forward runs) and make its rows."""
             scored, out, forward_done = in_flight.popleft()
             with self.feeder.encoding(forward_done):
+                rows_of = [base_row(i) for i, _ in scored]
                 maps = encode_maps(out.anomaly_map, [(loaded.width, loaded.height) for _, loaded in scored],
-                                   options.mask_threshold, options.mask_max_side, options.heatmap_side)
+                                   [row["mask_threshold"] for row in rows_of], options.mask_max_side,
+                                   options.heatmap_side)
                 joint, global_ = out.joint_score.float().cpu().tolist(), out.global_score.float().cpu().tolist()
                 if metrics is not None:
                     labelled = [records[i] for i, _ in scored]
                     add_scored_batch(metrics, [r["class_name"] for r in labelled],
                                      [int(r["label"]) for r in labelled], joint, out.anomaly_map.float(),
                                      [loaded.mask for _, loaded in scored])
-            batch_rows = []
-            for j, (i, loaded) in enumerate(scored):
-                row = base_row(i)
+            for j, ((i, loaded), row) in enumerate(zip(scored, rows_of)):
                 row.update(status=STATUS_OK, width=loaded.width, height=loaded.height, score=joint[j],
-                           global_score=global_[j], is_anomalous=joint[j] > options.threshold)
-                batch_rows.append(row)
-            encodes.append(([i for i, _ in scored], self.pool.submit(self._encoded_rows, maps, batch_rows)))
+                           global_score=global_[j], is_anomalous=joint[j] > row["threshold"])
+            encodes.append(([i for i, _ in scored], self.pool.submit(self._encoded_rows, maps, rows_of)))
 
         for i in range(len(records)):
             while next_to_submit < len(records) and len(loads) < window:
@@ -244,7 +256,7 @@ class ShardScorer:
 
     def close(self) -> None:
         """Stop the I/O threads; the scorer cannot be used afterwards."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # a hung read must not hang the actor
 
     def __enter__(self) -> "ShardScorer":
         return self

@@ -1,5 +1,10 @@
 """Every path of a run's and an audit history's layout, in one place.
 
+The Parquet tree of an output location holds shard files only: every other file or
+folder in it starts with ``_`` (or ``.`` while being written), which pandas, pyarrow
+and Ray Data skip; DuckDB and Polars read it through a glob of the shard files. The
+run id is the ``run_id=`` hive partition (not a column of the files).
+
 A scoring run (``OUTPUT`` is the job's ``--output``)::
 
     OUTPUT/run_id=<id>/
@@ -108,6 +113,14 @@ def day_shard_glob(day_path: str) -> str:
 def history_shard_glob(scores_path: str) -> str:
     """Glob of every shard file of a history's scores (a path without protocol)."""
     return scores_path.rstrip("/") + "/date=*/run_id=*/" + SHARD_GLOB
+
+
+def partition_value(path: str, key: str):
+    """The value of the last ``key=<value>`` directory in ``path``, or None."""
+    for part in reversed(path.rstrip("/").split("/")):
+        if part.startswith(f"{key}="):
+            return part[len(key) + 1:]
+    return None
 
 
 def day_of_partition(name: str):

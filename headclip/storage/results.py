@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from ..scoring.masks import decode_heatmap, decode_rle
 from .fs import as_uri, filesystem
-from .layout import shard_glob
+from .layout import partition_value, shard_glob
+from .schema import PARTITION_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,16 @@ def shard_files(run: str, storage_options: Optional[dict] = None) -> list[str]:
 
 
 def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional[list[str]] = None) -> pd.DataFrame:
-    """All rows of a run directory, sorted by image_uri.
+    """All rows of a run directory, sorted by image_uri, with ``run_id`` (from the path) first.
 
     ``run`` is ``OUTPUT/run_id=<id>`` (:func:`headclip.storage.layout.run_uri`).
     """
     fs, _ = filesystem(run, storage_options)
+    file_columns = None if columns is None else [c for c in columns if c not in PARTITION_KEYS]
     tables, broken = [], []
     for uri in shard_files(run, storage_options):
         try:
-            tables.append(read_shard_table(fs, filesystem(uri, storage_options)[1], columns))
+            tables.append(read_shard_table(fs, filesystem(uri, storage_options)[1], file_columns))
         except BrokenShard as err:
             log.warning("skipped a shard file that does not read back: %s", err)
             broken.append(uri)
@@ -64,6 +66,8 @@ def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional
         raise FileNotFoundError(f"no readable shard files under {run}"
                                 + (f" ({len(broken)} broken, e.g. {broken[0]})" if broken else ""))
     frame = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+    if (columns is None or "run_id" in columns) and "run_id" not in frame:  # older outputs hold the column
+        frame.insert(0, "run_id", partition_value(run, "run_id"))
     return frame.sort_values("image_uri", kind="stable").reset_index(drop=True)
 
 

@@ -1,0 +1,237 @@
+"""Calibrate alarm thresholds on known-good images at a target false-alarm rate.
+
+Scores the good images with the scoring job (Ray actors; their rows land under --rows) while
+every actor keeps, per group and shard, the image scores and a histogram of the normal pixels;
+the driver merges them and writes a thresholds file (JSON) with, per group of --group-column
+(a manifest column: line, camera, product class) and for all groups pooled (the default):
+
+- the image-score threshold at --target-fpr: an order statistic of the good scores, with the
+  exact, distribution-free --confidence interval of the false-alarm rate it will have, and a
+  warning when there are too few good images for the target;
+- the mask threshold at --target-pixel-fpr, from the merged normal-pixel histograms;
+- the counts used, the checkpoint id and this command (storage options and secrets removed).
+
+With labelled defects (--label-column of a manifest, or a labelled data set via --data), it also
+reports the detection rate at the threshold, and --rule f1 picks the F1-optimal threshold
+instead (anomalib's adaptive threshold). jobs.score, jobs.audit and jobs.evaluate apply the file
+with --thresholds; it is refused with any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .cli import (Parser, UsageError, add_cluster_flags, init_ray, load_dataset_arg, open_unit_float, positive_int,
+                  prepare_or_exit, redact, redacted_command, run, unit_float)
+
+PROG = "python -m jobs.calibrate"
+EXAMPLE = """examples:
+  python -m jobs.calibrate --input s3://bucket/known-good/manifest.csv --group-column line \\
+      --checkpoint s3://bucket/models/headclip.safetensors --target-fpr 0.01 --output s3://bucket/thresholds.json
+  python -m jobs.calibrate --data demo-data/manifest.csv --group-column class_name --output thresholds.json
+"""
+RULE_HELP = ("quantile: the order statistic whose expected false-alarm rate is at most the target (default); "
+             "bound: the one whose rate is below the target with --confidence; "
+             "f1: the F1-optimal threshold over good images and labelled defects")
+
+log = logging.getLogger("jobs.calibrate")
+
+
+def build_parser() -> Parser:
+    from headclip.data.decode import IMAGE_EXTENSIONS
+    from headclip.evaluation.calibration import RULES
+
+    p = Parser(prog=PROG, description=__doc__, epilog=EXAMPLE)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="known-good images: prefix, glob or manifest (CSV/Parquet with image_uri)")
+    source.add_argument("--data", help="a labelled data set (mvtec, visa, meta or manifest layout): label 0 images "
+                                       "are the good ones, label 1 the defects")
+    p.add_argument("--layout", default="auto", help="layout of --data (default: auto)")
+    p.add_argument("--split", default="test", help="split of --data (default: test)")
+    p.add_argument("--classes", default=None, help="comma-separated classes of --data (default: all)")
+    p.add_argument("--output", required=True, help="the thresholds file to write (JSON, local or s3://)")
+    p.add_argument("--rows", default=None, help="where the calibration's scoring rows go "
+                                                "(default: beside --output, <name>-rows)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
+    p.add_argument("--group-column", default=None,
+                   help="column whose values are calibrated apart (lines, cameras, classes); default: one group")
+    p.add_argument("--label-column", default=None,
+                   help="manifest column of 0 (good) / 1 (defect) labels: defects give detection rates")
+    p.add_argument("--target-fpr", type=open_unit_float, default=0.01,
+                   help="false-alarm rate on good images to aim for (default 0.01)")
+    p.add_argument("--target-pixel-fpr", type=unit_float, default=0.001,
+                   help="share of normal pixels the mask may mark (default 0.001)")
+    p.add_argument("--confidence", type=open_unit_float, default=0.95, help="confidence of intervals (default 0.95)")
+    p.add_argument("--rule", choices=RULES, default="quantile", help=RULE_HELP)
+    p.add_argument("--pixel-bins", type=positive_int, default=10_000,
+                   help="bins of the normal-pixel histogram, the mask threshold's resolution (default 10000)")
+    p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
+                   help="comma-separated file extensions of a prefix or glob --input (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
+    add_cluster_flags(p)
+    return p
+
+
+def read_images(args):
+    """The images to calibrate on: the listing of --input, or the data set of --data."""
+    if args.data:
+        return load_dataset_arg(args)
+    from headclip.data.listing import InputError, list_images
+
+    extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    if not extensions:
+        raise UsageError("--extensions is empty")
+    try:
+        return list_images(args.input, extensions, args.storage_options)
+    except InputError as err:
+        raise UsageError(str(err)) from None
+
+
+def _labels(table, column: Optional[str]) -> list[int]:
+    if column is None:
+        return [0] * table.num_rows
+    if column not in table.column_names:
+        raise UsageError(f"no column {column!r} in the input (columns: {', '.join(table.column_names)})")
+    labels = []
+    for value in table[column].to_pylist():
+        if value not in (0, 1) or value is None:  # True/False compare equal to 1/0
+            raise UsageError(f"--label-column {column} must hold 0 (good) or 1 (defect), found {value!r}")
+        labels.append(int(value))
+    return labels
+
+
+def _mask_uris(table, args) -> list[Optional[str]]:
+    """Defect masks: the data set's, or a manifest's mask_uri column resolved like its image_uri."""
+    if "mask_uri" not in table.column_names:
+        return [None] * table.num_rows
+    values = table["mask_uri"].to_pylist()
+    if args.data:
+        return values
+    import posixpath
+
+    from headclip.storage.fs import filesystem, resolve_relative
+
+    fs, path = filesystem(args.input, args.storage_options)
+    return [resolve_relative(fs, args.input, posixpath.dirname(path), v) for v in values]
+
+
+def split_images(table, args):
+    """(good, defects or None) tables carrying the group as class_name; problems are one line."""
+    import pyarrow as pa
+
+    from headclip.evaluation.calibration import state_table
+
+    column = args.group_column
+    if column is not None and column not in table.column_names:
+        raise UsageError(f"no column {column!r} in the input (columns: {', '.join(table.column_names)})")
+    if column is not None:
+        keys = table[column].to_pylist()
+        if any(k is None for k in keys):
+            raise UsageError(f"{sum(k is None for k in keys)} images have no value in column {column!r}")
+    elif "class_name" in table.column_names:  # one group, but metric state kept per class
+        keys = table["class_name"].to_pylist()
+    else:
+        keys = ["all"] * table.num_rows
+    keys = [str(k) for k in keys]
+    labels = _labels(table, "label" if args.data and args.label_column is None else args.label_column)
+    masks = _mask_uris(table, args)
+    good = [i for i, y in enumerate(labels) if y == 0]
+    bad = [i for i, y in enumerate(labels) if y == 1]
+    if not good:
+        raise UsageError("no good images in the input")
+    if column is not None:
+        missing = sorted({keys[i] for i in bad} - {keys[i] for i in good})
+        if missing:
+            raise UsageError(f"group {missing[0]!r} has defects but no good images")
+    if args.rule == "f1":
+        lacking = sorted({keys[i] for i in good} - {keys[i] for i in bad}) if column is not None else []
+        if not bad or lacking:
+            where = f"group {lacking[0]!r} has" if lacking else "the input has"
+            raise UsageError(f"--rule f1 needs labelled defects: {where} none (give --label-column or --data)")
+    if "mask_uri" in table.column_names:
+        table = table.drop_columns(["mask_uri"])
+    table = table.append_column("mask_uri", pa.array(masks, pa.string()))
+
+    def part(rows: list[int], label: int, has_masks: list[bool]):
+        picked = table.take(pa.array(rows, pa.int64()))
+        return state_table(picked, [keys[i] for i in rows], label, has_masks)
+
+    unmasked = {keys[i] for i in bad if not masks[i]}  # groups whose defects lack masks: image level only
+    defects = part(bad, 1, [keys[i] not in unmasked for i in bad]) if bad else None
+    return part(good, 0, [True] * len(good)), defects
+
+
+def default_rows(output: str) -> str:
+    """Where the calibration rows go by default: ``thresholds.json`` -> ``thresholds-rows``."""
+    base = output[:-5] if output.lower().endswith(".json") else output
+    return base.rstrip("/") + "-rows"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = redacted_command(PROG, sys.argv[1:] if argv is None else list(argv))
+    from headclip.evaluation.thresholds import calibrate, write_thresholds
+    from headclip.scoring.runner import JobConfig, execute
+    from headclip.scoring.scorer import ScoringOptions
+
+    good, defects = split_images(read_images(args), args)
+    config = JobConfig(input=args.input or args.data, output=args.rows or default_rows(args.output),
+                       checkpoint=args.checkpoint, shard_size=args.shard_size, actors=args.actors,
+                       gpus_per_actor=args.gpus_per_actor, storage_options=args.storage_options,
+                       scoring=ScoringOptions(batch_size=args.batch_size, device=args.device,
+                                              metric_bins=args.pixel_bins))
+    plans = [prepare_or_exit(config, table) for table in (good, defects) if table is not None]
+    init_ray(args.ray_address)
+    summaries = [execute(plan, config) for plan in plans]
+    from headclip.storage.layout import run_uri
+
+    for what, summary in zip(("good images", "defects"), summaries):
+        print(f"scored {summary.images} {what} ({summary.errors} errors) in {summary.seconds:.1f}s; rows: "
+              f"{run_uri(summary.output, summary.run_id)}")
+    errors = summaries[0].errors
+    if errors:
+        log.warning("%d of the %d good images could not be scored (error rows under %s); calibrated on the rest",
+                    errors, good.num_rows, config.output)
+    scored = set(summaries[0].metrics or ())
+    lost = sorted(set(good["class_name"].to_pylist()) - scored)
+    if lost:
+        raise UsageError(f"none of the good images of group {lost[0]!r} could be scored")
+    try:
+        thresholds = calibrate(summaries[0].metrics, summaries[1].metrics if len(summaries) > 1 else None,
+                               summaries[0].checkpoint_id, args.group_column, args.rule, args.target_fpr,
+                               args.target_pixel_fpr, args.confidence, checkpoint=redact(config.checkpoint_uri),
+                               command=command)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    write_thresholds(thresholds, args.output, args.storage_options)
+    print_thresholds(thresholds)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def print_thresholds(thresholds) -> None:
+    """A table of the thresholds per group, then every warning on its own line."""
+    print(f"\nthresholds for checkpoint {thresholds.checkpoint_id[:12]} ({thresholds.rule} rule, target false-alarm "
+          f"rate {thresholds.target_fpr:g}, pixel {thresholds.target_pixel_fpr:g}, "
+          f"{thresholds.confidence:.0%} intervals)")
+    header = f"{'group':<16} {'good':>6} {'threshold':>10} {'mask':>7} {'expected FPR':>12}  {'FPR interval':<17} defects"
+    print(header)
+    named = [(name, g) for name, g in sorted(thresholds.groups.items())] + [("(default: all)", thresholds.default)]
+    for name, g in named:
+        low, high = g.fpr_interval
+        detection = ""
+        if g.defects:
+            d = g.defects
+            a, b = d["detection_interval"]
+            detection = f"{d['detected']}/{d['images']} detected, {d['detection_rate']:.3f} ({a:.3f}-{b:.3f})"
+        print(f"{name[:16]:<16} {g.good_images:>6} {g.threshold:>10.4f} {g.mask_threshold:>7.4f} "
+              f"{g.expected_fpr:>12.4f}  {low:.4f}-{high:.4f}     {detection}")
+    for name, g in named:
+        for warning in g.warnings:
+            print(f"WARNING: {name}: {warning}")
+
+
+if __name__ == "__main__":
+    run(main, PROG)
