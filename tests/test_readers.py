@@ -53,7 +53,7 @@ def outputs(ray_cluster, tiny_checkpoint, tmp_path_factory):
     write_images(root / "archive" / f"date={DAYS[1]}", 3, start=10)
     audit(DAYS[1])
     out = history / "scores" / f"date={DAYS[0]}"
-    runs = sorted(out.glob("run_id=*"), key=lambda run: len(list(run.glob("shard-*.parquet"))), reverse=True)
+    runs = sorted(out.glob("run_id=*"), key=lambda run: len(results.read_run(str(run))), reverse=True)
     run_ids = [run.name[len("run_id="):] for run in runs]  # the first run (4 images, 2 shards) first
     # the run report (jobs.report's default, RUN/_report.html) and a report at the root, as the demo writes one
     assert report_job.main(["--run", run_uri(str(out), run_ids[0])]) == 0
