@@ -146,6 +146,23 @@ def test_a_replaced_file_makes_a_new_run(tiny_checkpoint, tmp_path):
     assert "source_version" not in [f.name for f in replaced.extra_fields]
 
 
+def test_s3_listings_keep_each_object_etag(s3_bucket, tmp_path):
+    import fsspec
+
+    bucket, options = s3_bucket
+    paths = write_images(tmp_path / "images", 2)
+    fs = fsspec.filesystem("s3", **options)
+    for path in paths:
+        fs.pipe(f"{bucket[5:]}/day/{path.name}", path.read_bytes())
+    before = dict(zip(*list_images(f"{bucket}/day/", storage_options=options)
+                      .select(["image_id", "source_version"]).to_pydict().values()))
+    assert all(v.startswith("etag:") for v in before.values()), before
+    fs.pipe(f"{bucket[5:]}/day/{paths[0].name}", paths[1].read_bytes())  # replaced under the same key
+    after = dict(zip(*list_images(f"{bucket}/day/", storage_options=options)
+                     .select(["image_id", "source_version"]).to_pydict().values()))
+    assert after[paths[0].name] != before[paths[0].name] and after[paths[1].name] == before[paths[1].name]
+
+
 # -- 11. FIFOs and reads that never end ----------------------------------------------------------
 
 
@@ -276,16 +293,25 @@ def test_manifests_with_wrong_types_are_refused_up_front(tmp_path, columns, mess
     (["--gpus-per-actor", "-1"], "must be a number >= 0"),
     (["--cpus-per-actor", "nan"], "must be a positive number"),
     (["--progress-interval", "0"], "must be a positive number"),
-    (["--storage-options", '{"client_kwargs": "x"}'], "--storage-options do not suit s3 storage"),
-    (["--storage-options", '{"config_kwargs": {"retries": 5}}'], "--storage-options do not suit s3 storage"),
 ])
 def test_bad_flag_values_get_one_line(args, message, tmp_path):
     result = _cli("jobs.score", "--input", "s3://bucket/images/", "--output", str(tmp_path / "o"), *args)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert message in lines[-1], result.stderr[-2000:]
-    assert len([line for line in lines if "error" in line]) == 1
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("options", ['{"client_kwargs": "x"}', '{"config_kwargs": {"retries": 5}}',
+                                     '{"no_such_option": 1}'])
+def test_storage_options_the_filesystem_cannot_take_are_refused_up_front(options, tmp_path):
+    from jobs import score as score_job
+    from jobs.cli import UsageError
+
+    with pytest.raises(UsageError, match="--storage-options do not suit s3 storage: "):
+        score_job.main(["--input", "s3://bucket/images/", "--output", str(tmp_path / "o"),
+                        "--storage-options", options])
+    assert not (tmp_path / "o").exists()
 
 
 # -- 19. unknown flags, refused connections ------------------------------------------------------
@@ -325,8 +351,10 @@ def test_a_refused_connection_is_not_reported_as_not_found(tmp_path, tiny_checkp
     with ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=1, io_threads=1)) as scorer:
         row = scorer.score_table(records).to_pylist()[0]
     assert row["status"] == "error" and "connection error" in row["error"] and "not found" not in row["error"]
-    # and the job says so in one line
-    result = _cli("jobs.score", "--input", f"http://127.0.0.1:{port}/manifest.csv", "--output", str(tmp_path / "o"),
-                  "--checkpoint", tiny_checkpoint)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "connection error" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+    # and the job says so before any work
+    from jobs import score as score_job
+    from jobs.cli import UsageError
+
+    with pytest.raises(UsageError, match="cannot reach .*connection error"):
+        score_job.main(["--input", f"http://127.0.0.1:{port}/manifest.csv", "--output", str(tmp_path / "o"),
+                        "--checkpoint", tiny_checkpoint])

@@ -83,3 +83,32 @@ def test_redaction_rules():
     assert redact_options({"secret": "x", "anon": False, "nested": [{"token": "t"}]}) == \
         {"secret": "***", "anon": False, "nested": [{"token": "***"}]}
     assert redact_text("cannot read https://u:p@h/x.png: 403") == "cannot read https://***@h/x.png: 403"
+
+
+def test_run_plans_hold_no_credentials_of_a_presigned_checkpoint_url(tiny_checkpoint, tmp_path):
+    """A checkpoint read through a presigned URL: the plan (and with it every shard's metadata) keeps no signature."""
+    import functools
+    import http.server
+    import threading
+
+    from headclip.scoring.runner import JobConfig, prepare
+
+    from .scoring_helpers import write_images
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "tiny.safetensors").write_bytes(Path(tiny_checkpoint).read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = (f"http://127.0.0.1:{server.server_port}/tiny.safetensors"
+               f"?X-Amz-Credential={SECRETS[0]}&X-Amz-Signature={SECRETS[1]}&X-Amz-Expires=300")
+        write_images(tmp_path / "images", 2)
+        plan = prepare(JobConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"), checkpoint=url))
+    finally:
+        server.shutdown()
+    assert plan.config["checkpoint"].startswith(f"http://127.0.0.1:{server.server_port}/tiny.safetensors?")
+    assert "X-Amz-Signature=***" in plan.config["checkpoint"] and "X-Amz-Expires=300" in plan.config["checkpoint"]
+    assert _files_containing(tmp_path / "out", SECRETS) == []
