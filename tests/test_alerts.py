@@ -123,7 +123,7 @@ def test_failed_delivery_is_one_line_and_keeps_the_alert(alerted, tiny_checkpoin
 
 def test_quiet_audit_posts_only_when_asked(alerted, tiny_checkpoint, monkeypatch):
     root = alerted[0]
-    # the day's error rate of 0.25 no longer alerts; its error row is kept, not scored again
+    # the day's error rate of 0.25 no longer alerts; its broken image is not scored again on these reruns
     quiet = ["--alert-error-rate", "0.5", "--no-rescore-errors"]
     with Receiver() as receiver:
         code, out, _ = _audit(root, tiny_checkpoint, "--webhook", receiver.url, *quiet)

@@ -276,7 +276,7 @@ def test_calibrate_inputs_are_checked_in_one_line(tmp_path, capsys, monkeypatch)
         (["--input", str(tmp_path / "m.csv"), "--target-fpr", "0"], "must lie strictly between 0 and 1"),
         (["--input", "x", "--data", "y"], "not allowed with argument"),
         (["--input", str(tmp_path / "m.csv"), "--group-column", "camera"], "no column 'camera' in the input"),
-        (["--input", str(tmp_path / "bad.csv"), "--label-column", "label"], "must hold 0 (good) or 1 (defect), found 2"),
+        (["--input", str(tmp_path / "bad.csv"), "--label-column", "label"], "label must be 0 or 1 on every row, found [2]"),
         (["--input", str(tmp_path / "orphan.csv"), "--label-column", "label", "--group-column", "line"],
          "group 'c' has defects but no good images"),
         (["--input", str(tmp_path / "m.csv"), "--rule", "f1"], "--rule f1 needs labelled defects"),

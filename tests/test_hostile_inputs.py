@@ -272,8 +272,8 @@ def test_unusable_rows_become_error_rows(tiny_checkpoint, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("columns,message", [
     ({"label": ["good", "bad"], "class_name": ["a", "a"]}, "label must be integers 0 or 1"),
-    ({"label": [0, 2], "class_name": ["a", "a"]}, "label must hold 0 (good) or 1 (defect), found 2"),
-    ({"label": [0, None], "class_name": ["a", "a"]}, "label must hold 0 (good) or 1 (defect), found None"),
+    ({"label": [0, 2], "class_name": ["a", "a"]}, "label must be 0 or 1 on every row, found [2]"),
+    ({"label": [0, None], "class_name": ["a", "a"]}, "label must be 0 or 1 on every row, found [None]"),
     ({"mask_rle": ["x", "y"]}, "mask_rle is computed by the job"),
     ({"class_name": [1, 2]}, "class_name must be strings"),
     ({"has_masks": ["yes", "no"]}, "has_masks must be booleans"),

@@ -123,8 +123,8 @@ def check_image_table(table: pa.Table, source: str, reserved: tuple[str, ...] = 
             raise InputError(f"{source}: label must be integers 0 or 1, got {kind} values")
         values = set(pc.unique(column.cast(pa.int64())).to_pylist())
         if values - set(LABEL_VALUES):
-            shown = ", ".join(str(v) for v in sorted(values - set(LABEL_VALUES), key=str)[:3])
-            raise InputError(f"{source}: label must hold 0 (good) or 1 (defect), found {shown}")
+            shown = sorted(values - set(LABEL_VALUES), key=str)[:3]
+            raise InputError(f"{source}: label must be 0 or 1 on every row, found {shown}")
     strings = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
     for name, checks, what in (("class_name", strings, "strings"), ("mask_uri", strings, "strings"),
                                ("has_masks", (pa.types.is_boolean, pa.types.is_null), "booleans")):
