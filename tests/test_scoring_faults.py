@@ -281,6 +281,17 @@ def _cli(*args, cwd=REPO):
                           timeout=120)
 
 
+def _cli_in_process(capsys, *args) -> tuple[int, str]:
+    """jobs.score's entry point (jobs.cli.run) in this process: (exit code, stderr)."""
+    from jobs.cli import run
+    from jobs.score import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run(main, "jobs.score", list(args))
+    return exited.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--input", "x", "--output", "y", "--batch-size", "0"], "must be positive"),
     (["--input", "x"], "the following arguments are required: --output"),
@@ -294,7 +305,7 @@ def test_bad_flags_get_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_unusable_inputs_fail_before_any_work(tmp_path, tiny_checkpoint):
+def test_unusable_inputs_fail_before_any_work(tmp_path, tiny_checkpoint, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
         (["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")], "no images found"),
@@ -306,11 +317,17 @@ def test_unusable_inputs_fail_before_any_work(tmp_path, tiny_checkpoint):
     (tmp_path / "afile").write_text("x")
     cases.append((["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile" / "o"),
                    "--checkpoint", tiny_checkpoint], "cannot use output"))
-    for args, message in cases:
-        result = _cli(*args)
-        assert result.returncode == 2, result.stderr
-        assert "Traceback" not in result.stderr
-        last = result.stderr.strip().splitlines()[-1]
-        assert message in last, result.stderr
-        assert "Started a local Ray instance" not in result.stderr
+    # the last case through a real process (no Ray starts); the others through the same
+    # entry point in this process, which is what that process runs
+    *in_process, (last_args, last_message) = cases
+    for args, message in in_process:
+        code, stderr = _cli_in_process(capsys, *args)
+        assert code == 2, stderr
+        assert "Traceback" not in stderr
+        assert message in stderr.strip().splitlines()[-1], stderr
+    result = _cli(*last_args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert last_message in result.stderr.strip().splitlines()[-1], result.stderr
+    assert "Started a local Ray instance" not in result.stderr
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
