@@ -36,8 +36,8 @@ import sys
 from typing import Optional, Sequence
 
 from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, check_storage_options,
-                  init_ray, load_thresholds_arg, positive_float, positive_int, prepare_or_exit, run, unit_float,
-                  warn_uncalibrated)
+                  init_ray, load_thresholds_arg, pool_settings, positive_float, positive_int, prepare_or_exit, run,
+                  unit_float, warn_uncalibrated)
 
 EXIT_ALERT = 3
 WEBHOOK_ENV = "HEADCLIP_AUDIT_WEBHOOK"
@@ -188,13 +188,13 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
     log.info(redact_text(note))
     if todo is not None:
         config = JobConfig(input=input_uri, output=layout.day_output(args.history, day), checkpoint=args.checkpoint,
-                           shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                           shard_size=args.shard_size, **pool_settings(args),
                            storage_options=options, placement_timeout=args.placement_timeout,
                            scoring=ScoringOptions(threshold=0.5 if args.threshold is None else args.threshold,
                                                   batch_size=args.batch_size))
         apply_thresholds(config, calibrated)
         plan = prepare_or_exit(config, todo)
-        warn_uncalibrated(plan.images, calibrated)
+        warn_uncalibrated(plan, calibrated, config.storage_options)
         init_ray(args.ray_address)
         execute(plan, config)
         drop_superseded(args.history, day, options)

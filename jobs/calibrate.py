@@ -24,7 +24,7 @@ import sys
 from typing import Optional, Sequence
 
 from .cli import (Parser, UsageError, add_cluster_flags, init_ray, load_dataset_arg, open_unit_float, positive_int,
-                  prepare_or_exit, redact, redacted_command, run, unit_float)
+                  pool_settings, prepare_or_exit, redact, redacted_command, run, unit_float)
 
 PROG = "python -m jobs.calibrate"
 EXAMPLE = """examples:
@@ -178,8 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     good, defects = split_images(read_images(args), args)
     config = JobConfig(input=args.input or args.data, output=args.rows or default_rows(args.output),
-                       checkpoint=args.checkpoint, shard_size=args.shard_size, actors=args.actors,
-                       gpus_per_actor=args.gpus_per_actor, storage_options=args.storage_options,
+                       checkpoint=args.checkpoint, shard_size=args.shard_size, **pool_settings(args),
+                       storage_options=args.storage_options,
                        scoring=ScoringOptions(batch_size=args.batch_size, device=args.device,
                                               metric_bins=args.pixel_bins))
     plans = [prepare_or_exit(config, table) for table in (good, defects) if table is not None]

@@ -102,6 +102,25 @@ def open_unit_float(text: str) -> float:
     return value
 
 
+def resources_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not valid JSON") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                              for k, v in value.items()):
+        raise argparse.ArgumentTypeError("must be a JSON object of resource names to positive amounts")
+    return {k: float(v) for k, v in value.items()}
+
+
+def pool_settings(args) -> dict:
+    """The JobConfig fields of the flags of :func:`add_cluster_flags` that size the actor pool."""
+    if args.max_actors is not None and args.max_actors < args.min_actors:
+        raise UsageError(f"--max-actors {args.max_actors} is below --min-actors {args.min_actors}")
+    return dict(actors=args.actors, min_actors=args.min_actors, max_actors=args.max_actors,
+                actor_resources=args.actor_resources or {}, gpus_per_actor=args.gpus_per_actor)
+
+
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", type=storage_options_arg, default=None,
                    help="fsspec options as JSON, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'")
@@ -114,7 +133,17 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     p.add_argument("--shard-size", type=positive_int, default=shard_size,
                    help=f"images per shard and output file (default: {shard_size})")
     p.add_argument("--actors", type=positive_int, default=None,
-                   help="scoring actors (default: one per GPU, or CPU actors when there is none)")
+                   help="a fixed number of scoring actors (default: the pool follows the cluster, between "
+                        "--min-actors and --max-actors)")
+    p.add_argument("--min-actors", type=positive_int, default=1,
+                   help="scoring actors to keep even before the cluster can hold them (default 1); pending ones "
+                        "are resource demand that an autoscaler acts on")
+    p.add_argument("--max-actors", type=positive_int, default=None,
+                   help="the most scoring actors (default: as many as the live nodes hold, or the autoscaler's "
+                        "node types can hold; a node that joins mid-run gets one)")
+    p.add_argument("--actor-resources", type=resources_arg, default=None,
+                   help="custom Ray resources each actor reserves, as JSON, e.g. '{\"accelerator_type:A10G\": "
+                        "0.001}' to pin actors to a node type")
     p.add_argument("--gpus-per-actor", type=non_negative_float, default=None,
                    help="GPUs each actor reserves (default: 1 if the cluster has GPUs, else CPU actors); "
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
@@ -176,7 +205,7 @@ def job_config(args):
     if not extensions:
         raise UsageError("--extensions is empty")
     return JobConfig(input=args.input, output=args.output, checkpoint=args.checkpoint, run_id=args.run_id,
-                     shard_size=args.shard_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                     shard_size=args.shard_size, **pool_settings(args),
                      cpus_per_actor=args.cpus_per_actor, limit=args.limit, extensions=extensions,
                      storage_options=args.storage_options, scoring=scoring,
                      progress_interval=args.progress_interval, placement_timeout=args.placement_timeout)
@@ -371,19 +400,24 @@ def apply_thresholds(config, thresholds) -> None:
         config.scoring = dataclasses.replace(config.scoring, **thresholds.scoring_fields())
 
 
-def warn_uncalibrated(images, thresholds) -> None:
-    """Log the images of ``images`` (a listing) that will get the pooled default threshold."""
+def warn_uncalibrated(plan, thresholds, storage_options=None) -> None:
+    """Log the images of ``plan`` (read piece by piece) that will get the pooled default threshold."""
     if thresholds is None or not thresholds.groups:
         return
     column = thresholds.group_column
-    if column not in images.column_names:
+    if column not in plan.schema.names:
         log.warning("the input has no %r column: every image gets the default threshold %.4g (all groups pooled)",
                     column, thresholds.default.threshold)
         return
-    values = [None if v is None else str(v) for v in images[column].to_pylist()]
-    other = sorted({v for v in values if v not in thresholds.groups}, key=str)
-    if other:
-        count = sum(1 for v in values if v not in thresholds.groups)
+    counts: dict = {}
+    for table in plan.iter_images(storage_options, [column]):
+        for value in table[column].to_pylist():
+            value = None if value is None else str(value)
+            if value not in thresholds.groups:
+                counts[value] = counts.get(value, 0) + 1
+    if counts:
+        other = sorted(counts, key=str)
         log.warning("%d images of %s %s were not calibrated: they get the default threshold %.4g (all groups "
-                    "pooled)", count, column, ", ".join(map(str, other[:5])) + (" ..." if len(other) > 5 else ""),
+                    "pooled)", sum(counts.values()), column,
+                    ", ".join(map(str, other[:5])) + (" ..." if len(other) > 5 else ""),
                     thresholds.default.threshold)

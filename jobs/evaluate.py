@@ -14,7 +14,8 @@ import logging
 from typing import Optional, Sequence
 
 from .cli import (Parser, add_cluster_flags, add_dataset_flags, add_thresholds_flags, apply_thresholds, init_ray,
-                  load_dataset_arg, load_thresholds_arg, positive_int, prepare_or_exit, run, warn_uncalibrated)
+                  load_dataset_arg, load_thresholds_arg, pool_settings, positive_int, prepare_or_exit, run,
+                  warn_uncalibrated)
 
 EXAMPLE = """examples:
   ray job submit --working-dir . -- python -m jobs.evaluate --data s3://bucket/visa --layout visa \\
@@ -114,13 +115,13 @@ def evaluate_table(table, args):
     from headclip.scoring.scorer import ScoringOptions
 
     config = JobConfig(input=args.data, output=args.output, checkpoint=args.checkpoint, shard_size=args.shard_size,
-                       actors=args.actors, gpus_per_actor=args.gpus_per_actor, storage_options=args.storage_options,
+                       **pool_settings(args), storage_options=args.storage_options,
                        placement_timeout=args.placement_timeout,
                        scoring=ScoringOptions(batch_size=args.batch_size, metric_bins=args.metric_bins))
     thresholds = load_thresholds_arg(args, config.checkpoint_uri)
     apply_thresholds(config, thresholds)
     plan = prepare_or_exit(config, table)
-    warn_uncalibrated(plan.images, thresholds)
+    warn_uncalibrated(plan, thresholds, config.storage_options)
     init_ray(args.ray_address)
     summary = execute(plan, config)
     for line in summary.lines():

@@ -19,6 +19,7 @@ EXAMPLE = """examples:
       --input s3://bucket/line-7/ --output s3://bucket/scores/ \\
       --checkpoint s3://bucket/models/headclip.safetensors
   python -m jobs.score --input line-7/manifest.csv --output out/scores --thresholds thresholds.json
+  python -m jobs.score --input s3://bucket/inventory/manifest.parquet --output s3://bucket/scores/ --plan-only
 """
 
 log = logging.getLogger("jobs.score")
@@ -27,6 +28,9 @@ log = logging.getLogger("jobs.score")
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.score", description=__doc__, epilog=EXAMPLE)
     add_scoring_flags(p)
+    p.add_argument("--plan-only", action="store_true",
+                   help="write the run's plan (or read back a stored one), print its run id and counts, and "
+                        "exit before starting Ray")
     return p
 
 
@@ -36,7 +40,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     thresholds = load_thresholds_arg(args, config.checkpoint_uri)
     apply_thresholds(config, thresholds)
     plan = prepare_or_exit(config)
-    warn_uncalibrated(plan.images, thresholds)
+    if args.plan_only:
+        from headclip.redact import redact_text
+        from headclip.storage.layout import plan_file_uri
+
+        print(f"run {plan.run_id}: {plan.num_images} images in {plan.num_shards} shards "
+              f"({plan.num_pieces} plan pieces, {'read back' if plan.resumed else 'written'})")
+        print(f"plan: {redact_text(plan_file_uri(plan.output, plan.run_id))}")
+        return 0
+    warn_uncalibrated(plan, thresholds, config.storage_options)
     from headclip.scoring.runner import execute
 
     init_ray(args.ray_address)

@@ -105,7 +105,7 @@ def test_checkpoints_that_do_not_fit_are_refused_before_any_work(tiny_checkpoint
 
 def test_a_fitting_checkpoint_still_plans(tiny_checkpoint, tmp_path, images):
     plan = _prepare(tiny_checkpoint, images, tmp_path / "out")
-    assert plan.images.num_rows == 2
+    assert plan.num_images == 2
 
 
 def _header_bytes(header) -> bytes:

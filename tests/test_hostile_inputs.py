@@ -143,7 +143,7 @@ def test_a_replaced_file_makes_a_new_run(tiny_checkpoint, tmp_path):
     replaced = prepare(job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint))
     assert replaced.run_id != first.run_id and not replaced.resumed
     # the version is kept in the plan, not in the output
-    assert "source_version" in replaced.images.column_names
+    assert "source_version" in replaced.schema.names
     assert "source_version" not in [f.name for f in replaced.extra_fields]
 
 

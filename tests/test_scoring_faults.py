@@ -124,7 +124,7 @@ def test_bad_input_zoo_yields_one_row_each(ray_cluster, tiny_checkpoint, tmp_pat
     config = job(str(folder), str(tmp_path / "out"), tiny_checkpoint,
                  scoring=ScoringOptions(batch_size=4, io_threads=4, max_pixels=1_000_000))
     plan = prepare(config)
-    assert plan.images.num_rows == len(expected)
+    assert plan.num_images == len(expected)
     (folder / "deleted.png").unlink()  # between listing and reading
     (folder / "read-error.png").unlink()
     (folder / "read-error.png").mkdir()  # reading it fails

@@ -136,7 +136,7 @@ def test_finished_run_is_skipped_on_rerun(ray_cluster, tiny_checkpoint, tmp_path
     # an explicit run id keeps to its stored plan
     plan4, fourth = run_job(job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint,
                                 run_id=plan.run_id))
-    assert plan4.images.num_rows == 6 and fourth.shards_skipped == 2
+    assert plan4.num_images == 6 and fourth.shards_skipped == 2
 
 
 def test_thresholds_shape_rows(ray_cluster, tiny_checkpoint, tmp_path):

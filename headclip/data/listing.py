@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from ..errors import EmptyInputError, InputError, InputNotFoundError
 from .decode import IMAGE_EXTENSIONS
-from ..storage.fs import (as_uri, describe_error, file_version, filesystem, is_connection_error, open_file,
-                          resolve_relative)
+from .sorting import sort_tables
+from ..storage.fs import as_uri, describe_error, file_version, filesystem, is_connection_error, open_file
 from ..storage.layout import VERSION_COLUMN
 from ..storage.schema import RESULT_COLUMNS
 
@@ -35,28 +35,23 @@ GLOB_CHARS = "*?["
 RESERVED_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("image_id", "image_uri")) + (VERSION_COLUMN,)
 # columns with a meaning for labelled inputs, and the types they need
 LABEL_VALUES = (0, 1)
+CHUNK_ROWS = 65536  # rows per listed chunk
+CSV_BLOCK_BYTES = 8 << 20  # a manifest is read this many bytes at a time
 
 log = logging.getLogger(__name__)
 
 
 def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_options: Optional[dict] = None,
                 limit: Optional[int] = None) -> pa.Table:
-    """List ``uri`` into a table sorted by ``image_uri``.
+    """List ``uri`` into one in-memory table sorted by ``image_uri`` (for inputs that fit in memory).
 
     Columns: ``image_id`` (path relative to the input root, or the manifest's),
     ``image_uri`` (absolute; with the input's protocol), then manifest extras.
+    A scoring run's plan streams the listing instead (:func:`sorted_listing`).
     """
-    try:
-        fs, path = filesystem(uri, storage_options)
-        if path.lower().endswith(MANIFEST_SUFFIXES):
-            table = _read_manifest(uri, fs, path, storage_options)
-        else:
-            table = _list_files(uri, fs, path, extensions)
-    except InputError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any storage failure is one line naming its kind
-        raise InputError(f"cannot list input {uri}: {describe_error(err)}") from None
-    if table.num_rows == 0:
+    chunks = list(iter_listing(uri, extensions, storage_options))
+    table = pa.concat_tables(chunks) if chunks else None
+    if table is None or table.num_rows == 0:
         raise EmptyInputError(f"no images found at {uri} (extensions {', '.join(extensions)})")
     table = table.sort_by([("image_uri", "ascending")])
     duplicates = table.num_rows - len(pc.unique(table["image_id"]))
@@ -65,6 +60,42 @@ def list_images(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, storage_
     if limit is not None:
         table = table.slice(0, limit)
     return table
+
+
+def sorted_listing(uri: str, workdir: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                   storage_options: Optional[dict] = None) -> Iterator[pa.Table]:
+    """The listing of ``uri`` as tables sorted by ``image_uri`` across the whole stream.
+
+    Memory stays bounded for any size of listing: chunks are sorted and spilled
+    to ``workdir`` (a local folder), then merged (:func:`~headclip.data.sorting.sort_tables`).
+    Raises EmptyInputError for no images and InputError for duplicate image ids,
+    both before the first table is yielded.
+    """
+    empty = EmptyInputError(f"no images found at {uri} (extensions {', '.join(extensions)})")
+    return sort_tables(iter_listing(uri, extensions, storage_options), "image_uri", workdir, unique="image_id",
+                       source=uri, empty=empty)
+
+
+def iter_listing(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 storage_options: Optional[dict] = None) -> Iterator[pa.Table]:
+    """The listing of ``uri`` in unsorted chunks of at most :data:`CHUNK_ROWS` rows, each checked.
+
+    A manifest is read as a stream (CSV blocks, Parquet row groups); a prefix
+    or glob is listed by the store (paginated on S3) and then cut into chunks.
+    Any storage failure is one InputError naming its kind.
+    """
+    try:
+        fs, path = filesystem(uri, storage_options)
+        if path.lower().endswith(MANIFEST_SUFFIXES):
+            chunks = _read_manifest(uri, fs, path, storage_options)
+        else:
+            chunks = _list_files(uri, fs, path, extensions)
+        for chunk in chunks:
+            yield chunk
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any storage failure is one line naming its kind
+        raise InputError(f"cannot list input {uri}: {describe_error(err)}") from None
 
 
 def _missing(uri, fs, path, what: str) -> InputError:
@@ -79,7 +110,7 @@ def _missing(uri, fs, path, what: str) -> InputError:
     return InputNotFoundError(f"{what} not found: {uri}")
 
 
-def _list_files(uri, fs, path, extensions) -> pa.Table:
+def _list_files(uri, fs, path, extensions) -> Iterator[pa.Table]:
     suffixes = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if any(ch in path for ch in GLOB_CHARS):
         root = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)].rsplit("/", 1)[0]
@@ -100,8 +131,10 @@ def _list_files(uri, fs, path, extensions) -> pa.Table:
         log.warning("%s: skipped %d entries that are not regular files (first: %s)", uri, len(others), others[0])
     ids = [posixpath.relpath(p, root) if root else p for p in files]
     uris = [as_uri(fs, p, uri) for p in files]
-    return pa.table({"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string()),
-                     VERSION_COLUMN: pa.array([file_version(named[p]) for p in files], pa.string())})
+    table = pa.table({"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string()),
+                      VERSION_COLUMN: pa.array([file_version(named[p]) for p in files], pa.string())})
+    for start in range(0, table.num_rows, CHUNK_ROWS):
+        yield table.slice(start, CHUNK_ROWS)
 
 
 def check_image_table(table: pa.Table, source: str, reserved: tuple[str, ...] = RESERVED_COLUMNS) -> None:
@@ -132,48 +165,79 @@ def check_image_table(table: pa.Table, source: str, reserved: tuple[str, ...] = 
             raise InputError(f"{source}: {name} must be {what}, got {schema.field(name).type} values")
 
 
-def _read_manifest(uri, fs, path, storage_options) -> pa.Table:
+def _read_manifest(uri, fs, path, storage_options) -> Iterator[pa.Table]:
+    """A manifest's rows in chunks, with URIs resolved and ids filled in (vectorised)."""
     if not fs.exists(path):
         raise _missing(uri, fs, path, "manifest")
+    base = posixpath.dirname(path)
+    prefix = as_uri(fs, base, uri).rstrip("/") + "/" if base else ""
     with open_file(uri, "rb", storage_options) as handle:
         try:
-            table = pacsv.read_csv(handle) if path.lower().endswith(".csv") else pq.read_table(handle)
+            if path.lower().endswith(".csv"):
+                text = {"image_uri": pa.string(), "image_id": pa.string()}
+                reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                                        convert_options=pacsv.ConvertOptions(column_types=text))
+            else:
+                reader = pq.ParquetFile(handle).iter_batches(batch_size=CHUNK_ROWS)
+            for batch in reader:
+                yield _manifest_chunk(pa.Table.from_batches([batch]), uri, prefix)
         except (pa.ArrowInvalid, OSError) as err:
             raise InputError(f"cannot read manifest {uri}: {str(err).splitlines()[0]}") from None
+
+
+def _manifest_chunk(table: pa.Table, uri: str, prefix: str) -> pa.Table:
     if "image_uri" not in table.column_names:
         raise InputError(f"manifest {uri} has no image_uri column (columns: {', '.join(table.column_names)})")
     check_image_table(table, f"manifest {uri}")
-    base = posixpath.dirname(path)
-    uris = []
-    for value in table["image_uri"].to_pylist():
-        resolved = resolve_relative(fs, uri, base, value)
-        if resolved is None:
-            raise InputError(f"manifest {uri} has an empty image_uri")
-        uris.append(resolved)
+    values = table["image_uri"].cast(pa.string())
+    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), True)
+    if pc.any(blank).as_py():
+        raise InputError(f"manifest {uri} has an empty image_uri")
+    absolute = pc.or_(pc.match_substring(values, "://"), pc.starts_with(values, "/"))
+    uris = pc.if_else(absolute, values, pc.binary_join_element_wise(prefix, values, "")) if prefix else values
     if "image_id" in table.column_names:  # a missing (null or empty) id falls back to the URI
-        ids = [u if v is None or str(v).strip() == "" else str(v) for v, u in zip(table["image_id"].to_pylist(), uris)]
+        ids = table["image_id"].cast(pa.string())
+        missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ids), ""), True)
+        ids = pc.if_else(missing, uris, ids)
     else:
         ids = uris
     extras = [name for name in table.column_names if name not in ("image_id", "image_uri")]
-    columns = {"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string())}
+    columns = {"image_id": ids, "image_uri": uris}
     for name in extras:
         columns[name] = table[name]
     return pa.table(columns)
 
 
-def listing_hash(table: pa.Table) -> str:
-    """sha256 over the sorted image ids, URIs and (when listed) versions: what the run was planned over."""
-    digest = hashlib.sha256()
-    versions = table[VERSION_COLUMN].to_pylist() if VERSION_COLUMN in table.column_names else None
-    for i, (image_id, image_uri) in enumerate(zip(table["image_id"].to_pylist(), table["image_uri"].to_pylist())):
-        digest.update(image_id.encode())
-        digest.update(b"\0")
-        digest.update(image_uri.encode())
-        if versions is not None and versions[i] is not None:
+class ListingHash:
+    """sha256 over the sorted image ids, URIs and (when listed) versions: what a run was planned over.
+
+    Fed table by table in listing order, so a listing of any size is hashed in one pass.
+    """
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+
+    def update(self, table: pa.Table) -> None:
+        digest = self._digest
+        versions = table[VERSION_COLUMN].to_pylist() if VERSION_COLUMN in table.column_names else None
+        for i, (image_id, image_uri) in enumerate(zip(table["image_id"].to_pylist(), table["image_uri"].to_pylist())):
+            digest.update(image_id.encode())
             digest.update(b"\0")
-            digest.update(versions[i].encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+            digest.update(image_uri.encode())
+            if versions is not None and versions[i] is not None:
+                digest.update(b"\0")
+                digest.update(versions[i].encode())
+            digest.update(b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def listing_hash(table: pa.Table) -> str:
+    """The :class:`ListingHash` of one table."""
+    hasher = ListingHash()
+    hasher.update(table)
+    return hasher.hexdigest()
 
 
 def shard_slices(num_images: int, shard_size: int) -> list[tuple[int, int]]:

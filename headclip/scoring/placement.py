@@ -52,9 +52,11 @@ def _describe(need: dict[str, float]) -> str:
 
 
 def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0,
-                       nodes: Callable[[], list[dict]] = _live_nodes) -> None:
-    """Return once some live node can hold an actor of ``cpus``/``gpus``; PlacementError after ``timeout``."""
-    need = {"CPU": float(cpus), "GPU": float(gpus)}
+                       nodes: Callable[[], list[dict]] = _live_nodes, resources: Optional[dict] = None) -> None:
+    """Return once some live node can hold an actor of ``cpus``/``gpus`` (and custom ``resources``);
+    PlacementError after ``timeout``. Start the actors first: while they pend, Ray shows them to the
+    autoscaler as resource demand."""
+    need = {"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in (resources or {}).items()}}
     if any(_fits(resources, need) for resources in nodes()):
         return
     largest = max(nodes(), key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
@@ -77,6 +79,26 @@ def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOU
             return
     raise PlacementError(f"no node can hold a scoring actor needing {_describe(need)} ({have}); gave up after "
                          f"{timeout:g}s (--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
+
+
+def autoscaler_capacity(fits_in: Callable[[dict], int]) -> Optional[int]:
+    """How many actors the autoscaler's node types can hold at their maximum counts; None without an
+    autoscaler config, or -1 when a fitting node type has no maximum."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or differently built Ray: treat as no autoscaler
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    total = 0
+    for group in config.node_group_configs:
+        each = fits_in(dict(group.resources))
+        if each and group.max_count < 0:
+            return -1
+        total += each * max(0, group.max_count)
+    return total
 
 
 def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:

@@ -1,10 +1,17 @@
-"""A scoring run's plan: its id, its sorted image list and its shards.
+"""A scoring run's plan: its id, its sorted image list in pieces, and its shards.
 
-The plan is written next to the output before any work starts:
-``OUTPUT/run_id=<id>/_plan/plan.json`` (config, checkpoint id, listing
-hash, shard count) and ``_plan/images.arrow`` (the sorted image list). A
-rerun of the same run reads the stored plan instead of listing again, so
-shard boundaries never move and no row is ever written twice.
+The plan is written next to the output before any work starts::
+
+    OUTPUT/run_id=<id>/_plan/images-00000.arrow ...   the sorted image list, in pieces
+    OUTPUT/run_id=<id>/_plan/plan.json                config, checkpoint id, listing hash, counts
+
+Each piece is an Arrow IPC file holding ``shards_per_piece`` consecutive
+shards, one record batch per shard, so a worker reads only its own shard's
+rows and the driver never holds the whole list. ``plan.json`` is written last:
+a plan without it is incomplete and is planned again. A rerun of the same run
+reads the stored plan instead of listing again, so shard boundaries never move
+and no row is ever written twice. Plans written before pieces existed (one
+``_plan/images.arrow``) are read as one piece.
 """
 
 from __future__ import annotations
@@ -12,16 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 
-from ..data.listing import listing_hash, shard_slices
-from ..storage.fs import filesystem, read_bytes, write_bytes_atomic
-from ..storage.layout import VERSION_COLUMN, plan_file_uri, plan_images_uri, shard_uri
+from ..data.listing import ListingHash
+from ..storage.fs import filesystem, open_file, read_bytes, write_bytes_atomic
+from ..storage.layout import VERSION_COLUMN, plan_file_uri, plan_images_uri, plan_piece_uri, shard_uri
 
 log = logging.getLogger(__name__)
+
+PLAN_FORMAT = 2  # pieces with one record batch per shard
+PIECE_ROWS = 131_072  # about this many images per piece (whole shards)
+PIECE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
 
 def derive_run_id(input_uri: str, checkpoint_id: str, settings: dict[str, Any]) -> str:
     """A short stable id from the input, the checkpoint and the settings that shape rows."""
@@ -29,67 +42,207 @@ def derive_run_id(input_uri: str, checkpoint_id: str, settings: dict[str, Any]) 
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def shards_per_piece(shard_size: int) -> int:
+    return max(1, PIECE_ROWS // max(1, shard_size))
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Where a shard's images are in the plan: a piece file and the shard's place in it."""
+
+    piece_uri: str
+    batch: Optional[int]  # the record batch of the shard; None: rows [start, stop) of a one-piece legacy plan
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def read_shard_images(source: ShardSource, storage_options: Optional[dict] = None) -> pa.Table:
+    """A shard's image table (image_id, image_uri, extras), read from its plan piece."""
+    with open_file(source.piece_uri, "rb", storage_options) as handle:
+        reader = pa.ipc.open_file(handle)
+        if source.batch is not None:
+            table = pa.Table.from_batches([reader.get_batch(source.batch)])
+        else:
+            table = reader.read_all().slice(source.start, source.rows)
+    if table.num_rows != source.rows:
+        raise ValueError(f"plan piece {source.piece_uri} holds {table.num_rows} rows for a shard of {source.rows}")
+    return table
+
+
 @dataclass
 class RunPlan:
+    """A run's plan without its image list, which stays in the piece files."""
+
     run_id: str
     output: str
-    images: pa.Table  # image_id, image_uri, extras; sorted
+    num_images: int
     shard_size: int
     listing_hash: str
     config: dict[str, Any]
     checkpoint_id: str
+    schema: pa.Schema  # of the image list
+    shards_per_piece: int
     resumed: bool = False
+    legacy: bool = False  # one images.arrow of any batching (plans written before pieces)
 
     @property
     def num_shards(self) -> int:
-        return len(shard_slices(self.images.num_rows, self.shard_size))
+        return -(-self.num_images // self.shard_size)
 
-    def shard_images(self, index: int) -> pa.Table:
-        start, stop = shard_slices(self.images.num_rows, self.shard_size)[index]
-        return self.images.slice(start, stop - start)
+    @property
+    def num_pieces(self) -> int:
+        return -(-self.num_shards // self.shards_per_piece)
 
     def shard_uri(self, index: int) -> str:
         return shard_uri(self.output, self.run_id, index)
 
+    def piece_uri(self, piece: int) -> str:
+        if self.legacy:
+            return plan_images_uri(self.output, self.run_id)
+        return plan_piece_uri(self.output, self.run_id, piece)
+
+    def shard_rows(self, index: int) -> int:
+        return min(self.shard_size, self.num_images - index * self.shard_size)
+
+    def shard_source(self, index: int) -> ShardSource:
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard {index} of a plan with {self.num_shards} shards")
+        start = index * self.shard_size
+        if self.legacy:
+            return ShardSource(self.piece_uri(0), None, start, start + self.shard_rows(index))
+        piece, batch = divmod(index, self.shards_per_piece)
+        return ShardSource(self.piece_uri(piece), batch, 0, self.shard_rows(index))
+
+    def shard_images(self, index: int, storage_options: Optional[dict] = None) -> pa.Table:
+        return read_shard_images(self.shard_source(index), storage_options)
+
+    def iter_images(self, storage_options: Optional[dict] = None,
+                    columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+        """The image list piece by piece (bounded memory), optionally only ``columns``."""
+        for piece in range(1 if self.legacy else self.num_pieces):
+            with open_file(self.piece_uri(piece), "rb", storage_options) as handle:
+                table = pa.ipc.open_file(handle).read_all()
+            yield table.select(columns) if columns else table
+
     @property
     def extra_fields(self) -> list[pa.Field]:
-        return [f for f in self.images.schema if f.name not in ("image_id", "image_uri", VERSION_COLUMN)]
+        return [f for f in self.schema if f.name not in ("image_id", "image_uri", VERSION_COLUMN)]
 
 
-def _ipc_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+class StagedPlan:
+    """A sorted image list cut into plan pieces in a local folder, before the run has its id.
+
+    The listing hash (and so the run id) is known only once every image has been
+    seen; :meth:`publish` then copies the pieces under the run and writes
+    ``plan.json`` last.
+    """
+
+    def __init__(self, workdir: str, shard_size: int, schema: Optional[pa.Schema] = None):
+        self.workdir, self.shard_size = workdir, shard_size
+        self.per_piece = shards_per_piece(shard_size)
+        self.hash = ListingHash()
+        self.num_images = 0
+        self.schema: Optional[pa.Schema] = schema
+        self.pieces: list[str] = []
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
+    def add_all(self, tables: Iterable[pa.Table], limit: Optional[int] = None) -> "StagedPlan":
+        """Add the sorted ``tables`` (at most ``limit`` rows of them) and finish the last piece."""
+        for table in tables:
+            if limit is not None and self.num_images + table.num_rows > limit:
+                table = table.slice(0, limit - self.num_images)
+            self.add(table)
+            if limit is not None and self.num_images >= limit:
+                break
+        close = getattr(tables, "close", None)
+        if close is not None:
+            close()  # a listing stopped at the limit removes its spilled runs now
+        self.finish()
+        return self
+
+    def add(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        elif table.schema != self.schema:
+            table = table.cast(self.schema)
+        self.hash.update(table)
+        self.num_images += table.num_rows
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        piece_rows = self.per_piece * self.shard_size
+        while self._buffered >= piece_rows:
+            whole = pa.concat_tables(self._buffer)
+            self._write_piece(whole.slice(0, piece_rows))
+            rest = whole.slice(piece_rows)
+            self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def finish(self) -> None:
+        if self._buffered:
+            self._write_piece(pa.concat_tables(self._buffer))
+        self._buffer, self._buffered = [], 0
+        if self.schema is None:
+            self.schema = pa.schema([("image_id", pa.string()), ("image_uri", pa.string())])
+
+    def _write_piece(self, table: pa.Table) -> None:
+        path = os.path.join(self.workdir, f"piece-{len(self.pieces):05d}.arrow")
+        table = table.combine_chunks()
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=PIECE_OPTIONS) as writer:
+            for start in range(0, table.num_rows, self.shard_size):  # one record batch per shard
+                writer.write_table(table.slice(start, self.shard_size), max_chunksize=self.shard_size)
+        self.pieces.append(path)
+
+    @property
+    def listing_hash(self) -> str:
+        return self.hash.hexdigest()
+
+    def publish(self, run_id: str, output: str, config: dict[str, Any], checkpoint_id: str,
+                storage_options: Optional[dict] = None) -> RunPlan:
+        """Copy the pieces under the run, then write plan.json; the published plan."""
+        plan = RunPlan(run_id, output, self.num_images, self.shard_size, self.listing_hash, config, checkpoint_id,
+                       self.schema, self.per_piece)
+        for index, path in enumerate(self.pieces):
+            with open(path, "rb") as handle:
+                write_bytes_atomic(plan.piece_uri(index), handle.read(), storage_options)
+        write_bytes_atomic(plan_file_uri(output, run_id), json.dumps(_document(plan), indent=2, sort_keys=True).encode(),
+                           storage_options)
+        return plan
 
 
-def write_plan(plan: RunPlan, storage_options: Optional[dict] = None) -> None:
-    write_bytes_atomic(plan_images_uri(plan.output, plan.run_id), _ipc_bytes(plan.images), storage_options)
-    document = {
+def _document(plan: RunPlan) -> dict[str, Any]:
+    return {
+        "format": PLAN_FORMAT,
         "run_id": plan.run_id,
         "checkpoint_id": plan.checkpoint_id,
         "listing_hash": plan.listing_hash,
-        "num_images": plan.images.num_rows,
+        "num_images": plan.num_images,
         "shard_size": plan.shard_size,
         "num_shards": plan.num_shards,
-        "shards": [plan.shard_uri(i) for i in range(plan.num_shards)],
+        "shards_per_piece": plan.shards_per_piece,
+        "num_pieces": plan.num_pieces,
+        "schema": plan.schema.serialize().to_pybytes().hex(),
         "config": plan.config,
     }
-    write_bytes_atomic(plan_file_uri(plan.output, plan.run_id), json.dumps(document, indent=2, sort_keys=True).encode(),
-                       storage_options)
 
 
 def read_plan(output: str, run_id: str, storage_options: Optional[dict] = None) -> Optional[RunPlan]:
-    """The stored plan of ``run_id``, or None if the run has not been planned."""
+    """The stored plan of ``run_id``, or None if the run has not been planned (or its plan is incomplete)."""
     fs, path = filesystem(plan_file_uri(output, run_id), storage_options)
     if not fs.exists(path):
         return None
     document = json.loads(read_bytes(plan_file_uri(output, run_id), storage_options))
-    images = pa.ipc.open_file(pa.BufferReader(read_bytes(plan_images_uri(output, run_id), storage_options))).read_all()
-    return RunPlan(run_id, output, images, document["shard_size"], document["listing_hash"], document["config"],
-                   document["checkpoint_id"], resumed=True)
-
-
-def make_plan(run_id: str, output: str, images: pa.Table, shard_size: int, config: dict[str, Any],
-              checkpoint_id: str) -> RunPlan:
-    return RunPlan(run_id, output, images, shard_size, listing_hash(images), config, checkpoint_id)
+    if document.get("format", 1) >= PLAN_FORMAT:
+        schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(document["schema"])))
+        return RunPlan(run_id, output, document["num_images"], document["shard_size"], document["listing_hash"],
+                       document["config"], document["checkpoint_id"], schema, document["shards_per_piece"],
+                       resumed=True)
+    with open_file(plan_images_uri(output, run_id), "rb", storage_options) as handle:
+        reader = pa.ipc.open_file(handle)
+        schema, rows = reader.schema, sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    shards = -(-rows // document["shard_size"])
+    return RunPlan(run_id, output, rows, document["shard_size"], document["listing_hash"], document["config"],
+                   document["checkpoint_id"], schema, max(1, shards), resumed=True, legacy=True)

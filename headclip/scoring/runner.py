@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -28,9 +29,10 @@ from ..model.checkpoint import read_checkpoint
 from ..model.assets import DEMO_CHECKPOINT_URI
 from ..model.validate import check_checkpoint
 from ..data.decode import IMAGE_EXTENSIONS
-from ..data.listing import check_image_table, list_images, listing_hash
-from .placement import DEFAULT_TIMEOUT, actor_layout, cpus_per_gpu, wait_for_placement
-from .plan import RunPlan, derive_run_id, make_plan, read_plan, write_plan
+from ..data.listing import check_image_table, sorted_listing
+from .placement import DEFAULT_TIMEOUT, actor_layout, autoscaler_capacity, cpus_per_gpu, wait_for_placement
+from .pool import ActorPool, ActorSize
+from .plan import RunPlan, StagedPlan, derive_run_id, read_plan
 from .progress import Progress
 from ..evaluation.metrics import MetricsByClass
 from ..redact import redact_options, redact_text
@@ -57,7 +59,10 @@ class JobConfig:
     checkpoint: Optional[str] = None
     run_id: Optional[str] = None
     shard_size: int = 256
-    actors: Optional[int] = None  # None: one per GPU, or CPU actors when there is none
+    actors: Optional[int] = None  # a fixed pool size; None: the pool follows the cluster
+    min_actors: int = 1
+    max_actors: Optional[int] = None  # None: as many as the cluster holds (or its autoscaler can add)
+    actor_resources: dict = field(default_factory=dict)  # custom resources per actor, e.g. an accelerator type
     # None: 1 when the cluster has GPUs now, else CPU actors. A value given
     # explicitly is always requested, so an autoscaling cluster adds GPU nodes.
     gpus_per_actor: Optional[float] = None
@@ -111,6 +116,7 @@ class JobSummary:
     shards_skipped: int = 0
     shards_scored: int = 0
     actor_restarts: int = 0
+    actors_started: int = 0
     seconds: float = 0.0
     output_bytes: int = 0
     checkpoint_id: str = ""
@@ -148,42 +154,46 @@ def prepare(config: JobConfig, images: Optional[pa.Table] = None) -> RunPlan:
     """Validate the checkpoint, list the input and write (or read back) the run's plan.
 
     ``images`` replaces the listing of ``config.input`` (e.g. a labelled data
-    set's table). Raises CheckpointError, InputError or OutputError before any Ray work.
+    set's table; scored in its own order). The listing streams through a local
+    folder (sorted in runs, merged into plan pieces), so the driver's memory
+    does not grow with the input. Raises CheckpointError, InputError or
+    OutputError before any Ray work.
     """
     checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
     check_checkpoint(checkpoint, config.model_overrides, config.storage_options)
-    if images is None:
-        images = list_images(config.input, config.extensions, config.storage_options, config.limit)
-    else:
-        check_image_table(images, f"input {config.input}", reserved=_OUTPUT_ONLY)
-        if config.limit is not None:
-            images = images.slice(0, config.limit)
-    listed = listing_hash(images)
-    settings = {**config.row_settings(), "listing_hash": listed}
-    input_uri = canonical_uri(config.input, config.storage_options)
-    run_id = config.run_id or derive_run_id(input_uri, checkpoint.checkpoint_id, settings)
-    run_config = redact_options({"input": input_uri, "checkpoint": config.checkpoint_uri, **config.row_settings()})
-    try:
-        existing = read_plan(config.output, run_id, config.storage_options)
-    except Exception as err:  # noqa: BLE001 - unreadable, unreachable, not a directory: one line
-        raise OutputError(f"cannot use output {config.output}: {describe_error(err)}") from None
-    if existing is not None:
-        differing = _differing_settings(existing, run_config, checkpoint.checkpoint_id)
-        if differing:
-            raise InputError(f"run {run_id} was planned with other settings ({'; '.join(differing)}); run it with "
-                             f"those, or give a new --run-id")
-        if existing.listing_hash != listed:
-            log.warning("run %s was planned over a different listing (%d images, now %d); continuing its "
-                        "stored plan, give a new --run-id to score the current listing", run_id,
-                        existing.images.num_rows, images.num_rows)
-        log.info("resuming run %s from its stored plan (%d images)", run_id, existing.images.num_rows)
-        return existing
-    plan = make_plan(run_id, config.output, images, config.shard_size, run_config, checkpoint.checkpoint_id)
-    try:
-        write_plan(plan, config.storage_options)
-    except Exception as err:  # noqa: BLE001 - read-only, full, unreachable: one line before any work
-        raise OutputError(f"cannot use output {config.output}: {describe_error(err)}") from None
-    return plan
+    with tempfile.TemporaryDirectory(prefix="headclip-plan-") as workdir:
+        if images is None:
+            listing = sorted_listing(config.input, workdir, config.extensions, config.storage_options)
+        else:
+            check_image_table(images, f"input {config.input}", reserved=_OUTPUT_ONLY)
+            listing = images.to_batches(max_chunksize=65536)
+            listing = (pa.Table.from_batches([batch]) for batch in listing)
+        staged = StagedPlan(workdir, config.shard_size, None if images is None else images.schema)
+        staged.add_all(listing, config.limit)
+        settings = {**config.row_settings(), "listing_hash": staged.listing_hash}
+        input_uri = canonical_uri(config.input, config.storage_options)
+        run_id = config.run_id or derive_run_id(input_uri, checkpoint.checkpoint_id, settings)
+        run_config = redact_options({"input": input_uri, "checkpoint": config.checkpoint_uri, **config.row_settings()})
+        try:
+            existing = read_plan(config.output, run_id, config.storage_options)
+        except Exception as err:  # noqa: BLE001 - unreadable, unreachable, not a directory: one line
+            raise OutputError(f"cannot use output {config.output}: {describe_error(err)}") from None
+        if existing is not None:
+            differing = _differing_settings(existing, run_config, checkpoint.checkpoint_id)
+            if differing:
+                raise InputError(f"run {run_id} was planned with other settings ({'; '.join(differing)}); run it "
+                                 f"with those, or give a new --run-id")
+            if existing.listing_hash != staged.listing_hash:
+                log.warning("run %s was planned over a different listing (%d images, now %d); continuing its "
+                            "stored plan, give a new --run-id to score the current listing", run_id,
+                            existing.num_images, staged.num_images)
+            log.info("resuming run %s from its stored plan (%d images)", run_id, existing.num_images)
+            return existing
+        try:
+            return staged.publish(run_id, config.output, run_config, checkpoint.checkpoint_id,
+                                  config.storage_options)
+        except Exception as err:  # noqa: BLE001 - read-only, full, unreachable: one line before any work
+            raise OutputError(f"cannot use output {config.output}: {describe_error(err)}") from None
 
 
 _OUTPUT_ONLY = tuple(c for c in RESULT_COLUMNS if c not in ("image_id", "image_uri"))
@@ -204,86 +214,140 @@ def _differing_settings(plan: RunPlan, run_config: dict, checkpoint_id: str) -> 
 
 
 class _ScorerActor:
-    """A Ray actor around :class:`ShardScorer`: the model loads once, in ``__init__``."""
+    """A Ray actor around :class:`ShardScorer`: the model loads once, in ``__init__``.
+
+    An actor that holds GPUs scores on them or not at all: without a usable
+    CUDA device it fails to start instead of scoring on the CPU.
+    """
 
     def __init__(self, kwargs: dict):
+        import ray
+
+        gpus = ray.get_gpu_ids()
+        if gpus and not torch_cuda_available():
+            raise RuntimeError(f"this actor holds GPU {', '.join(map(str, gpus))} but CUDA is not available on "
+                               f"node {ray.get_runtime_context().get_node_id()[:12]}; it will not score on the CPU")
         self.scorer = ShardScorer(**kwargs)
 
+    def ready(self) -> str:
+        """The node the actor runs on, once its model is loaded."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def score_shard(self, task: ShardTask) -> ShardResult:
-        return self.scorer.score_shard(task)
+        import ray
+
+        result = self.scorer.score_shard(task)
+        result.node = ray.get_runtime_context().get_node_id()
+        return result
 
     def close(self) -> None:
         """Stop the scorer's I/O threads before the actor is killed."""
         self.scorer.close()
 
 
-def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, Any], None]] = None) -> JobSummary:
-    """Score every unfinished shard of ``plan`` on a pool of Ray actors.
+def torch_cuda_available() -> bool:
+    import torch
 
-    Ray must be initialised. ``on_event(name, value)`` is told of
-    "actors" (their names) and "shard_done" (a ShardResult), for monitoring.
+    return torch.cuda.is_available()
+
+
+
+def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, Any], None]] = None) -> JobSummary:
+    """Score every unfinished shard of ``plan`` on a pool of Ray actors that follows the cluster.
+
+    Ray must be initialised. ``on_event(name, value)`` is told of "actors"
+    (names started), "actor_ready" ((name, node id)) and "shard_done" (a
+    ShardResult), for monitoring.
     """
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+    actor_errors = (ActorDiedError, ActorUnavailableError, RayActorError)
     start = time.perf_counter()
     summary = JobSummary(plan.run_id, plan.output, shards=plan.num_shards, checkpoint_id=plan.checkpoint_id,
                          resumed=plan.resumed)
-    progress = Progress(plan.num_shards, plan.images.num_rows, config.progress_interval)
+    progress = Progress(plan.num_shards, plan.num_images, config.progress_interval)
     for result in finished_shards(plan, config.storage_options):
         _account(summary, result)
         progress.update(result)
     pending = deque(i for i in range(plan.num_shards) if not progress.is_done(i))
     if not pending:
         return _finish(summary, plan, config, progress, start)
-    actors_n, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending), cpus_per_gpu(ray.nodes()))
-    log.info("run %s: %d images in %d shards on %d actors (%.2g GPU, %.2g CPU each)", plan.run_id,
-             plan.images.num_rows, plan.num_shards, actors_n, gpus, cpus)
-    wait_for_placement(cpus, gpus, config.placement_timeout)
+    _, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending), cpus_per_gpu(ray.nodes()))
+    size = ActorSize(cpus, gpus, dict(config.actor_resources))
+    if gpus == 0 and not config.actor_resources and config.gpus_per_actor is None:
+        log.warning("the cluster has no GPU now: scoring on CPU actors (%g CPU each); give --gpus-per-actor 1 to "
+                    "wait for GPU nodes instead", cpus)
     scorer_kwargs = dict(run_id=plan.run_id, checkpoint=config.checkpoint_uri, options=config.scoring,
                          storage_options=config.storage_options, run_config=plan.config,
                          model_overrides=config.model_overrides, extra_fields=plan.extra_fields,
                          torch_threads=max(1, int(cpus)))
-    remote_cls = ray.remote(_ScorerActor)
-    generation = [0] * actors_n
-
-    def start_actor(slot: int):
-        name = f"headclip-scorer-{plan.run_id}-{slot}-{generation[slot]}"
-        return remote_cls.options(name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=0).remote(scorer_kwargs)
-
-    actors = [start_actor(slot) for slot in range(actors_n)]
-    if on_event:
-        on_event("actors", [f"headclip-scorer-{plan.run_id}-{s}-0" for s in range(actors_n)])
+    low, high = (config.actors, config.actors) if config.actors else (config.min_actors, config.max_actors)
+    pool = ActorPool(ray.remote(_ScorerActor), (scorer_kwargs,), size, f"headclip-scorer-{plan.run_id}", low, high,
+                     autoscaled=autoscaler_capacity(size.fits_in))
+    log.info("run %s: %d images in %d shards; scoring actors of %s, %d to %s of them", plan.run_id,
+             plan.num_images, plan.num_shards, ", ".join(f"{v:g} {k}" for k, v in size.need().items()), low,
+             "as many as the cluster holds" if high is None else high)
     inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, shard)
     attempts = [0] * plan.num_shards
     init_failures = 0
+
+    def actor_died(slot: int, err: BaseException) -> None:
+        nonlocal init_failures
+        summary.actor_restarts += 1
+        if getattr(err, "actor_init_failed", False):
+            init_failures += 1
+            if init_failures >= config.max_init_failures:
+                raise JobError(f"scoring actors cannot start: {_cause_line(err)}") from None
+        if summary.actor_restarts > config.max_actor_restarts:
+            raise JobError(f"too many scoring actors died ({summary.actor_restarts}); the "
+                           f"last: {_cause_line(err)}") from None
+        log.warning("scoring actor %d died (%s); its shards go to other actors", slot, type(err).__name__)
+        pool.forget(slot)
+
     try:
+        started = pool.scale_to(pool.target(len(pending)))
+        if on_event:
+            on_event("actors", started)
+        wait_for_placement(cpus, gpus, config.placement_timeout, resources=config.actor_resources)
         while pending or inflight:
-            for slot in range(actors_n):
-                while pending and sum(1 for s, g, _ in inflight.values() if s == slot) < 2:
+            started = pool.scale_to(pool.target(len(pending) + len(inflight)))
+            if started and on_event:
+                on_event("actors", started)
+            if not pending:  # nothing left to give: idle actors go
+                busy = {slot for slot, _, _ in inflight.values()}
+                for slot in [s for s in pool.slots if s not in busy]:
+                    pool.stop(slot)
+            for slot in pool.ready_slots():
+                generation = pool.slots[slot].generation
+                while pending and sum(1 for s, _, _ in inflight.values() if s == slot) < 2:
                     shard = pending.popleft()
-                    task = ShardTask(shard, plan.shard_uri(shard), plan.shard_images(shard))
-                    inflight[actors[slot].score_shard.remote(task)] = (slot, generation[slot], shard)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=config.progress_interval)
+                    task = ShardTask(shard, plan.shard_uri(shard), source=plan.shard_source(shard))
+                    inflight[pool.slots[slot].actor.score_shard.remote(task)] = (slot, generation, shard)
+            readiness = pool.ready_refs()
+            ready, _ = ray.wait(list(inflight) + list(readiness), num_returns=1, timeout=config.progress_interval)
             for ref in ready:
+                if ref in readiness:
+                    slot = readiness[ref]
+                    try:
+                        node = ray.get(ref)
+                    except actor_errors as err:
+                        actor_died(slot, err)
+                        continue
+                    pool.mark_ready(slot, node)
+                    if on_event:
+                        on_event("actor_ready", (pool.slots[slot].name, node))
+                    continue
                 slot, gen, shard = inflight.pop(ref)
                 try:
                     result: ShardResult = ray.get(ref)
-                except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                except actor_errors as err:
                     pending.appendleft(shard)
-                    if gen == generation[slot]:
-                        summary.actor_restarts += 1
-                        if getattr(err, "actor_init_failed", False):
-                            init_failures += 1
-                            if init_failures >= config.max_init_failures:
-                                raise JobError(f"scoring actors cannot start: {_cause_line(err)}") from None
-                        if summary.actor_restarts > config.max_actor_restarts:
-                            raise JobError(f"too many scoring actors died ({summary.actor_restarts}); the "
-                                           f"last: {_cause_line(err)}") from None
-                        log.warning("scoring actor %d died (%s); shard %d goes to a new actor", slot,
-                                    type(err).__name__, shard)
-                        generation[slot] += 1
-                        actors[slot] = start_actor(slot)
+                    entry = pool.slots.get(slot)
+                    if entry is not None and entry.generation == gen:
+                        actor_died(slot, err)
                     continue
                 except ray.exceptions.RayTaskError as err:
                     attempts[shard] += 1
@@ -307,8 +371,9 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                     on_event("shard_done", result)
             progress.tick()
     finally:
-        _stop_actors(ray, actors)
+        pool.stop_all()
         _discard(ray, list(inflight))
+    summary.actors_started = pool.started
     return _finish(summary, plan, config, progress, start)
 
 
@@ -321,20 +386,6 @@ def _discard(ray, refs: list, timeout: float = 10.0) -> None:
             ray.get(ref, timeout=0)
         except Exception:  # noqa: BLE001 - the run has already failed or been interrupted
             pass
-
-
-def _stop_actors(ray, actors: list, timeout: float = 10.0) -> None:
-    """Let each actor shut its thread pool down (bounded wait), then kill it."""
-    closing = []
-    for actor in actors:
-        try:
-            closing.append(actor.close.remote())
-        except Exception:  # noqa: BLE001 - a dead actor has nothing to close
-            continue
-    if closing:
-        ray.wait(closing, num_returns=len(closing), timeout=timeout)
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
 
 
 def _cause_line(err: BaseException) -> str:

@@ -29,6 +29,7 @@ from ..storage.layout import metrics_uri
 from ..storage.schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table, table_to_parquet_bytes
 from .device_batch import DeviceFeeder
 from .masks import MapBatch, encode_maps
+from .plan import ShardSource, read_shard_images
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,17 @@ class ScoringOptions:
 
 @dataclass
 class ShardTask:
-    """A shard to score: its index, output URI and images (a table with image_id, image_uri, extras)."""
+    """A shard to score: its index, output URI and images (a table with image_id, image_uri, extras),
+    given as a table or as the place in the run's plan that holds them (read by the scorer)."""
 
     index: int
     output_uri: str
-    images: pa.Table
+    images: Optional[pa.Table] = None
+    source: Optional[ShardSource] = None
+
+    @property
+    def rows(self) -> int:
+        return self.images.num_rows if self.images is not None else self.source.rows
 
 
 @dataclass
@@ -82,6 +89,7 @@ class ShardResult:
     output_bytes: int = 0
     peak_rss_bytes: int = 0  # peak resident memory of the scoring process
     metrics: Optional[dict] = None  # MetricsByClass state, for labelled inputs
+    node: Optional[str] = None  # the cluster node that scored it (set by the Ray actor)
 
 
 def peak_rss_bytes() -> int:
@@ -238,11 +246,12 @@ class ShardScorer:
         """Score a shard and publish its Parquet file; a finished shard is skipped."""
         fs, path = filesystem(task.output_uri, self.storage_options)
         if fs.exists(path):
-            return ShardResult(task.index, images=task.images.num_rows, skipped=True)
+            return ShardResult(task.index, images=task.rows, skipped=True)
+        images = task.images if task.images is not None else read_shard_images(task.source, self.storage_options)
         metrics = None
-        if {"label", "class_name"} <= set(task.images.column_names):
+        if {"label", "class_name"} <= set(images.column_names):
             metrics = MetricsByClass(self.options.metric_bins)
-        table = self.score_table(task.images, task.index, metrics)
+        table = self.score_table(images, task.index, metrics)
         data = table_to_parquet_bytes(table)
         if metrics is not None:  # the metric state is published before the shard counts as done
             write_bytes_atomic(metrics_uri(task.output_uri), json.dumps(metrics.to_dict(as_lists=True)).encode(),

@@ -31,7 +31,7 @@ def shard_result(plan: RunPlan, index: int, storage_options: Optional[dict] = No
     """The counts (and metric state) of a published shard, read from its files."""
     uri = plan.shard_uri(index)
     fs, path = filesystem(uri, storage_options)
-    table = read_shard_table(fs, path, COUNT_COLUMNS, plan.shard_images(index).num_rows)
+    table = read_shard_table(fs, path, COUNT_COLUMNS, plan.shard_rows(index))
     metrics = None
     metrics_path = filesystem(metrics_uri(uri), storage_options)[1]
     if fs.exists(metrics_path):

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from ..errors import LockedError
 from .fs import as_uri, create_exclusive, delete, filesystem, read_bytes, write_bytes_atomic
-from .layout import (PLAN_DIR, PLAN_IMAGES_FILE, VERSION_COLUMN, day_output, day_shard_glob, history_scores,
+from .layout import (PLAN_DIR, PLAN_IMAGES_FILE, PLAN_PIECE_GLOB, VERSION_COLUMN, day_output, day_shard_glob, history_scores,
                      history_shard_glob)
 from .results import BrokenShard, read_shard_table
 from .schema import STATUS_OK, table_to_parquet_bytes
@@ -53,16 +53,20 @@ class Scored:
 
 
 def _plan_versions(fs, run_dir: str) -> dict[str, Optional[str]]:
-    """image_uri -> listed version, from a run's plan (empty for runs planned without versions)."""
-    path = posixpath.join(run_dir, PLAN_DIR, PLAN_IMAGES_FILE)
+    """image_uri -> listed version, from a run's plan pieces (empty for runs planned without versions)."""
+    plan_dir = posixpath.join(run_dir, PLAN_DIR)
+    versions: dict[str, Optional[str]] = {}
     try:
-        with fs.open(path, "rb") as handle:
-            table = pa.ipc.open_file(pa.BufferReader(handle.read())).read_all()
+        paths = sorted(fs.glob(posixpath.join(plan_dir, PLAN_PIECE_GLOB))) or [posixpath.join(plan_dir, PLAN_IMAGES_FILE)]
+        for path in paths:
+            with fs.open(path, "rb") as handle:
+                table = pa.ipc.open_file(pa.BufferReader(handle.read())).read_all()
+            if VERSION_COLUMN not in table.column_names:
+                return {}
+            versions.update(zip(table["image_uri"].to_pylist(), table[VERSION_COLUMN].to_pylist()))
     except Exception:  # noqa: BLE001 - a run without a readable plan tells no versions
         return {}
-    if VERSION_COLUMN not in table.column_names:
-        return {}
-    return dict(zip(table["image_uri"].to_pylist(), table[VERSION_COLUMN].to_pylist()))
+    return versions
 
 
 def scored_images(history: str, storage_options: Optional[dict] = None) -> dict[str, Scored]:

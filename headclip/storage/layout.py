@@ -8,8 +8,8 @@ run id is the ``run_id=`` hive partition (not a column of the files).
 A scoring run (``OUTPUT`` is the job's ``--output``)::
 
     OUTPUT/run_id=<id>/
-        _plan/plan.json            config, checkpoint id, listing hash, shard list
-        _plan/images.arrow         the sorted image list
+        _plan/plan.json            config, checkpoint id, listing hash, counts (written last)
+        _plan/images-NNNNN.arrow   the sorted image list in pieces, one record batch per shard
         shard-NNNNN.parquet        one per shard, published atomically
         _metrics/shard-NNNNN.json  per-class metric state (labelled inputs)
         _eval/metrics.parquet|md   merged metrics (jobs.evaluate)
@@ -32,7 +32,8 @@ from .fs import join
 
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
-PLAN_IMAGES_FILE = "images.arrow"
+PLAN_IMAGES_FILE = "images.arrow"  # the one-piece image list of plans written before pieces
+PLAN_PIECE_GLOB = "images-*.arrow"
 VERSION_COLUMN = "source_version"  # a listed file's ETag or size and mtime, in the plan's image list only
 METRICS_DIR = "_metrics"
 EVAL_DIR = "_eval"
@@ -61,6 +62,10 @@ def plan_file_uri(output: str, run_id: str) -> str:
 
 def plan_images_uri(output: str, run_id: str) -> str:
     return join(run_uri(output, run_id), PLAN_DIR, PLAN_IMAGES_FILE)
+
+
+def plan_piece_uri(output: str, run_id: str, piece: int) -> str:
+    return join(run_uri(output, run_id), PLAN_DIR, f"images-{piece:05d}.arrow")
 
 
 def metrics_uri(shard: str) -> str:

@@ -1,0 +1,41 @@
+"""The actor pool on a local multi-node Ray: scale-up from no accelerator node, a node that joins
+mid-run, a node that dies mid-run. The run itself is tests/cluster_run.py, in its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from headclip import results
+
+from .scoring_helpers import write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
+    """Catches: a pool sized once at start (B never gets an actor), actors started on the CPU-only head
+    (the pending demand would be empty and shards would be scored before A joins), shards lost or
+    written twice when a node dies (rows per image)."""
+    write_images(tmp_path / "images", 40)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "tests.cluster_run", str(tmp_path / "images"), str(out),
+                          tiny_checkpoint], cwd=REPO, capture_output=True, text=True, timeout=480)
+    assert run.returncode == 0, run.stderr[-4000:]
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    seen = json.loads(line[len("RESULT "):])
+    # 1. with no accelerator node, the actor is demand for one, and nothing is scored on the head
+    assert {"accelerator": 1.0, "CPU": 1.0} in seen["demand"] and seen["done_before_a"] == 0
+    nodes = {d["node"] for d in seen["done"]}
+    assert seen["head"] not in nodes and nodes <= {seen["node_a"], seen["node_b"]}
+    # 2./3. both accelerator nodes got an actor and scored shards; B only after it joined
+    ready_nodes = [r["node"] for r in seen["ready"]]
+    assert seen["node_a"] in ready_nodes and seen["node_b"] in ready_nodes
+    assert sum(1 for d in seen["done"] if d["node"] == seen["node_b"]) >= 2
+    # 4. B died with work left: the run still scored every image exactly once
+    assert seen["left_when_b_removed"] > 0
+    frame = results.read_run(str(out / f"run_id={seen['run_id']}"))
+    assert len(frame) == 40 and frame["image_id"].is_unique
+    assert seen["images"] == 40 and sorted(d["shard"] for d in seen["done"]) == list(range(40))
