@@ -16,6 +16,12 @@ time); only its newest row stays in the day. A day whose input does not
 exist is an error unless --allow-missing-day says an empty day is expected.
 One audit of a history and day runs at a time (a lock under HISTORY/locks/).
 
+Finding what is new reads per-day indexes (HISTORY/index/date=<day>.parquet),
+not the history's shard files. With --prefix-template each day's images live
+under that day's own prefix, so only the audited day's index is read and a
+night costs what its images cost; with --input every day's index is read
+(--lookback-days N bounds it to the N days before the audited one).
+
 
 Exit codes: 0 no alert, 2 bad input (or another audit of the day is running), 3 an alert condition holds (the summary
 and report say why; --alert-exit-code changes it). The last line printed is
@@ -83,6 +89,9 @@ def build_parser() -> Parser:
                    help="a day whose input does not exist is an empty day, not an error (exit 2)")
     p.add_argument("--no-rescore-errors", action="store_true",
                    help="keep error rows as they are (default: images whose latest row is an error are scored again)")
+    p.add_argument("--lookback-days", type=positive_int, default=None,
+                   help="with --input: look for earlier scores of the day's images only in the N days before it "
+                        "(default: every day of the history; with --prefix-template only the audited day)")
     p.add_argument("--lock-stale-after", type=positive_float, default=6 * 3600.0,
                    help="seconds after which another audit's lock of the day counts as abandoned (default 21600)")
     add_cluster_flags(p)
@@ -131,12 +140,25 @@ def resolve_input(args) -> tuple[str, dt.date]:
     return args.input, day
 
 
+def lookup_days(args, day: dt.date) -> Optional[list[dt.date]]:
+    """The days whose indexes may hold earlier scores of the day's images (None: every day)."""
+    if args.prefix_template:
+        return [day]
+    if args.lookback_days:
+        return [day - dt.timedelta(days=n) for n in range(args.lookback_days, -1, -1)]
+    return None
+
+
 def new_images(input_uri: str, history: str, storage_options: Optional[dict], allow_missing: bool = False,
-               rescore_errors: bool = True):
-    """(images to score or None, a note): the day's listing less what the history holds already (ids are URIs)."""
+               rescore_errors: bool = True, day: Optional[dt.date] = None, days: Optional[list[dt.date]] = None):
+    """(images to score or None, a note): the day's listing less what the history holds already (ids are URIs).
+
+    ``days``: the days whose indexes are looked in (None: all); the audited ``day``'s own index is
+    rebuilt from its shards first, so an audit of the day that stopped early is seen whole.
+    """
     from headclip.data.listing import list_images
     from headclip.errors import EmptyInputError, InputError, InputNotFoundError
-    from headclip.storage.history import images_to_score, scored_images
+    from headclip.storage.history import build_day_index, images_to_score, scored_images_for
 
     try:
         listed = list_images(input_uri, storage_options=storage_options)
@@ -150,7 +172,10 @@ def new_images(input_uri: str, history: str, storage_options: Optional[dict], al
     except InputError as err:
         raise UsageError(str(err)) from None
     listed = listed.set_column(0, "image_id", listed["image_uri"])
-    todo = images_to_score(listed, scored_images(history, storage_options), rescore_errors)
+    if day is not None:
+        build_day_index(history, day, storage_options=storage_options)
+    scored = scored_images_for(history, listed["image_uri"].to_pylist(), days, storage_options)
+    todo = images_to_score(listed, scored, rescore_errors)
     if not todo.images.num_rows:
         return None, f"no new images under {input_uri}"
     return todo.images, f"scored {todo.describe()}"
@@ -181,10 +206,11 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
     from headclip.scoring.scorer import ScoringOptions
     from headclip.storage import layout
     from headclip.storage.fs import join, write_bytes_atomic
-    from headclip.storage.history import drop_superseded
+    from headclip.storage.history import build_day_index, drop_superseded
 
     options = args.storage_options
-    todo, note = new_images(input_uri, args.history, options, args.allow_missing_day, not args.no_rescore_errors)
+    todo, note = new_images(input_uri, args.history, options, args.allow_missing_day, not args.no_rescore_errors,
+                            day, lookup_days(args, day))
     log.info(redact_text(note))
     if todo is not None:
         config = JobConfig(input=input_uri, output=layout.day_output(args.history, day), checkpoint=args.checkpoint,
@@ -198,6 +224,7 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
         init_ray(args.ray_address)
         execute(plan, config)
         drop_superseded(args.history, day, options)
+        build_day_index(args.history, day, storage_options=options)
 
     day_rows = audit.read_day(args.history, day, options)
     baseline, used = audit.baseline_rows(args.history, day, args.baseline_days, options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import json
 import math
@@ -335,3 +336,37 @@ def test_readme_queries_run(audited):
     frame = scope["rates"]
     assert isinstance(frame, pd.Series) and len(frame) == 3
     assert frame.to_dict() == dict(zip(DAYS, [0.0, 0.0, 0.5]))
+
+
+def test_each_audited_day_has_an_index_of_its_latest_rows(audited):
+    """The index a night's audit reads equals the day's shard files (latest row per image), read
+    independently with pandas. Catches: an index not written after scoring, a stale index, rows of
+    other days in it, versions lost."""
+    import pyarrow.parquet as pq
+
+    history, _, _ = audited
+    for day in DAYS:
+        index = pq.read_table(history / "index" / f"date={day}.parquet").to_pandas()
+        shards = pd.concat([pd.read_parquet(p, columns=["image_uri", "status", "scored_at"])
+                            for p in sorted((history / "scores" / f"date={day}").glob("run_id=*/shard-*.parquet"))])
+        latest = shards.sort_values("scored_at").groupby("image_uri").tail(1).sort_values("image_uri")
+        assert list(index["image_uri"]) == list(latest["image_uri"]) and len(index) == 24
+        assert list(index["status"]) == list(latest["status"])
+        assert index["source_version"].notna().all()  # listed files carry their size and mtime
+
+
+def test_a_night_with_a_prefix_template_reads_only_its_own_days_index(audited, tiny_checkpoint, tmp_path):
+    """With --prefix-template, another day's index is never read: replacing it with garbage changes
+    nothing. With --input, every day's index is read, so the day's images are found as scored."""
+    from headclip.storage.history import scored_images_for
+
+    history = _copy_history(audited, tmp_path)
+    _, _, archive = audited
+    (history / "index" / f"date={DAYS[0]}.parquet").write_bytes(b"not parquet")
+    assert audit_job.main(_args(archive, history, tiny_checkpoint, DAYS[2], "--alert-exit-code", "0")) == 0
+    assert _summary(history, DAYS[2])["new_images"] == 0
+    day_one = sorted(str(p) for p in (archive / f"date={DAYS[0]}").glob("*.png"))
+    # looking in day three's index only, day one's images are unknown; over all days they are known
+    assert scored_images_for(str(history), day_one, [dt.date.fromisoformat(DAYS[2])]) == {}
+    found = scored_images_for(str(history), day_one)  # the garbage index is rebuilt from day one's shards
+    assert sorted(found) == day_one and all(s.status == "ok" for s in found.values())

@@ -1,7 +1,12 @@
 """An audit history's bookkeeping: what is scored already, one audit per day at a time, superseded rows.
 
-- :func:`scored_images`: the latest row of every image in the history, with
-  the version (ETag, or size and mtime) its file had when its run was planned.
+- :func:`scored_images_for`: the latest row of each image of a night's listing,
+  with the version (ETag, or size and mtime) its file had when its run was
+  planned, read from per-day indexes (``HISTORY/index/date=<day>.parquet``), one day
+  at a time and only the days asked for, so a night costs what its images
+  and the days it looks at cost, not the whole history's shard files.
+  :func:`build_day_index` writes a day's index after the day is scored; a
+  day without one is indexed from its shards when first needed.
 - :func:`images_to_score`: of a day's listing, the images never scored, those
   whose latest row is an error (a repaired file), and those whose file changed.
 - :class:`AuditLock`: an audit of one history and day holds
@@ -30,11 +35,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import LockedError
-from .fs import as_uri, create_exclusive, delete, filesystem, read_bytes, write_bytes_atomic
-from .layout import (PLAN_DIR, PLAN_IMAGES_FILE, PLAN_PIECE_GLOB, VERSION_COLUMN, day_output, day_shard_glob, history_scores,
-                     history_shard_glob)
+from .fs import as_uri, create_exclusive, delete, filesystem, join, read_bytes, write_bytes_atomic
+from .layout import (INDEX_DIR, PLAN_DIR, PLAN_IMAGES_FILE, PLAN_PIECE_GLOB, VERSION_COLUMN, day_index_uri,
+                     day_output, day_shard_glob, history_scores)
 from .results import BrokenShard, read_shard_table
 from .schema import STATUS_OK, table_to_parquet_bytes
 
@@ -69,14 +75,16 @@ def _plan_versions(fs, run_dir: str) -> dict[str, Optional[str]]:
     return versions
 
 
-def scored_images(history: str, storage_options: Optional[dict] = None) -> dict[str, Scored]:
-    """image_uri -> its latest row's status and listed version, over every day of the history."""
-    fs, root = filesystem(history_scores(history), storage_options)
-    if not fs.exists(root):
-        return {}
+INDEX_SCHEMA = pa.schema([("image_uri", pa.string()), ("status", pa.string()), (VERSION_COLUMN, pa.string()),
+                          ("scored_at", pa.timestamp("us", tz="UTC"))])
+
+
+def _day_latest(history: str, day: dt.date, storage_options: Optional[dict] = None) -> pa.Table:
+    """The latest row of every image scored on ``day`` (INDEX_SCHEMA), from the day's shard files."""
+    fs, root = filesystem(day_output(history, day), storage_options)
     latest: dict[str, Scored] = {}
     versions: dict[str, dict] = {}
-    for path in sorted(fs.glob(history_shard_glob(root))):
+    for path in sorted(fs.glob(day_shard_glob(root))) if fs.exists(root) else []:
         try:
             table = read_shard_table(fs, path, ["image_uri", "status", "scored_at"])
         except BrokenShard as err:
@@ -89,6 +97,64 @@ def scored_images(history: str, storage_options: Optional[dict] = None) -> dict[
                                    table["scored_at"].to_pylist()):
             if uri not in latest or at >= latest[uri].scored_at:
                 latest[uri] = Scored(status, versions[run_dir].get(uri), at)
+    uris = sorted(latest)
+    return pa.table({"image_uri": uris, "status": [latest[u].status for u in uris],
+                     VERSION_COLUMN: [latest[u].version for u in uris],
+                     "scored_at": [latest[u].scored_at for u in uris]}, schema=INDEX_SCHEMA)
+
+
+def build_day_index(history: str, day: dt.date, table: Optional[pa.Table] = None,
+                    storage_options: Optional[dict] = None) -> pa.Table:
+    """Write ``day``'s index (``table``, or the day's latest rows read from its shards); returns it."""
+    if table is None:
+        table = _day_latest(history, day, storage_options)
+    table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    write_bytes_atomic(day_index_uri(history, day), table_to_parquet_bytes(table), storage_options)
+    return table
+
+
+def history_days(history: str, storage_options: Optional[dict] = None) -> list[dt.date]:
+    """The days the history holds scores or an index for, oldest first."""
+    days = set()
+    for uri, pattern in ((history_scores(history), "date="), (join(history, INDEX_DIR), "date=")):
+        fs, root = filesystem(uri, storage_options)
+        if not fs.exists(root):
+            continue
+        for path in fs.ls(root, detail=False):
+            name = posixpath.basename(path.rstrip("/")).removesuffix(".parquet")
+            if name.startswith(pattern):
+                try:
+                    days.add(dt.date.fromisoformat(name[len(pattern):]))
+                except ValueError:
+                    continue
+    return sorted(days)
+
+
+def _day_index(history: str, day: dt.date, storage_options: Optional[dict] = None) -> pa.Table:
+    uri = day_index_uri(history, day)
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        try:
+            return read_shard_table(fs, path, INDEX_SCHEMA.names)
+        except BrokenShard as err:
+            log.warning("the index of %s is unreadable and is built again: %s", day.isoformat(), err)
+    return build_day_index(history, day, storage_options=storage_options)
+
+
+def scored_images_for(history: str, uris, days: Optional[list[dt.date]] = None,
+                      storage_options: Optional[dict] = None) -> dict[str, Scored]:
+    """image_uri -> its latest row, for the images ``uris`` only, over ``days`` (None: every day).
+
+    Reads one day's index at a time and keeps only the rows of ``uris``.
+    """
+    wanted = pa.array(sorted(set(uris)), pa.string())
+    latest: dict[str, Scored] = {}
+    for day in history_days(history, storage_options) if days is None else days:
+        index = _day_index(history, day, storage_options)
+        hits = index.filter(pc.is_in(index["image_uri"], value_set=wanted))
+        for uri, status, version, at in zip(*(hits[name].to_pylist() for name in INDEX_SCHEMA.names)):
+            if uri not in latest or at >= latest[uri].scored_at:
+                latest[uri] = Scored(status, version, at)
     return latest
 
 

@@ -21,6 +21,7 @@ An audit history::
     HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/...   a scoring output per day
     HISTORY/reports/date=YYYY-MM-DD/summary.json, report.html
     HISTORY/locks/date=YYYY-MM-DD.lock               held while an audit of the day runs
+    HISTORY/index/date=YYYY-MM-DD.parquet            the day's images: uri, status, version, scored_at
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SUMMARY_FILE = "_summary.json"
 RUN_REPORT_FILE = "_report.html"
 SHARD_GLOB = "shard-*.parquet"
 AUDIT_SUMMARY_FILE = "summary.json"
+INDEX_DIR = "index"
 AUDIT_REPORT_FILE = "report.html"
 
 
@@ -110,14 +112,14 @@ def day_report_dir(history: str, day: dt.date) -> str:
     return join(history, "reports", f"date={day.isoformat()}")
 
 
+def day_index_uri(history: str, day: dt.date) -> str:
+    """A day's image index (latest row per image scored that day): ``HISTORY/index/date=<day>.parquet``."""
+    return join(history, INDEX_DIR, f"date={day.isoformat()}.parquet")
+
+
 def day_shard_glob(day_path: str) -> str:
     """Glob of every shard file of one day (a path without protocol)."""
     return day_path.rstrip("/") + "/run_id=*/" + SHARD_GLOB
-
-
-def history_shard_glob(scores_path: str) -> str:
-    """Glob of every shard file of a history's scores (a path without protocol)."""
-    return scores_path.rstrip("/") + "/date=*/run_id=*/" + SHARD_GLOB
 
 
 def partition_value(path: str, key: str):
