@@ -139,3 +139,18 @@ def test_sorted_listing_of_an_empty_folder_is_an_empty_input_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmptyInputError):
         list(sorted_listing(str(tmp_path / "empty"), str(tmp_path)))
+
+
+def test_an_s3_prefix_of_more_than_one_page_lists_every_key_in_order(s3_bucket):
+    """S3 returns at most 1,000 keys a page: 1,010 keys need two pages. Catches a listing that stops
+    after the first page, or one in the store's page order instead of sorted."""
+    import fsspec
+
+    bucket, options = s3_bucket
+    fs = fsspec.filesystem("s3", **options)
+    names = [f"day/cam-{i % 3}/img-{(i * 7919) % 1010:05d}.png" for i in range(1010)]
+    fs.pipe({f"{bucket[5:]}/{name}": b"x" for name in names})
+    table = list_images(f"{bucket}/day/", storage_options=options)
+    assert table.num_rows == 1010
+    assert table["image_uri"].to_pylist() == sorted(f"{bucket}/{name}" for name in names)
+    assert table["image_id"].to_pylist() == [u[len(bucket) + len("/day/"):] for u in table["image_uri"].to_pylist()]
