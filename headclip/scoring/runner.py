@@ -247,6 +247,9 @@ class _ScorerActor:
         self.scorer.close()
 
 
+SCALE_EVERY = 1.0  # seconds between the pool's looks at the cluster
+
+
 def torch_cuda_available() -> bool:
     import torch
 
@@ -312,10 +315,13 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
         if on_event:
             on_event("actors", started)
         wait_for_placement(cpus, gpus, config.placement_timeout, resources=config.actor_resources)
+        next_scaling = time.monotonic() + SCALE_EVERY
         while pending or inflight:
-            started = pool.scale_to(pool.target(len(pending) + len(inflight)))
-            if started and on_event:
-                on_event("actors", started)
+            if time.monotonic() >= next_scaling or len(pool.slots) < pool.min_actors:  # asks the GCS: not per shard
+                next_scaling = time.monotonic() + SCALE_EVERY
+                started = pool.scale_to(pool.target(len(pending) + len(inflight)))
+                if started and on_event:
+                    on_event("actors", started)
             if not pending:  # nothing left to give: idle actors go
                 busy = {slot for slot, _, _ in inflight.values()}
                 for slot in [s for s in pool.slots if s not in busy]:
