@@ -28,14 +28,15 @@ def _fits(resources: dict, need: dict[str, float]) -> bool:
     return all(resources.get(name, 0.0) >= amount for name, amount in need.items() if amount > 0)
 
 
-def _live_nodes() -> list[dict]:
+def live_nodes() -> list[dict]:
+    """Each live node's total resources."""
     import ray
 
     return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
 
 
-def _autoscaler_can_add(need: dict[str, float]) -> Optional[bool]:
-    """True/False: whether an autoscaler node type provides ``need``; None without an autoscaler config."""
+def _autoscaler_groups() -> Optional[list]:
+    """The autoscaler's node groups (resources, max_count), or None without an autoscaler config."""
     try:
         from ray._private.state import state
 
@@ -44,15 +45,23 @@ def _autoscaler_can_add(need: dict[str, float]) -> Optional[bool]:
         return None
     if config is None or not config.node_group_configs:
         return None
-    return any(group.max_count != 0 and _fits(dict(group.resources), need) for group in config.node_group_configs)
+    return list(config.node_group_configs)
 
 
-def _describe(need: dict[str, float]) -> str:
+def _autoscaler_can_add(need: dict[str, float]) -> Optional[bool]:
+    """True/False: whether an autoscaler node type provides ``need``; None without an autoscaler config."""
+    groups = _autoscaler_groups()
+    if groups is None:
+        return None
+    return any(group.max_count != 0 and _fits(dict(group.resources), need) for group in groups)
+
+
+def describe_need(need: dict[str, float]) -> str:
     return " and ".join(f"{amount:g} {name}" for name, amount in need.items())
 
 
 def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0,
-                       nodes: Callable[[], list[dict]] = _live_nodes, resources: Optional[dict] = None) -> None:
+                       nodes: Callable[[], list[dict]] = live_nodes, resources: Optional[dict] = None) -> None:
     """Return once some live node can hold an actor of ``cpus``/``gpus`` (and custom ``resources``);
     PlacementError after ``timeout``. Start the actors first: while they pend, Ray shows them to the
     autoscaler as resource demand."""
@@ -63,37 +72,32 @@ def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOU
     have = f"the largest node has {largest.get('CPU', 0.0):g} CPU and {largest.get('GPU', 0.0):g} GPU"
     autoscaler = _autoscaler_can_add(need)
     if autoscaler is False:
-        raise PlacementError(f"no node can hold a scoring actor needing {_describe(need)} ({have}), and no "
+        raise PlacementError(f"no node can hold a scoring actor needing {describe_need(need)} ({have}), and no "
                              f"node type of the cluster's autoscaler provides it")
     if autoscaler:
         log.warning("no node can hold a scoring actor needing %s yet (%s); waiting up to %gs for the autoscaler "
-                    "to add one", _describe(need), have, timeout)
+                    "to add one", describe_need(need), have, timeout)
     else:
         log.warning("no node can hold a scoring actor needing %s (%s); waiting up to %gs for one to join "
-                    "(--placement-timeout)", _describe(need), have, timeout)
+                    "(--placement-timeout)", describe_need(need), have, timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
         if any(_fits(resources, need) for resources in nodes()):
             log.info("a node that can hold the scoring actors has joined")
             return
-    raise PlacementError(f"no node can hold a scoring actor needing {_describe(need)} ({have}); gave up after "
+    raise PlacementError(f"no node can hold a scoring actor needing {describe_need(need)} ({have}); gave up after "
                          f"{timeout:g}s (--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
 
 
 def autoscaler_capacity(fits_in: Callable[[dict], int]) -> Optional[int]:
     """How many actors the autoscaler's node types can hold at their maximum counts; None without an
     autoscaler config, or -1 when a fitting node type has no maximum."""
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - an older or differently built Ray: treat as no autoscaler
-        return None
-    if config is None or not config.node_group_configs:
+    groups = _autoscaler_groups()
+    if groups is None:
         return None
     total = 0
-    for group in config.node_group_configs:
+    for group in groups:
         each = fits_in(dict(group.resources))
         if each and group.max_count < 0:
             return -1

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .placement import describe_need, live_nodes
+
 log = logging.getLogger(__name__)
 
 
@@ -42,12 +44,6 @@ class ActorSize:
         return int(min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items()))
 
 
-def live_node_resources() -> list[dict[str, float]]:
-    import ray
-
-    return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-
-
 @dataclass
 class _Slot:
     actor: Any
@@ -62,7 +58,7 @@ class ActorPool:
     """Scoring actors in numbered slots; the driver loop asks it for targets, readiness and deaths."""
 
     def __init__(self, remote_cls, init_args: tuple, size: ActorSize, prefix: str, min_actors: int = 1,
-                 max_actors: Optional[int] = None, nodes: Callable[[], list[dict]] = live_node_resources,
+                 max_actors: Optional[int] = None, nodes: Callable[[], list[dict]] = live_nodes,
                  autoscaled: Optional[int] = None):
         self.remote_cls, self.init_args, self.size, self.prefix = remote_cls, init_args, size, prefix
         self.min_actors = max(0, min_actors)
@@ -114,7 +110,7 @@ class ActorPool:
             started.append(self._start(slot).name)
         if started:
             log.info("scoring pool: starting %d actor%s (%s each); %d in the pool", len(started),
-                     "s" if len(started) > 1 else "", _describe(self.size.need()), len(self.slots))
+                     "s" if len(started) > 1 else "", describe_need(self.size.need()), len(self.slots))
         return started
 
     def restart(self, slot: int) -> _Slot:
@@ -148,10 +144,6 @@ class ActorPool:
 
     def pending_slots(self) -> list[int]:
         return sorted(slot for slot, entry in self.slots.items() if not entry.ready)
-
-
-def _describe(need: dict[str, float]) -> str:
-    return ", ".join(f"{amount:g} {name}" for name, amount in need.items())
 
 
 def _stop(actor, close: bool, timeout: float = 10.0) -> None:
