@@ -132,7 +132,8 @@ def stage_costs(paths: list[Path], model, batch_size: int, options) -> dict[str,
     encoded = [maps.encoded(j) for j in range(len(sample))]
     clock["encode"] = time.perf_counter() - start
     start = time.perf_counter()
-    table = pa.table({"mask": [e.mask_rle["counts"] for e in encoded], "png": [e.anomaly_map_png for e in encoded]})
+    table = pa.table({"mask": [e.mask_rle["counts"] for e in encoded],
+                      "heatmap": [e.anomaly_map_bytes for e in encoded]})
     table_to_parquet_bytes(table)
     clock["write"] = time.perf_counter() - start
     torch.set_num_threads(threads)

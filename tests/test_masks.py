@@ -63,7 +63,7 @@ def test_encode_map_at_image_size():
     assert encoded.mask_area == int(mask.sum()) > 0
     x0, y0, x1, y1 = encoded.bbox
     assert 60 <= x0 <= 66 and 94 <= x1 <= 100 and 20 <= y0 <= 26 and 46 <= y1 <= 52
-    heat = decode_heatmap(encoded.anomaly_map_png)
+    heat = decode_heatmap(encoded.anomaly_map_bytes)
     assert heat.shape == (24, 32)
     assert heat.max() == pytest.approx(0.9, abs=0.05) and heat.min() == 0.0
     assert encoded.pixel_max == pytest.approx(0.9, abs=1e-5)
@@ -124,7 +124,7 @@ def test_batched_device_encoding_equals_plain_encoding_bit_for_bit(threshold):
             assert got.mask_rle["counts"] == counts
             assert got.mask_rle["size"] == list(mask_size(width, height, 120))
             assert got.mask_area == area and got.bbox == box and got.pixel_max == pixel_max
-            assert np.array_equal(np.rint(decode_heatmap(got.anomaly_map_png) * 255).astype(np.uint8), heat)
+            assert np.array_equal(np.rint(decode_heatmap(got.anomaly_map_bytes) * 255).astype(np.uint8), heat)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -26,14 +26,14 @@ class EncodedMap:
     mask_rle: COCO compressed RLE of map > mask_threshold, {"size": [h, w], "counts": str}.
     mask_area: number of mask pixels (at the RLE's resolution).
     bbox: (x0, y0, x1, y1) of the mask in image pixels, x1/y1 exclusive; None if empty.
-    anomaly_map_png: the map's heat map bytes (:func:`encode_heatmap`), ``heatmap_side`` on its long side.
+    anomaly_map_bytes: the map's heat map bytes (:func:`encode_heatmap`), ``heatmap_side`` on its long side.
     """
 
     pixel_max: float
     mask_rle: dict
     mask_area: int
     bbox: Optional[tuple[int, int, int, int]]
-    anomaly_map_png: bytes
+    anomaly_map_bytes: bytes
 
 
 def mask_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -133,7 +133,7 @@ class MapBatch:
             mask_rle=runs_to_rle([0] + counts if self.first[j] else counts, mh, mw),
             mask_area=area,
             bbox=bbox,
-            anomaly_map_png=encode_heatmap(self.heat[j]),
+            anomaly_map_bytes=encode_heatmap(self.heat[j]),
         )
 
 

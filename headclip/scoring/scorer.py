@@ -145,7 +145,7 @@ class ShardScorer:
             bbox = encoded.bbox
             row.update(pixel_max=encoded.pixel_max, mask_rle=encoded.mask_rle, mask_area=encoded.mask_area,
                        bbox=None if bbox is None else dict(zip(("x0", "y0", "x1", "y1"), bbox)),
-                       anomaly_map=encoded.anomaly_map_png)
+                       anomaly_map=encoded.anomaly_map_bytes)
         return rows
 
     # -- per shard -----------------------------------------------------------------
