@@ -39,3 +39,29 @@ def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
     frame = results.read_run(str(out / f"run_id={seen['run_id']}"))
     assert len(frame) == 40 and frame["image_id"].is_unique
     assert seen["images"] == 40 and sorted(d["shard"] for d in seen["done"]) == list(range(40))
+
+
+def test_pool_target_follows_live_nodes_bounds_and_the_autoscaler():
+    """The pool's sizing against node lists (no Ray). Catches: counting CPUs but not the custom
+    resource, a maximum or the work left not applied, an autoscaler's room ignored."""
+    from headclip.scoring.pool import ActorPool, ActorSize
+
+    size = ActorSize(cpus=2, gpus=1, resources={"accelerator": 1})
+    assert size.fits_in({"CPU": 8, "GPU": 4, "accelerator": 1}) == 1
+    assert size.fits_in({"CPU": 8, "GPU": 4, "accelerator": 4}) == 4
+    assert size.fits_in({"CPU": 7, "GPU": 4, "accelerator": 4}) == 3
+    assert size.fits_in({"CPU": 64}) == 0
+    nodes = [{"CPU": 16}, {"CPU": 8, "GPU": 2, "accelerator": 2}]
+
+    def pool(**kwargs):
+        return ActorPool(None, (), size, "p", nodes=lambda: nodes, **kwargs)
+
+    assert pool().target(work_left=100) == 2
+    assert pool().target(work_left=1) == 1
+    assert pool(max_actors=1).target(work_left=100) == 1
+    assert pool(min_actors=3).target(work_left=100) == 3  # one pends as demand
+    nodes.append({"CPU": 8, "GPU": 2, "accelerator": 2})  # a node joins
+    assert pool().target(work_left=100) == 4
+    assert pool(autoscaled=10).target(work_left=100) == 10
+    assert pool(autoscaled=-1, max_actors=50).target(work_left=100) == 50
+    assert pool(autoscaled=-1).target(work_left=7) == 7

@@ -297,6 +297,8 @@ def _cli_in_process(capsys, *args) -> tuple[int, str]:
     (["--input", "x"], "the following arguments are required: --output"),
     (["--input", "x", "--output", "y", "--threshold", "2"], "must be in [0, 1]"),
     (["--input", "x", "--output", "y", "--storage-options", "{oops"], "not valid JSON"),
+    (["--input", "x", "--output", "y", "--actor-resources", '{"accelerator": 0}'], "positive amounts"),
+    (["--input", "x", "--output", "y", "--actor-resources", "[1]"], "positive amounts"),
 ])
 def test_bad_flags_get_one_line(args, message):
     result = _cli(*args)
@@ -331,3 +333,8 @@ def test_unusable_inputs_fail_before_any_work(tmp_path, tiny_checkpoint, capsys)
     assert last_message in result.stderr.strip().splitlines()[-1], result.stderr
     assert "Started a local Ray instance" not in result.stderr
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_a_pool_whose_maximum_is_below_its_minimum_is_one_line(capsys):
+    code, stderr = _cli_in_process(capsys, "--input", "x", "--output", "y", "--min-actors", "3", "--max-actors", "2")
+    assert code == 2 and stderr.strip().splitlines()[-1].endswith("--max-actors 2 is below --min-actors 3"), stderr
