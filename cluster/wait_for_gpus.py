@@ -1,8 +1,10 @@
 """Scale an autoscaling Ray cluster up to N GPUs and wait until they have joined.
 
-`jobs.score` (and the audit) size their actor pool from the GPUs present when
-they start: on a cluster whose GPU workers have scaled to zero they would start
-CPU actors. Submit this first, as its own job, so the GPU nodes are up:
+The scoring pool of `jobs.score` (and of the audit) follows the cluster: with
+`--gpus-per-actor 1` its pending actors are demand the autoscaler acts on, and
+it grows as GPU nodes join. Without that flag, a cluster whose GPU workers have
+scaled to zero gets CPU actors. Submit this first, as its own job, to start a
+run at full width, with N GPU nodes already up:
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env cluster/runtime_env.yaml -- python cluster/wait_for_gpus.py --gpus 4

@@ -2,6 +2,7 @@
 
 (a) the bare model forward rate on pre-decoded tensors (the ceiling),
 (b) the whole job's rate from image files to Parquet (local Ray, one actor),
+    with decoding and encoding in the actor (b) and as Ray tasks beside it (b'),
 (c) a reference loop scoring one image at a time in fp32 with CPU (scipy)
     smoothing, as research code does,
 
@@ -105,6 +106,24 @@ def reference_loop(model, paths: list[Path], sigma: float) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
+def ray_cpus() -> float:
+    """The CPUs a local Ray would see on this machine."""
+    import os
+
+    return float(len(os.sched_getaffinity(0)))
+
+
+def job_rates(config, execute, prepare) -> tuple[float, float, object]:
+    """(steady images/s after the first shard, images/s overall, summary) of one scoring job."""
+    done_at = []
+    plan = prepare(config)
+    summary = execute(plan, config, on_event=lambda name, value: done_at.append(
+        (time.perf_counter(), value.images)) if name == "shard_done" else None)
+    steady_images = sum(n for _, n in done_at[1:])
+    steady = steady_images / (done_at[-1][0] - done_at[0][0]) if len(done_at) > 1 else summary.images_per_second
+    return steady, summary.images_per_second, summary
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import numpy as np
@@ -140,20 +159,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rate_a = forward_rate(model, batch, device, repeats)
     overhead = vv_overhead(model, batch, device, repeats)
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    config = JobConfig(input=str(images_dir), output=str(workdir / "out"), checkpoint=checkpoint,
-                       run_id=f"bench-{time.time_ns()}", shard_size=args.shard_size, actors=1,
-                       cpus_per_actor=cpus, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
-                       scoring=ScoringOptions(batch_size=args.batch_size, device=str(device)))
-    done_at = []
-    plan = prepare(config)
-    summary = execute(plan, config, on_event=lambda name, value: done_at.append(
-        (time.perf_counter(), value.images)) if name == "shard_done" else None)
+    cpus = int(ray_cpus())
+    # two more logical CPUs, so that with --cpu-stages tasks the actor keeps every core's thread and the
+    # decode and encode tasks run beside it, as on a node whose CPUs the actor does not hold
+    ray.init(num_cpus=cpus + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    rates = {}
+    for stages in ("actor", "tasks"):
+        config = JobConfig(input=str(images_dir), output=str(workdir / "out"), checkpoint=checkpoint,
+                           run_id=f"bench-{stages}-{time.time_ns()}", shard_size=args.shard_size, actors=1,
+                           cpus_per_actor=cpus, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
+                           cpu_stages=stages, scoring=ScoringOptions(batch_size=args.batch_size, device=str(device)))
+        rates[stages] = job_rates(config, execute, prepare)
     ray.shutdown()
-    steady_images = sum(n for _, n in done_at[1:])
-    rate_b = steady_images / (done_at[-1][0] - done_at[0][0]) if len(done_at) > 1 else summary.images_per_second
-    rate_b_total = summary.images_per_second
+    (rate_b, rate_b_total, summary), (rate_t, rate_t_total, _) = rates["actor"], rates["tasks"]
 
     torch.set_num_threads(int(cpus))
     reference_model = headclip.create_model(backbone=args.backbone, pretrained=None, image_size=args.image_size,
@@ -165,6 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"(a) model forward on pre-decoded tensors : {rate_a:8.2f} images/s")
     print(f"(b) whole job, files -> Parquet (steady) : {rate_b:8.2f} images/s "
           f"({rate_b_total:.2f} images/s including actor start and model load)")
+    print(f"(b') the same, decode/encode as tasks   : {rate_t:8.2f} images/s "
+          f"({rate_t_total:.2f} images/s including actor start and model load)")
     print(f"(c) reference loop, 1 image, fp32, scipy : {rate_c:8.2f} images/s")
     print(f"(b)/(a) = {rate_b / rate_a:.2f}   (b)/(c) = {rate_b / rate_c:.2f}")
     print(f"output bytes per image: {summary.output_bytes / max(1, summary.images):.0f}")

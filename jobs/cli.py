@@ -117,8 +117,12 @@ def pool_settings(args) -> dict:
     """The JobConfig fields of the flags of :func:`add_cluster_flags` that size the actor pool."""
     if args.max_actors is not None and args.max_actors < args.min_actors:
         raise UsageError(f"--max-actors {args.max_actors} is below --min-actors {args.min_actors}")
+    if args.cpu_stages == "tasks" and getattr(args, "device_decode", False):
+        raise UsageError("--device-decode decodes in the scoring actor; it cannot be used with --cpu-stages tasks")
     return dict(actors=args.actors, min_actors=args.min_actors, max_actors=args.max_actors,
-                actor_resources=args.actor_resources or {}, gpus_per_actor=args.gpus_per_actor)
+                actor_resources=args.actor_resources or {}, gpus_per_actor=args.gpus_per_actor,
+                cpu_stages=args.cpu_stages, stage_cpus=args.stage_cpus, stage_resources=args.stage_resources or {},
+                shards_per_actor=args.shards_per_actor)
 
 
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
@@ -147,6 +151,18 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     p.add_argument("--gpus-per-actor", type=non_negative_float, default=None,
                    help="GPUs each actor reserves (default: 1 if the cluster has GPUs, else CPU actors); "
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
+    p.add_argument("--cpu-stages", choices=("actor", "tasks"), default="actor",
+                   help="where images are decoded and results encoded: 'actor' (default) in each scoring actor, "
+                        "on its node's CPUs; 'tasks' as Ray tasks on any node, so CPU-only nodes decode and encode "
+                        "while GPU nodes run the model")
+    p.add_argument("--stage-cpus", type=positive_float, default=1.0,
+                   help="CPUs each decode or encode task reserves, with --cpu-stages tasks (default 1)")
+    p.add_argument("--stage-resources", type=resources_arg, default=None,
+                   help="custom Ray resources each decode or encode task reserves, as JSON, e.g. "
+                        "'{\"cpu_stage\": 0.01}' to keep them on the nodes that offer it")
+    p.add_argument("--shards-per-actor", type=positive_int, default=None,
+                   help="shards in flight per scoring actor (default 2, or 4 with --cpu-stages tasks, so that "
+                        "decoding runs ahead of the model)")
     add_storage_flag(p)
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join: host:port, or 'auto' for the one `ray start` runs on this machine "

@@ -1,7 +1,8 @@
 """Score an image archive with HeadCLIP: one Parquet row per image.
 
-Lists the input once, cuts it into shards, scores them on Ray actors (one per
-GPU, or CPU actors when there is none) and writes one zstd Parquet file per
+Lists the input once, cuts it into shards, scores them on a pool of Ray actors
+that follows the cluster (one per GPU, or CPU actors when there is none; with
+--cpu-stages tasks, CPU nodes decode and encode for them) and writes one zstd Parquet file per
 shard under OUTPUT/run_id=<id>/. Re-running the same command resumes the run.
 """
 
@@ -17,7 +18,7 @@ EXAMPLE = """examples:
   python -m jobs.score --input demo-data/images --output out/scores
   ray job submit --working-dir . -- python -m jobs.score \\
       --input s3://bucket/line-7/ --output s3://bucket/scores/ \\
-      --checkpoint s3://bucket/models/headclip.safetensors
+      --checkpoint s3://bucket/models/headclip.safetensors --gpus-per-actor 1 --cpu-stages tasks
   python -m jobs.score --input line-7/manifest.csv --output out/scores --thresholds thresholds.json
   python -m jobs.score --input s3://bucket/inventory/manifest.parquet --output s3://bucket/scores/ --plan-only
 """

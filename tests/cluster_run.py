@@ -2,11 +2,12 @@
 
 Run by tests/test_cluster_scale.py in its own process (a Cluster cannot share the
 test session's Ray). Nodes with the custom resource ``accelerator`` stand in for
-GPU nodes; the head has only CPUs. The run:
+GPU nodes; one CPU-only node decodes and encodes (CPU stages as tasks), and the
+head holds no CPU, so that no work can land there. The run:
 
 1. starts with no accelerator node: the pool's first actor pends, and the
    autoscaler's view of the cluster shows it as resource demand;
-2. node A joins: its actor loads and scores;
+2. node A joins: its actor loads and scores, the CPU node decodes and encodes;
 3. node B joins mid-run: the pool grows onto it and B scores shards;
 4. node B is removed while it holds shards: the run still ends with every image once.
 
@@ -28,6 +29,9 @@ from headclip.scoring.runner import JobConfig, execute, prepare
 from headclip.scoring.scorer import ScoringOptions
 
 ACCELERATOR = {"accelerator": 1.0}
+# the CPU node offers a resource the stage tasks ask for (--stage-resources): an accelerator node whose
+# actor was stopped as idle would otherwise take a stage task on its freed CPU, as it may
+CPU_STAGE_NODE = {"cpu_stage": 100.0}
 
 
 def demand_bundles(address: str) -> list[dict]:
@@ -50,7 +54,8 @@ def wait_for(condition, timeout: float, what: str):
 
 def main(images: str, output: str, checkpoint: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+        "num_cpus": 0, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+    cpu_node = cluster.add_node(num_cpus=2, resources=CPU_STAGE_NODE)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     seen = {"ready": [], "done": [], "demand": None}
     lock = threading.Lock()
@@ -60,13 +65,16 @@ def main(images: str, output: str, checkpoint: str) -> None:
             if name == "actor_ready":
                 seen["ready"].append({"name": value[0], "node": value[1], "at": time.time()})
             elif name == "shard_done":
-                seen["done"].append({"shard": value.index, "node": value.node, "at": time.time()})
+                seen["done"].append({"shard": value.index, "node": value.node, "decode_node": value.decode_node,
+                                     "encode_node": value.encode_node, "at": time.time()})
         if name == "shard_done":
             time.sleep(0.4)  # a slow driver: the run outlasts node starts
 
     config = JobConfig(input=images, output=output, checkpoint=checkpoint, shard_size=1, gpus_per_actor=0.0,
                        cpus_per_actor=1.0, actor_resources=ACCELERATOR, placement_timeout=120.0,
-                       progress_interval=0.5, scoring=ScoringOptions(batch_size=1, threshold=0.0))
+                       progress_interval=0.5, cpu_stages="tasks", shards_per_actor=2,
+                       stage_resources={"cpu_stage": 1.0},
+                       scoring=ScoringOptions(batch_size=1, threshold=0.0))
     plan = prepare(config)
     summary = {}
     job = threading.Thread(target=lambda: summary.update(result=execute(plan, config, on_event)))
@@ -89,6 +97,7 @@ def main(images: str, output: str, checkpoint: str) -> None:
     job.join(timeout=300)
     result = summary["result"]
     print("RESULT " + json.dumps({"node_a": node_a.node_id, "node_b": b_id, "head": cluster.head_node.node_id,
+                      "cpu_node": cpu_node.node_id,
                       "images": result.images, "shards": plan.num_shards, "actor_restarts": result.actor_restarts,
                       "run_id": plan.run_id, **seen}))
     ray.shutdown()

@@ -51,8 +51,8 @@ def job(input_uri: str, output_uri: str, checkpoint: str, **changes) -> JobConfi
     return JobConfig(**{**base, **changes})
 
 
-def run_job(config: JobConfig, **kwargs):
-    plan = prepare(config)
+def run_job(config: JobConfig, images=None, **kwargs):
+    plan = prepare(config, images)
     return plan, execute(plan, config, **kwargs)
 
 

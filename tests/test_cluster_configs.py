@@ -106,6 +106,10 @@ def test_ray_cluster_shape(launcher):
     for name, t in gpu_workers.items():
         assert t.get("min_workers", 0) >= 0 and t["max_workers"] > 0, name
         assert t["node_config"]["InstanceType"]
+    cpu_workers = {k: t for k, t in types.items() if k != head and t.get("resources", {}).get("GPU", 0) == 0
+                   and t.get("resources", {}).get("CPU", 0) >= 4}
+    assert cpu_workers, "no CPU worker type for the decode and encode tasks (--cpu-stages tasks)"
+    assert all(t["max_workers"] > 0 and t.get("min_workers", 0) == 0 for t in cpu_workers.values())
     assert launcher["max_workers"] > 0
     assert launcher["head_start_ray_commands"] and launcher["worker_start_ray_commands"]
     assert any("--head" in c for c in launcher["head_start_ray_commands"])
@@ -146,7 +150,9 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
     groups = spec["workerGroupSpecs"]
     gpu_groups = [g for g in groups if any(container_gpus(c) >= 1 for c in g["template"]["spec"]["containers"])]
     assert gpu_groups, f"{where}: no worker group requests nvidia.com/gpu"
-    for g in gpu_groups:
+    cpu_groups = [g for g in groups if g not in gpu_groups]
+    assert cpu_groups, f"{where}: no CPU worker group for the decode and encode tasks (--cpu-stages tasks)"
+    for g in gpu_groups + cpu_groups:
         assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], where
         assert g["maxReplicas"] > 0, where
     assert spec.get("rayVersion")
@@ -171,6 +177,7 @@ def test_rayjob_score_manifest():
     assert entrypoint.startswith("python -m jobs.score")
     args = shlex.split(entrypoint)
     assert "--input" in args and "--output" in args
+    assert args[args.index("--cpu-stages") + 1] == "tasks"  # its CPU group decodes and encodes
     assert (ROOT / "jobs" / "score.py").is_file()
     assert spec["shutdownAfterJobFinishes"] is True
     check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob-score.yaml")

@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
-    """Catches: a pool sized once at start (B never gets an actor), actors started on the CPU-only head
-    (the pending demand would be empty and shards would be scored before A joins), shards lost or
-    written twice when a node dies (rows per image)."""
+    """Catches: a pool sized once at start (B never gets an actor), actors started on a CPU-only node
+    (the pending demand would be empty and shards would be scored before A joins), decoding or
+    encoding left in the actor (the stage nodes would be A or B), shards lost or written twice when
+    a node dies (rows per image)."""
     write_images(tmp_path / "images", 40)
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "tests.cluster_run", str(tmp_path / "images"), str(out),
@@ -30,6 +31,9 @@ def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
     assert {"accelerator": 1.0, "CPU": 1.0} in seen["demand"] and seen["done_before_a"] == 0
     nodes = {d["node"] for d in seen["done"]}
     assert seen["head"] not in nodes and nodes <= {seen["node_a"], seen["node_b"]}
+    # the model ran on the accelerator nodes; every shard was decoded and encoded on the CPU-only node
+    assert {d["decode_node"] for d in seen["done"]} == {seen["cpu_node"]}
+    assert {d["encode_node"] for d in seen["done"]} == {seen["cpu_node"]}
     # 2./3. both accelerator nodes got an actor and scored shards; B only after it joined
     ready_nodes = [r["node"] for r in seen["ready"]]
     assert seen["node_a"] in ready_nodes and seen["node_b"] in ready_nodes

@@ -299,6 +299,8 @@ def _cli_in_process(capsys, *args) -> tuple[int, str]:
     (["--input", "x", "--output", "y", "--storage-options", "{oops"], "not valid JSON"),
     (["--input", "x", "--output", "y", "--actor-resources", '{"accelerator": 0}'], "positive amounts"),
     (["--input", "x", "--output", "y", "--actor-resources", "[1]"], "positive amounts"),
+    (["--input", "x", "--output", "y", "--cpu-stages", "gpu"], "invalid choice: 'gpu'"),
+    (["--input", "x", "--output", "y", "--cpu-stages", "tasks", "--device-decode"], "cannot be used with --cpu-stages"),
 ])
 def test_bad_flags_get_one_line(args, message):
     result = _cli(*args)

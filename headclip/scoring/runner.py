@@ -36,7 +36,8 @@ from .plan import RunPlan, StagedPlan, derive_run_id, read_plan
 from .progress import Progress
 from ..evaluation.metrics import MetricsByClass
 from ..redact import redact_options, redact_text
-from .scorer import ScoringOptions, ShardResult, ShardScorer, ShardTask
+from .remote import ScorerActor, Stages
+from .scorer import ScoringOptions, ShardResult, ShardTask
 from .shards import BrokenShard, finished_shards, remove_temporary_files, shard_result
 from ..storage.fs import canonical_uri, describe_error, write_bytes_atomic
 from ..storage.layout import run_uri, summary_uri
@@ -77,6 +78,12 @@ class JobConfig:
     max_init_failures: int = 2  # actors whose model fails to load before the run gives up
     progress_interval: float = 5.0
     placement_timeout: float = DEFAULT_TIMEOUT  # seconds to wait for a node that can hold an actor
+    # "actor": each actor reads, decodes and encodes its shards on its own CPUs; "tasks": reading and
+    # decoding, then encoding and publishing, run as Ray tasks on any node (CPU-only nodes included)
+    cpu_stages: str = "actor"
+    stage_cpus: float = 1.0  # CPUs each decode or encode task reserves
+    stage_resources: dict = field(default_factory=dict)  # custom resources per stage task, e.g. a CPU node type
+    shards_per_actor: Optional[int] = None  # shards in flight per actor; None: 2, or 4 with CPU stages as tasks
 
     @property
     def checkpoint_uri(self) -> str:
@@ -213,48 +220,7 @@ def _differing_settings(plan: RunPlan, run_config: dict, checkpoint_id: str) -> 
     return differing
 
 
-class _ScorerActor:
-    """A Ray actor around :class:`ShardScorer`: the model loads once, in ``__init__``.
-
-    An actor that holds GPUs scores on them or not at all: without a usable
-    CUDA device it fails to start instead of scoring on the CPU.
-    """
-
-    def __init__(self, kwargs: dict):
-        import ray
-
-        gpus = ray.get_gpu_ids()
-        if gpus and not torch_cuda_available():
-            raise RuntimeError(f"this actor holds GPU {', '.join(map(str, gpus))} but CUDA is not available on "
-                               f"node {ray.get_runtime_context().get_node_id()[:12]}; it will not score on the CPU")
-        self.scorer = ShardScorer(**kwargs)
-
-    def ready(self) -> str:
-        """The node the actor runs on, once its model is loaded."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def score_shard(self, task: ShardTask) -> ShardResult:
-        import ray
-
-        result = self.scorer.score_shard(task)
-        result.node = ray.get_runtime_context().get_node_id()
-        return result
-
-    def close(self) -> None:
-        """Stop the scorer's I/O threads before the actor is killed."""
-        self.scorer.close()
-
-
 SCALE_EVERY = 1.0  # seconds between the pool's looks at the cluster
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
 
 
 def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, Any], None]] = None) -> JobSummary:
@@ -265,9 +231,11 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
     ShardResult), for monitoring.
     """
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import (ActorDiedError, ActorUnavailableError, NodeDiedError, ObjectLostError,
+                                OwnerDiedError, RayActorError, WorkerCrashedError)
 
     actor_errors = (ActorDiedError, ActorUnavailableError, RayActorError)
+    lost_errors = (ObjectLostError, OwnerDiedError, NodeDiedError, WorkerCrashedError)
     start = time.perf_counter()
     summary = JobSummary(plan.run_id, plan.output, shards=plan.num_shards, checkpoint_id=plan.checkpoint_id,
                          resumed=plan.resumed)
@@ -288,14 +256,17 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                          model_overrides=config.model_overrides, extra_fields=plan.extra_fields,
                          torch_threads=max(1, int(cpus)))
     low, high = (config.actors, config.actors) if config.actors else (config.min_actors, config.max_actors)
-    pool = ActorPool(ray.remote(_ScorerActor), (scorer_kwargs,), size, f"headclip-scorer-{plan.run_id}", low, high,
+    pool = ActorPool(ray.remote(ScorerActor), (scorer_kwargs,), size, f"headclip-scorer-{plan.run_id}", low, high,
                      autoscaled=autoscaler_capacity(size.fits_in))
     log.info("run %s: %d images in %d shards; scoring actors of %s, %d to %s of them", plan.run_id,
              plan.num_images, plan.num_shards, ", ".join(f"{v:g} {k}" for k, v in size.need().items()), low,
              "as many as the cluster holds" if high is None else high)
+    stages = Stages(ray, config)
+    image_size = 0  # the model's input side, known once an actor is ready
     inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, shard)
     attempts = [0] * plan.num_shards
     init_failures = 0
+    lost = 0  # shards whose decoded or scored data was lost with a node
 
     def actor_died(slot: int, err: BaseException) -> None:
         nonlocal init_failures
@@ -328,17 +299,17 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                     pool.stop(slot)
             for slot in pool.ready_slots():
                 generation = pool.slots[slot].generation
-                while pending and sum(1 for s, _, _ in inflight.values() if s == slot) < 2:
+                while pending and sum(1 for s, _, _ in inflight.values() if s == slot) < stages.in_flight:
                     shard = pending.popleft()
                     task = ShardTask(shard, plan.shard_uri(shard), source=plan.shard_source(shard))
-                    inflight[pool.slots[slot].actor.score_shard.remote(task)] = (slot, generation, shard)
+                    inflight[stages.submit(pool.slots[slot].actor, task, image_size)] = (slot, generation, shard)
             readiness = pool.ready_refs()
             ready, _ = ray.wait(list(inflight) + list(readiness), num_returns=1, timeout=config.progress_interval)
             for ref in ready:
                 if ref in readiness:
                     slot = readiness[ref]
                     try:
-                        node = ray.get(ref)
+                        node, image_size = ray.get(ref)
                     except actor_errors as err:
                         actor_died(slot, err)
                         continue
@@ -354,6 +325,15 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                     entry = pool.slots.get(slot)
                     if entry is not None and entry.generation == gen:
                         actor_died(slot, err)
+                    continue
+                except lost_errors as err:  # a stage's output was on a node that died: the shard runs again
+                    lost += 1
+                    if lost > config.max_actor_restarts:
+                        raise JobError(f"too many shards lost a stage's result ({lost}); the last: "
+                                       f"{_cause_line(err)}") from None
+                    log.warning("shard %d lost an intermediate result (%s); it is scored again", shard,
+                                type(err).__name__)
+                    pending.appendleft(shard)
                     continue
                 except ray.exceptions.RayTaskError as err:
                     attempts[shard] += 1
