@@ -133,6 +133,38 @@ def test_plan_only_prints_the_run_and_starts_no_ray(tmp_path, tiny_checkpoint):
     assert f"run {run_id}: 30 images in 5 shards (1 plan pieces, read back)" in second.stdout
 
 
+def test_an_s3_prefix_is_listed_a_page_at_a_time(s3_bucket, monkeypatch):
+    """The listing of a prefix streams: its first chunk comes after S3's first page, not after the last,
+    so the driver never holds every key. Catches a listing that collects the whole prefix (s3fs's
+    find) before cutting it into chunks, and one that skips folder markers' siblings or lists
+    another prefix that shares the name's start."""
+    import fsspec
+
+    from headclip.data import listing
+
+    bucket, options = s3_bucket
+    fs = fsspec.filesystem("s3", **options)
+    fs.pipe({f"{bucket[5:]}/cam/img-{i:05d}.png": b"x" for i in range(1500)})
+    fs.pipe({f"{bucket[5:]}/cam/": b"", f"{bucket[5:]}/camera/other.png": b"x"})  # a folder marker, a sibling
+    monkeypatch.setattr(listing, "CHUNK_ROWS", 400)
+    fs, path = listing.filesystem(f"{bucket}/cam", options)
+    pages = []
+    call_s3 = fs.call_s3
+
+    def counting(method, *args, **kwargs):
+        pages.append(method)
+        return call_s3(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", counting)
+    chunks = listing._list_files(f"{bucket}/cam", fs, path, (".png",))
+    first = next(chunks)
+    assert first.num_rows == 400 and pages == ["list_objects_v2"]
+    rest = list(chunks)
+    assert pages == ["list_objects_v2", "list_objects_v2"]
+    ids = [i for chunk in [first, *rest] for i in chunk["image_id"].to_pylist()]
+    assert sorted(ids) == [f"img-{i:05d}.png" for i in range(1500)]
+
+
 def test_sorted_listing_of_an_empty_folder_is_an_empty_input_error(tmp_path):
     from headclip.errors import EmptyInputError
 

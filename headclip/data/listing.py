@@ -111,30 +111,74 @@ def _missing(uri, fs, path, what: str) -> InputError:
 
 
 def _list_files(uri, fs, path, extensions) -> Iterator[pa.Table]:
+    """The image files of a prefix, glob or single file, in chunks of at most CHUNK_ROWS, as listed."""
     suffixes = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if any(ch in path for ch in GLOB_CHARS):
         root = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)].rsplit("/", 1)[0]
-        found = fs.glob(path, detail=True)
+        found = iter(fs.glob(path, detail=True).items())
     elif fs.isdir(path):
         root = path.rstrip("/")
-        found = fs.find(path, detail=True)
+        found = walk_files(fs, root)
     elif fs.exists(path):
         root = posixpath.dirname(path)
-        found = {path: fs.info(path)}
+        found = iter([(path, fs.info(path))])
     else:
         raise _missing(uri, fs, path, "input")
-    named = {p: info for p, info in found.items()
-             if p.lower().endswith(suffixes) and not posixpath.basename(p).startswith(".")}
-    files = sorted(p for p, info in named.items() if info.get("type") == "file")
-    if len(files) < len(named):
-        others = sorted(set(named) - set(files))
-        log.warning("%s: skipped %d entries that are not regular files (first: %s)", uri, len(others), others[0])
-    ids = [posixpath.relpath(p, root) if root else p for p in files]
-    uris = [as_uri(fs, p, uri) for p in files]
-    table = pa.table({"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string()),
-                      VERSION_COLUMN: pa.array([file_version(named[p]) for p in files], pa.string())})
-    for start in range(0, table.num_rows, CHUNK_ROWS):
-        yield table.slice(start, CHUNK_ROWS)
+    ids, uris, versions = [], [], []
+    others, first_other = 0, None
+    for p, info in found:
+        if not p.lower().endswith(suffixes) or posixpath.basename(p).startswith("."):
+            continue
+        if info.get("type") != "file":
+            others += 1
+            first_other = first_other or p
+            continue
+        ids.append(posixpath.relpath(p, root) if root else p)
+        uris.append(as_uri(fs, p, uri))
+        versions.append(file_version(info))
+        if len(ids) == CHUNK_ROWS:
+            yield _listed(ids, uris, versions)
+            ids, uris, versions = [], [], []
+    if ids:
+        yield _listed(ids, uris, versions)
+    if others:
+        log.warning("%s: skipped %d entries that are not regular files (first: %s)", uri, others, first_other)
+
+
+def _listed(ids: list, uris: list, versions: list) -> pa.Table:
+    return pa.table({"image_id": pa.array(ids, pa.string()), "image_uri": pa.array(uris, pa.string()),
+                     VERSION_COLUMN: pa.array(versions, pa.string())})
+
+
+def walk_files(fs, root: str) -> Iterator[tuple[str, dict]]:
+    """(path, info) of every entry under ``root``, as a stream: memory does not grow with the count.
+
+    On S3, ``list_objects_v2`` pages of 1,000 keys are yielded as they arrive
+    (keys ending in "/" are folder markers, not files); elsewhere the
+    filesystem's walk, one directory at a time.
+    """
+    if _is_s3(fs):
+        bucket, _, prefix = root.partition("/")
+        request = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else ""}
+        while True:
+            page = fs.call_s3("list_objects_v2", **request)
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                if not key.endswith("/"):
+                    yield f"{bucket}/{key}", {**item, "name": f"{bucket}/{key}", "size": item.get("Size"),
+                                              "type": "file"}
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            request["ContinuationToken"] = token
+    for folder, _, files in fs.walk(root, detail=True):
+        for name, info in files.items():
+            yield info.get("name") or posixpath.join(folder, name), info
+
+
+def _is_s3(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols and hasattr(fs, "call_s3")
 
 
 def check_image_table(table: pa.Table, source: str, reserved: tuple[str, ...] = RESERVED_COLUMNS) -> None:
