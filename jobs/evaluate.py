@@ -72,7 +72,7 @@ def write_metrics(table, run_dir: str, storage_options: Optional[dict]) -> tuple
     from headclip.storage.layout import eval_uris
 
     parquet_uri, markdown_uri = eval_uris(run_dir)
-    frame = table.reset_index().rename(columns={"index": "class_name"})
+    frame = table.reset_index()  # one row per class (column "class"), then "mean"
     write_bytes_atomic(parquet_uri, table_to_parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)),
                        storage_options)
     write_bytes_atomic(markdown_uri, metrics_markdown(table).encode(), storage_options)
