@@ -12,7 +12,7 @@ head holds no CPU, so that no work can land there. The run:
 4. node B is removed while it holds shards: the run still ends with every image once.
 
 Prints one JSON object of what it saw. The driver is slowed on purpose (each
-finished shard's callback sleeps) so that the run outlasts node starts.
+finished shard's callback sleeps until node B is removed) so that the run outlasts node starts.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def main(images: str, output: str, checkpoint: str) -> None:
                 seen["done"].append({"shard": value.index, "node": value.node, "decode_node": value.decode_node,
                                      "encode_node": value.encode_node, "at": time.time()})
         if name == "shard_done":
-            time.sleep(0.4)  # a slow driver: the run outlasts node starts
+            if "b_removed_at" not in seen:
+                time.sleep(0.5)  # a slow driver until B is gone: the run outlasts node starts
 
     config = JobConfig(input=images, output=output, checkpoint=checkpoint, shard_size=1, gpus_per_actor=0.0,
                        cpus_per_actor=1.0, actor_resources=ACCELERATOR, placement_timeout=120.0,

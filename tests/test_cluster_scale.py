@@ -13,6 +13,7 @@ from headclip import results
 from .scoring_helpers import write_images
 
 REPO = Path(__file__).resolve().parents[1]
+IMAGES = 60  # one per shard; the driver paces them so that node B joins and dies with work left
 
 
 def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
@@ -20,7 +21,7 @@ def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
     (the pending demand would be empty and shards would be scored before A joins), decoding or
     encoding left in the actor (the stage nodes would be A or B), shards lost or written twice when
     a node dies (rows per image)."""
-    write_images(tmp_path / "images", 40)
+    write_images(tmp_path / "images", IMAGES)
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "tests.cluster_run", str(tmp_path / "images"), str(out),
                           tiny_checkpoint], cwd=REPO, capture_output=True, text=True, timeout=480)
@@ -41,8 +42,8 @@ def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
     # 4. B died with work left: the run still scored every image exactly once
     assert seen["left_when_b_removed"] > 0
     frame = results.read_run(str(out / f"run_id={seen['run_id']}"))
-    assert len(frame) == 40 and frame["image_id"].is_unique
-    assert seen["images"] == 40 and sorted(d["shard"] for d in seen["done"]) == list(range(40))
+    assert len(frame) == IMAGES and frame["image_id"].is_unique
+    assert seen["images"] == IMAGES and sorted(d["shard"] for d in seen["done"]) == list(range(IMAGES))
 
 
 def test_pool_target_follows_live_nodes_bounds_and_the_autoscaler():
