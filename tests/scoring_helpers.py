@@ -64,3 +64,11 @@ def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
 
 def torch_seed(seed: int = 0) -> None:
     torch.manual_seed(seed)
+
+
+def slow_checkpoint(folder: Path) -> str:
+    """A tiny model at 224 px, saved in ``folder``: slow enough on a CPU to interrupt a run mid-way."""
+    model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=224)
+    checkpoint = str(folder / "m224.safetensors")
+    headclip.save_checkpoint(model, checkpoint)
+    return checkpoint

@@ -183,6 +183,14 @@ def _run_bounded(target, seconds: float):
     return not thread.is_alive(), box.get("value")
 
 
+def _score_bounded(scorer, records: pa.Table, seconds: float, hang: str) -> list[dict]:
+    """The rows of ``scorer.score_table(records)``; fails with ``hang`` if it takes over ``seconds``."""
+    finished, out = _run_bounded(lambda: scorer.score_table(records), seconds)
+    assert finished, hang
+    assert not isinstance(out, BaseException), out
+    return out.to_pylist()
+
+
 def _release_fifo(path: Path) -> None:
     """Unblock a reader stuck opening a FIFO (if any)."""
     try:
@@ -204,10 +212,7 @@ def test_fifos_are_not_listed_and_never_read(tiny_checkpoint, tmp_path, caplog):
         records = pa.table({"image_id": ["fifo", "ok"],
                             "image_uri": [str(folder / "x.png"), str(folder / "img0001.png")]})
         scorer = ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2))
-        finished, out = _run_bounded(lambda: scorer.score_table(records), 60)
-        assert finished, "reading a FIFO hung"
-        assert not isinstance(out, BaseException), out
-        rows = out.to_pylist()
+        rows = _score_bounded(scorer, records, 60, "reading a FIFO hung")
         assert rows[0]["status"] == "error" and "not a regular file" in rows[0]["error"]
         assert rows[1]["status"] == "ok"
     finally:
@@ -236,10 +241,7 @@ def test_a_read_that_never_answers_times_out(tiny_checkpoint, tmp_path):
                         "image_uri": [f"http://127.0.0.1:{port}/x.png", str(paths[0])]})
     scorer = ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2, read_timeout=3))
     try:
-        finished, out = _run_bounded(lambda: scorer.score_table(records), 90)
-        assert finished, "a read without an answer hung the shard"
-        assert not isinstance(out, BaseException), out
-        rows = out.to_pylist()
+        rows = _score_bounded(scorer, records, 90, "a read without an answer hung the shard")
         assert rows[0]["status"] == "error" and "read timed out after 3s" in rows[0]["error"]
         assert rows[1]["status"] == "ok"
     finally:

@@ -16,13 +16,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import headclip
 from headclip import results
 from headclip.scoring.runner import execute, prepare
 from headclip.scoring.scorer import ScoringOptions
 from headclip.storage.layout import run_uri
 
-from .scoring_helpers import job, run_job, write_images
+from .scoring_helpers import job, run_job, slow_checkpoint, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,10 +294,7 @@ def test_a_read_only_output_is_one_line(ray_cluster, tiny_checkpoint, tmp_path, 
 
 
 def test_ctrl_c_ends_the_driver_with_one_line_and_the_run_resumes(ray_cluster, tmp_path):
-    # a 224 px tiny model: slow enough on a CPU to interrupt mid-run
-    model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=224)
-    checkpoint = str(tmp_path / "m224.safetensors")
-    headclip.save_checkpoint(model, checkpoint)
+    checkpoint = slow_checkpoint(tmp_path)
     write_images(tmp_path / "images", 24)
     out = tmp_path / "out"
     process = subprocess.Popen(_score_args(tmp_path / "images", out, checkpoint, ray_cluster), cwd=REPO,

@@ -25,7 +25,7 @@ from headclip.storage.layout import run_uri
 from headclip.scoring.runner import execute, prepare
 from headclip.scoring.scorer import ScoringOptions
 
-from .scoring_helpers import jpeg_bytes, job, run_job, write_images
+from .scoring_helpers import jpeg_bytes, job, run_job, slow_checkpoint, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,10 +227,7 @@ def _wait_for_actors_gone(job_id: str, timeout: float) -> None:
 
 
 def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
-    # a 224 px tiny model: slow enough on a CPU to interrupt mid-run
-    model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=224)
-    checkpoint = str(tmp_path / "m224.safetensors")
-    headclip.save_checkpoint(model, checkpoint)
+    checkpoint = slow_checkpoint(tmp_path)
     write_images(tmp_path / "images", 60)
     out = tmp_path / "out"
     process = subprocess.Popen(_score_command(tmp_path / "images", out, checkpoint, ray_cluster), cwd=REPO,
