@@ -144,9 +144,10 @@ def test_an_s3_prefix_is_listed_a_page_at_a_time(s3_bucket, monkeypatch):
 
     bucket, options = s3_bucket
     fs = fsspec.filesystem("s3", **options)
-    fs.pipe({f"{bucket[5:]}/cam/img-{i:05d}.png": b"x" for i in range(1500)})
+    fs.pipe({f"{bucket[5:]}/cam/img-{i:05d}.png": b"x" for i in range(150)})
     fs.pipe({f"{bucket[5:]}/cam/": b"", f"{bucket[5:]}/camera/other.png": b"x"})  # a folder marker, a sibling
-    monkeypatch.setattr(listing, "CHUNK_ROWS", 400)
+    monkeypatch.setattr(listing, "S3_PAGE_KEYS", 100)  # two pages (the 1,010-key test uses S3's own 1,000)
+    monkeypatch.setattr(listing, "CHUNK_ROWS", 40)
     fs, path = listing.filesystem(f"{bucket}/cam", options)
     pages = []
     call_s3 = fs.call_s3
@@ -158,11 +159,11 @@ def test_an_s3_prefix_is_listed_a_page_at_a_time(s3_bucket, monkeypatch):
     monkeypatch.setattr(fs, "call_s3", counting)
     chunks = listing._list_files(f"{bucket}/cam", fs, path, (".png",))
     first = next(chunks)
-    assert first.num_rows == 400 and pages == ["list_objects_v2"]
+    assert first.num_rows == 40 and pages == ["list_objects_v2"]
     rest = list(chunks)
     assert pages == ["list_objects_v2", "list_objects_v2"]
     ids = [i for chunk in [first, *rest] for i in chunk["image_id"].to_pylist()]
-    assert sorted(ids) == [f"img-{i:05d}.png" for i in range(1500)]
+    assert sorted(ids) == [f"img-{i:05d}.png" for i in range(150)]
 
 
 def test_sorted_listing_of_an_empty_folder_is_an_empty_input_error(tmp_path):

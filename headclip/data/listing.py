@@ -36,6 +36,7 @@ RESERVED_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("image_id", "ima
 # columns with a meaning for labelled inputs, and the types they need
 LABEL_VALUES = (0, 1)
 CHUNK_ROWS = 65536  # rows per listed chunk
+S3_PAGE_KEYS = 1000  # keys per list_objects_v2 request (S3's maximum)
 CSV_BLOCK_BYTES = 8 << 20  # a manifest is read this many bytes at a time
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def walk_files(fs, root: str) -> Iterator[tuple[str, dict]]:
     """
     if _is_s3(fs):
         bucket, _, prefix = root.partition("/")
-        request = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else ""}
+        request = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else "", "MaxKeys": S3_PAGE_KEYS}
         while True:
             page = fs.call_s3("list_objects_v2", **request)
             for item in page.get("Contents", []):
