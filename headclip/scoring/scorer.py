@@ -20,12 +20,10 @@ import torch
 
 from ..evaluation.metrics import MetricsByClass, add_scored_batch
 from ..model.factory import create_model, resolve_device
-from ..storage.fs import filesystem
 from ..storage.schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table
 from .device_batch import DeviceFeeder
 from .masks import MapBatch, encode_maps
-from .plan import read_shard_images
-from .stages import DecodedShard, ImageLoader, ScoredShard, encode_rows, publish_shard
+from .stages import DecodedShard, ImageLoader, ScoredShard, encode_rows, publish_shard, shard_images
 from .tasks import ScoringOptions, ShardResult, ShardTask  # noqa: F401 - ShardResult is re-exported
 
 log = logging.getLogger(__name__)
@@ -165,10 +163,9 @@ class ShardScorer:
 
     def score_shard(self, task: ShardTask) -> ShardResult:
         """Score a shard and publish its Parquet file; a finished shard is skipped."""
-        fs, path = filesystem(task.output_uri, self.storage_options)
-        if fs.exists(path):
+        images = shard_images(task, self.storage_options)
+        if images is None:
             return ShardResult(task.index, images=task.rows, skipped=True)
-        images = task.images if task.images is not None else read_shard_images(task.source, self.storage_options)
         metrics = self._metrics_for(images)
         return publish_shard(task, self.score_table(images, task.index, metrics), metrics, self.storage_options)
 

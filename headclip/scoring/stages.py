@@ -116,13 +116,20 @@ class ScoredShard:
     decode_node: Optional[str] = None
 
 
+def shard_images(task: ShardTask, storage_options: Optional[dict] = None) -> Optional[pa.Table]:
+    """A shard's images (from the task, or read from the plan); None when its file is already published."""
+    fs, path = filesystem(task.output_uri, storage_options)
+    if fs.exists(path):
+        return None
+    return task.images if task.images is not None else read_shard_images(task.source, storage_options)
+
+
 def decode_shard(task: ShardTask, size: int, options: ScoringOptions, storage_options: Optional[dict] = None,
                  threads: Optional[int] = None) -> DecodedShard:
     """Read a shard's images from the plan and decode them to (size, size); a published shard is skipped."""
-    fs, path = filesystem(task.output_uri, storage_options)
-    if fs.exists(path):
+    images = shard_images(task, storage_options)
+    if images is None:
         return DecodedShard(task, skipped=True)
-    images = task.images if task.images is not None else read_shard_images(task.source, storage_options)
     loader = ImageLoader(size, options, storage_options, threads or options.io_threads or 4)
     try:
         loaded = list(loader.iterate(images.to_pylist()))
