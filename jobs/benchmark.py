@@ -2,7 +2,8 @@
 
 (a) the bare model forward rate on pre-decoded tensors (the ceiling),
 (b) the whole job's rate from image files to Parquet (local Ray, one actor),
-    with decoding and encoding in the actor (b) and as Ray tasks beside it (b'),
+    with decoding and encoding in the actor (b), as Ray tasks beside it (b'), and
+    as Ray Data operators around its actor pool (b''),
 (c) a reference loop scoring one image at a time in fp32 with CPU (scipy)
     smoothing, as research code does,
 
@@ -164,14 +165,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # decode and encode tasks run beside it, as on a node whose CPUs the actor does not hold
     ray.init(num_cpus=cpus + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rates = {}
-    for stages in ("actor", "tasks"):
+    for stages, engine in (("actor", "core"), ("tasks", "core"), ("tasks", "data")):
         config = JobConfig(input=str(images_dir), output=str(workdir / "out"), checkpoint=checkpoint,
-                           run_id=f"bench-{stages}-{time.time_ns()}", shard_size=args.shard_size, actors=1,
-                           cpus_per_actor=cpus, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
-                           cpu_stages=stages, scoring=ScoringOptions(batch_size=args.batch_size, device=str(device)))
-        rates[stages] = job_rates(config, execute, prepare)
+                           run_id=f"bench-{stages}-{engine}-{time.time_ns()}", shard_size=args.shard_size,
+                           actors=1, cpus_per_actor=cpus, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
+                           cpu_stages=stages, engine=engine,
+                           scoring=ScoringOptions(batch_size=args.batch_size, device=str(device)))
+        rates[stages, engine] = job_rates(config, execute, prepare)
     ray.shutdown()
-    (rate_b, rate_b_total, summary), (rate_t, rate_t_total, _) = rates["actor"], rates["tasks"]
+    (rate_b, rate_b_total, summary), (rate_t, rate_t_total, _) = rates["actor", "core"], rates["tasks", "core"]
+    rate_d, rate_d_total, _ = rates["tasks", "data"]
 
     torch.set_num_threads(int(cpus))
     reference_model = headclip.create_model(backbone=args.backbone, pretrained=None, image_size=args.image_size,
@@ -185,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"({rate_b_total:.2f} images/s including actor start and model load)")
     print(f"(b') the same, decode/encode as tasks   : {rate_t:8.2f} images/s "
           f"({rate_t_total:.2f} images/s including actor start and model load)")
+    print(f"(b'') the same on Ray Data (--engine data): {rate_d:8.2f} images/s "
+          f"({rate_d_total:.2f} images/s including actor start and model load)")
     print(f"(c) reference loop, 1 image, fp32, scipy : {rate_c:8.2f} images/s")
     print(f"(b)/(a) = {rate_b / rate_a:.2f}   (b)/(c) = {rate_b / rate_c:.2f}")
     print(f"output bytes per image: {summary.output_bytes / max(1, summary.images):.0f}")

@@ -122,7 +122,7 @@ def pool_settings(args) -> dict:
     return dict(actors=args.actors, min_actors=args.min_actors, max_actors=args.max_actors,
                 actor_resources=args.actor_resources or {}, gpus_per_actor=args.gpus_per_actor,
                 cpu_stages=args.cpu_stages, stage_cpus=args.stage_cpus, stage_resources=args.stage_resources or {},
-                shards_per_actor=args.shards_per_actor)
+                shards_per_actor=args.shards_per_actor, engine=args.engine)
 
 
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
@@ -151,6 +151,10 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     p.add_argument("--gpus-per-actor", type=non_negative_float, default=None,
                    help="GPUs each actor reserves (default: 1 if the cluster has GPUs, else CPU actors); "
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
+    p.add_argument("--engine", choices=("core", "data"), default="core",
+                   help="what runs the stages: 'core' (default) the job's own actor pool on Ray core; 'data' Ray "
+                        "Data's streaming executor (its autoscaling actor pool, backpressure between stages, and "
+                        "per-operator progress in the Ray dashboard)")
     p.add_argument("--cpu-stages", choices=("actor", "tasks"), default="actor",
                    help="where images are decoded and results encoded: 'actor' (default) in each scoring actor, "
                         "on its node's CPUs; 'tasks' as Ray tasks on any node, so CPU-only nodes decode and encode "

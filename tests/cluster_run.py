@@ -11,6 +11,9 @@ head holds no CPU, so that no work can land there. The run:
 3. node B joins mid-run: the pool grows onto it and B scores shards;
 4. node B is removed while it holds shards: the run still ends with every image once.
 
+The fourth argument names the engine ("core", the default, or "data": Ray Data's
+streaming executor; it reports no actor readiness, so "ready" stays empty).
+
 Prints one JSON object of what it saw. The driver is slowed on purpose (each
 finished shard's callback sleeps until node B is removed) so that the run outlasts node starts.
 """
@@ -52,10 +55,10 @@ def wait_for(condition, timeout: float, what: str):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def main(images: str, output: str, checkpoint: str) -> None:
+def main(images: str, output: str, checkpoint: str, engine: str = "core") -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
-    cpu_node = cluster.add_node(num_cpus=2, resources=CPU_STAGE_NODE)
+    cpu_node = cluster.add_node(num_cpus=4, resources=CPU_STAGE_NODE)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     seen = {"ready": [], "done": [], "demand": None}
     lock = threading.Lock()
@@ -74,7 +77,7 @@ def main(images: str, output: str, checkpoint: str) -> None:
     config = JobConfig(input=images, output=output, checkpoint=checkpoint, shard_size=1, gpus_per_actor=0.0,
                        cpus_per_actor=1.0, actor_resources=ACCELERATOR, placement_timeout=120.0,
                        progress_interval=0.5, cpu_stages="tasks", shards_per_actor=2,
-                       stage_resources={"cpu_stage": 1.0},
+                       stage_resources={"cpu_stage": 1.0}, engine=engine,
                        scoring=ScoringOptions(batch_size=1, threshold=0.0))
     plan = prepare(config)
     summary = {}
@@ -106,4 +109,4 @@ def main(images: str, output: str, checkpoint: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

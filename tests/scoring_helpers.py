@@ -66,9 +66,10 @@ def torch_seed(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def slow_checkpoint(folder: Path) -> str:
-    """A tiny model at 224 px, saved in ``folder``: slow enough on a CPU to interrupt a run mid-way."""
-    model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=224)
-    checkpoint = str(folder / "m224.safetensors")
+def slow_checkpoint(folder: Path, image_size: int = 224) -> str:
+    """A tiny model at 224 px (or ``image_size``), saved in ``folder``: slow enough on a CPU to interrupt a
+    run mid-way."""
+    model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=image_size)
+    checkpoint = str(folder / f"m{image_size}.safetensors")
     headclip.save_checkpoint(model, checkpoint)
     return checkpoint

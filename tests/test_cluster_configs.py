@@ -178,6 +178,11 @@ def test_rayjob_score_manifest():
     args = shlex.split(entrypoint)
     assert "--input" in args and "--output" in args
     assert args[args.index("--cpu-stages") + 1] == "tasks"  # its CPU group decodes and encodes
+    assert args[args.index("--engine") + 1] == "data"  # Ray Data's streaming executor runs the stages
+    from jobs.score import build_parser
+
+    parsed = build_parser().parse_args(args[3:])  # the flags as the job reads them
+    assert (parsed.engine, parsed.cpu_stages, parsed.gpus_per_actor) == ("data", "tasks", 1.0)
     assert (ROOT / "jobs" / "score.py").is_file()
     assert spec["shutdownAfterJobFinishes"] is True
     check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob-score.yaml")
@@ -211,6 +216,10 @@ def test_raycronjob_alternative_if_present():
         assert is_cron_schedule(doc["spec"]["schedule"])
         template = doc["spec"]["jobTemplate"]
         assert template["entrypoint"].startswith("python -m jobs.audit") and "--history" in template["entrypoint"]
+        from jobs.audit import build_parser
+
+        parsed = build_parser().parse_args(shlex.split(template["entrypoint"])[3:])
+        assert (parsed.engine, parsed.cpu_stages) == ("data", "tasks")
         check_ray_cluster_spec(template["rayClusterSpec"], path.name)
 
 

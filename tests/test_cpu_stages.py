@@ -1,7 +1,8 @@
 """Decoding and encoding as Ray tasks beside the scoring actors (``--cpu-stages tasks``).
 
 The rows, masks, heat maps and metric state must be those of the actor doing
-all three stages itself, and a dying actor must still leave every image once.
+all three stages itself, on Ray core and on Ray Data (``--engine data``), and a
+dying actor must still leave every image once.
 Which node runs each stage is tested on a multi-node Ray in test_cluster_scale.
 """
 
@@ -46,20 +47,23 @@ def test_tasks_give_the_rows_and_metrics_of_the_actor(ray_cluster, tiny_checkpoi
     images resized differently in the decode task."""
     images = _labelled_set(tmp_path / "images")
     frames, summaries = {}, {}
-    for stages in ("actor", "tasks"):
-        config = job(str(tmp_path / "images"), str(tmp_path / f"out-{stages}"), tiny_checkpoint, shard_size=6,
-                     cpus_per_actor=1, cpu_stages=stages)
+    for stages, engine in (("actor", "core"), ("tasks", "core"), ("tasks", "data")):
+        config = job(str(tmp_path / "images"), str(tmp_path / f"out-{stages}-{engine}"), tiny_checkpoint,
+                     shard_size=6, cpus_per_actor=1, cpu_stages=stages, engine=engine)
         plan, summary = run_job(config, images=images)
-        frames[stages] = results.read_run(run_uri(config.output, plan.run_id)).sort_values("image_id")
-        summaries[stages] = summary
-    actor, tasks = frames["actor"], frames["tasks"]
-    assert len(tasks) == 12 and tasks["image_id"].is_unique
-    assert (tasks["status"] == "error").sum() == 2
-    for column in actor.columns:
-        if column != "scored_at":
-            assert [repr(v) for v in actor[column]] == [repr(v) for v in tasks[column]], column
-    assert summaries["actor"].metrics.to_dict(as_lists=True) == summaries["tasks"].metrics.to_dict(as_lists=True)
-    assert summaries["tasks"].errors == 2 and summaries["tasks"].shards_scored == 2
+        frames[stages, engine] = results.read_run(run_uri(config.output, plan.run_id)).sort_values("image_id")
+        summaries[stages, engine] = summary
+    actor = frames["actor", "core"]
+    for other in (("tasks", "core"), ("tasks", "data")):  # the split stages, on Ray core and on Ray Data
+        tasks = frames[other]
+        assert len(tasks) == 12 and tasks["image_id"].is_unique
+        assert (tasks["status"] == "error").sum() == 2
+        for column in actor.columns:
+            if column != "scored_at":
+                assert [repr(v) for v in actor[column]] == [repr(v) for v in tasks[column]], (other, column)
+        assert (summaries["actor", "core"].metrics.to_dict(as_lists=True)
+                == summaries[other].metrics.to_dict(as_lists=True))
+        assert summaries[other].errors == 2 and summaries[other].shards_scored == 2
 
 
 def test_stages_leave_a_published_shard_alone(tiny_checkpoint, tmp_path):
@@ -105,3 +109,20 @@ def test_killed_actor_with_tasks_leaves_every_image_once(ray_cluster, tiny_check
     frame = results.read_run(run_uri(config.output, plan.run_id))
     assert len(frame) == 12 and frame["image_id"].is_unique and (frame["status"] == "ok").all()
     assert summary.images == 12 and summary.shards_scored == 6
+
+
+def test_default_actors_leave_cpus_to_the_stage_tasks():
+    """With the stages as tasks a default-sized actor leaves --stage-cpus of its share free. Catches: a
+    2-CPU machine (or a GPU node) whose actor takes every CPU, so the first decode task never starts."""
+    from headclip.scoring.placement import actor_layout
+    from headclip.scoring.runner import JobConfig
+
+    def layout(resources, share=None, **changes):
+        return actor_layout(JobConfig(input="i", output="o", **changes), resources, 100, share)
+
+    assert layout({"CPU": 2.0}) == (1, 0.0, 2.0)  # the actor does its own decoding: it takes both
+    assert layout({"CPU": 2.0}, cpu_stages="tasks") == (1, 0.0, 1.0)
+    assert layout({"CPU": 16.0}, cpu_stages="tasks") == (3, 0.0, 4.0)  # 15 CPUs for actors of 4
+    assert layout({"CPU": 8.0, "GPU": 2.0}, 4.0) == (2, 1.0, 4.0)
+    assert layout({"CPU": 8.0, "GPU": 2.0}, 4.0, cpu_stages="tasks", stage_cpus=2.0) == (2, 1.0, 2.0)
+    assert layout({"CPU": 2.0}, cpu_stages="tasks", cpus_per_actor=2.0) == (1, 0.0, 2.0)  # as asked

@@ -60,16 +60,18 @@ def describe_need(need: dict[str, float]) -> str:
     return " and ".join(f"{amount:g} {name}" for name, amount in need.items())
 
 
-def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0,
-                       nodes: Callable[[], list[dict]] = live_nodes, resources: Optional[dict] = None) -> None:
-    """Return once some live node can hold an actor of ``cpus``/``gpus`` (and custom ``resources``);
-    PlacementError after ``timeout``. Start the actors first: while they pend, Ray shows them to the
-    autoscaler as resource demand."""
-    need = {"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in (resources or {}).items()}}
-    if any(_fits(resources, need) for resources in nodes()):
-        return
-    largest = max(nodes(), key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
-    have = f"the largest node has {largest.get('CPU', 0.0):g} CPU and {largest.get('GPU', 0.0):g} GPU"
+def check_placement(cpus: float, gpus: float, resources: Optional[dict] = None, timeout: float = DEFAULT_TIMEOUT,
+                    nodes: Callable[[], list[dict]] = live_nodes) -> bool:
+    """True when some live node can hold an actor of ``cpus``/``gpus`` (and custom ``resources``) now.
+
+    Otherwise PlacementError at once when the cluster's autoscaler has no node
+    type that provides it; else False, with a warning that the run waits up to
+    ``timeout`` seconds for such a node.
+    """
+    need = _need(cpus, gpus, resources)
+    if any(_fits(node, need) for node in nodes()):
+        return True
+    have = _largest(nodes())
     autoscaler = _autoscaler_can_add(need)
     if autoscaler is False:
         raise PlacementError(f"no node can hold a scoring actor needing {describe_need(need)} ({have}), and no "
@@ -80,14 +82,35 @@ def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOU
     else:
         log.warning("no node can hold a scoring actor needing %s (%s); waiting up to %gs for one to join "
                     "(--placement-timeout)", describe_need(need), have, timeout)
+    return False
+
+
+def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0,
+                       nodes: Callable[[], list[dict]] = live_nodes, resources: Optional[dict] = None) -> None:
+    """Return once some live node can hold an actor of ``cpus``/``gpus`` (and custom ``resources``);
+    PlacementError after ``timeout``. Start the actors first: while they pend, Ray shows them to the
+    autoscaler as resource demand."""
+    if check_placement(cpus, gpus, resources, timeout, nodes):
+        return
+    need = _need(cpus, gpus, resources)
+    have = _largest(nodes())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-        if any(_fits(resources, need) for resources in nodes()):
+        if any(_fits(node, need) for node in nodes()):
             log.info("a node that can hold the scoring actors has joined")
             return
     raise PlacementError(f"no node can hold a scoring actor needing {describe_need(need)} ({have}); gave up after "
                          f"{timeout:g}s (--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
+
+
+def _need(cpus: float, gpus: float, resources: Optional[dict]) -> dict[str, float]:
+    return {"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in (resources or {}).items()}}
+
+
+def _largest(nodes: list[dict]) -> str:
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+    return f"the largest node has {largest.get('CPU', 0.0):g} CPU and {largest.get('GPU', 0.0):g} GPU"
 
 
 def autoscaler_capacity(fits_in: Callable[[dict], int]) -> Optional[int]:
@@ -120,16 +143,21 @@ def actor_layout(config: "JobConfig", resources: dict[str, float], num_shards: i
     cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors. A
     GPU actor takes its GPUs' share of the CPUs of a GPU node
     (``gpu_node_cpus_per_gpu``, from :func:`cpus_per_gpu`; 4 per GPU when no
-    GPU node is up yet): decoding and encoding run on those CPUs.
+    GPU node is up yet): decoding and encoding run on those CPUs. With the CPU
+    stages as tasks, a default-sized actor leaves ``stage_cpus`` of its share
+    to them, so that on one machine the actors do not take every CPU and leave
+    the decode tasks waiting for ever.
     """
     gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
+    reserve = float(config.stage_cpus) if config.cpu_stages == "tasks" else 0.0
     explicit = config.gpus_per_actor
     if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
         per_actor = explicit or 1.0
         actors = config.actors or max(1, int(gpus // per_actor))
         share = gpu_node_cpus_per_gpu if gpu_node_cpus_per_gpu is not None else 4.0
-        cpus_per_actor = config.cpus_per_actor or max(1.0, float(int(share * per_actor)))
+        cpus_per_actor = config.cpus_per_actor or max(1.0, float(int(share * per_actor - reserve)))
         return max(1, min(actors, num_shards)), per_actor, cpus_per_actor
+    cpus = max(1.0, cpus - reserve)
     default_cpus = cpus if cpus <= 4 else 4.0
     cpus_per_actor = config.cpus_per_actor or (max(1.0, float(int(cpus // config.actors))) if config.actors
                                                else default_cpus)

@@ -5,6 +5,10 @@ Data flows one way: listing -> shards -> actors (decode -> model -> encode)
 scores whole shards. A shard is done once its file is published; a rerun
 skips it. If an actor dies, its shards go to a fresh actor.
 
+With ``engine="data"`` the same stages run on Ray Data's streaming executor
+instead (:mod:`headclip.scoring.streaming`); planning, resuming and the summary
+are shared.
+
 Before any actor starts, the checkpoint is checked against its backbone's
 structure and the cluster against one actor's resources; a resumed run must
 keep its settings. An actor that cannot start, a shard that keeps failing
@@ -81,6 +85,9 @@ class JobConfig:
     # "actor": each actor reads, decodes and encodes its shards on its own CPUs; "tasks": reading and
     # decoding, then encoding and publishing, run as Ray tasks on any node (CPU-only nodes included)
     cpu_stages: str = "actor"
+    # "core": the driver runs its own actor pool and tasks on Ray core; "data": Ray Data's streaming
+    # executor runs the stages as operators (its autoscaling actor pool, backpressure, dashboard metrics)
+    engine: str = "core"
     stage_cpus: float = 1.0  # CPUs each decode or encode task reserves
     stage_resources: dict = field(default_factory=dict)  # custom resources per stage task, e.g. a CPU node type
     shards_per_actor: Optional[int] = None  # shards in flight per actor; None: 2, or 4 with CPU stages as tasks
@@ -255,6 +262,11 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                          storage_options=config.storage_options, run_config=plan.config,
                          model_overrides=config.model_overrides, extra_fields=plan.extra_fields,
                          torch_threads=max(1, int(cpus)))
+    if config.engine == "data":
+        from .streaming import execute_streaming
+
+        execute_streaming(plan, config, summary, progress, list(pending), size, scorer_kwargs, on_event)
+        return _finish(summary, plan, config, progress, start)
     low, high = (config.actors, config.actors) if config.actors else (config.min_actors, config.max_actors)
     pool = ActorPool(ray.remote(ScorerActor), (scorer_kwargs,), size, f"headclip-scorer-{plan.run_id}", low, high,
                      autoscaled=autoscaler_capacity(size.fits_in))
