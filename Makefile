@@ -1,4 +1,5 @@
-# make test: create or reuse .venv, install the project with its dev extra, run pytest.
+# make test: create or reuse .venv, install the project with its dev extra, run pytest (all but the
+# multi-node tests; make test-multinode runs those).
 # make demo: run the scoring job on the embedded default (local Ray, local files, demo model).
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 # second worker uses the other core. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo benchmark demo-assets clean
+.PHONY: install test test-multinode demo benchmark demo-assets clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +22,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
+# Every test but the multi-node runs (a local Ray cluster of four nodes per test, about 1.5 minutes
+# each); make test-multinode runs those, and CI runs both.
 test: $(STAMP)
-	$(PY) -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not multinode" $(PYTEST_ARGS)
+
+test-multinode: $(STAMP)
+	$(PY) -m pytest $(XDIST) -m multinode $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

@@ -183,6 +183,9 @@ def test_rayjob_score_manifest():
 
     parsed = build_parser().parse_args(args[3:])  # the flags as the job reads them
     assert (parsed.engine, parsed.cpu_stages, parsed.gpus_per_actor) == ("data", "tasks", 1.0)
+    from jobs.cli import pool_settings
+
+    assert pool_settings(parsed)["engine"] == "data"  # what the job's JobConfig gets
     assert (ROOT / "jobs" / "score.py").is_file()
     assert spec["shutdownAfterJobFinishes"] is True
     check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob-score.yaml")

@@ -1,4 +1,4 @@
-"""The actor pool on a local multi-node Ray, on Ray core and on Ray Data: scale-up from no accelerator
+"""The actor pool on a local multi-node Ray (Ray core; Ray Data in test_cluster_scale_ray_data.py): scale-up from no accelerator
 node, a node that joins mid-run, a node that dies mid-run. The run itself is tests/cluster_run.py, in its own process."""
 
 from __future__ import annotations
@@ -12,22 +12,25 @@ import pytest
 
 from headclip import results
 
-from .scoring_helpers import slow_checkpoint, write_images
+from .scoring_helpers import write_images
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 60  # one per shard; the driver paces them so that node B joins and dies with work left
 
 
-@pytest.mark.parametrize("engine", ["core", "data"])
-def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint, engine):
+@pytest.mark.multinode
+def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
     """Catches: a pool sized once at start (B never gets an actor), actors started on a CPU-only node
     (the pending demand would be empty and shards would be scored before A joins), decoding or
     encoding left in the actor (the stage nodes would be A or B), shards lost or written twice when
-    a node dies (rows per image). On Ray Data the model is slower (448 px), so that the model stage, not
-    decoding, holds the work back: Ray Data grows its actor pool when its actors are busy."""
+    a node dies (rows per image). The same run on Ray Data: test_cluster_scale_ray_data.py."""
+    check_cluster_run(tmp_path, tiny_checkpoint, "core")
+
+
+def check_cluster_run(tmp_path: Path, checkpoint: str, engine: str) -> None:
+    """Run tests/cluster_run.py with ``engine`` and check what it saw (see its steps 1 to 4)."""
     write_images(tmp_path / "images", IMAGES)
     out = tmp_path / "out"
-    checkpoint = tiny_checkpoint if engine == "core" else slow_checkpoint(tmp_path, image_size=448)
     run = subprocess.run([sys.executable, "-m", "tests.cluster_run", str(tmp_path / "images"), str(out),
                           checkpoint, engine], cwd=REPO, capture_output=True, text=True, timeout=480)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -62,6 +65,11 @@ def test_pool_target_follows_live_nodes_bounds_and_the_autoscaler():
     assert size.fits_in({"CPU": 8, "GPU": 4, "accelerator": 4}) == 4
     assert size.fits_in({"CPU": 7, "GPU": 4, "accelerator": 4}) == 3
     assert size.fits_in({"CPU": 64}) == 0
+    leaving = ActorSize(cpus=1, leave_cpus=1)  # CPU actors beside the stage tasks: one CPU of the cluster left
+    assert leaving.fits_in_cluster([{"CPU": 2}]) == 1 and leaving.fits_in_cluster([{"CPU": 1}]) == 0
+    assert leaving.fits_in_cluster([{"CPU": 2}, {"CPU": 2}]) == 3
+    accelerated = ActorSize(cpus=1, resources={"accelerator": 1}, leave_cpus=1)  # a CPU node holds the tasks
+    assert accelerated.fits_in_cluster([{"CPU": 4}, {"CPU": 1, "accelerator": 1}, {"CPU": 1, "accelerator": 1}]) == 2
     nodes = [{"CPU": 16}, {"CPU": 8, "GPU": 2, "accelerator": 2}]
 
     def pool(**kwargs):

@@ -25,11 +25,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ActorSize:
-    """What one scoring actor reserves: CPUs, GPUs and custom resources (e.g. an accelerator type)."""
+    """What one scoring actor reserves: CPUs, GPUs and custom resources (e.g. an accelerator type).
+
+    ``leave_cpus``: CPUs of the cluster that actors leave free (for the decode
+    and encode tasks, with the CPU stages as tasks).
+    """
 
     cpus: float
     gpus: float = 0.0
     resources: dict = field(default_factory=dict)
+    leave_cpus: float = 0.0
 
     def need(self) -> dict[str, float]:
         need = {"CPU": float(self.cpus), "GPU": float(self.gpus)}
@@ -42,6 +47,15 @@ class ActorSize:
         if not need:
             return 0
         return int(min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items()))
+
+
+    def fits_in_cluster(self, nodes: list[dict[str, float]]) -> int:
+        """How many such actors live ``nodes`` hold together, ``leave_cpus`` of their CPUs left free."""
+        count = sum(self.fits_in(node) for node in nodes)
+        if self.leave_cpus and self.cpus:
+            free = sum(node.get("CPU", 0.0) for node in nodes) - self.leave_cpus
+            count = min(count, max(0, int(math.floor(free / self.cpus + 1e-9))))
+        return count
 
 
 @dataclass
@@ -72,7 +86,7 @@ class ActorPool:
     # -- sizing ------------------------------------------------------------------------
     def capacity(self) -> int:
         """Actors the live nodes can hold in total now."""
-        return sum(self.size.fits_in(node) for node in self.nodes())
+        return self.size.fits_in_cluster(self.nodes())
 
     def target(self, work_left: int) -> int:
         """Actors to hold for ``work_left`` shards not yet finished (queued or in flight).

@@ -254,7 +254,8 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
     if not pending:
         return _finish(summary, plan, config, progress, start)
     _, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending), cpus_per_gpu(ray.nodes()))
-    size = ActorSize(cpus, gpus, dict(config.actor_resources))
+    size = ActorSize(cpus, gpus, dict(config.actor_resources),
+                     leave_cpus=config.stage_cpus if config.cpu_stages == "tasks" else 0.0)
     if gpus == 0 and not config.actor_resources and config.gpus_per_actor is None:
         log.warning("the cluster has no GPU now: scoring on CPU actors (%g CPU each); give --gpus-per-actor 1 to "
                     "wait for GPU nodes instead", cpus)

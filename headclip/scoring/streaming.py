@@ -124,7 +124,7 @@ def pool_bounds(config: "JobConfig", size: ActorSize, work: int) -> tuple[int, i
     if config.actors:
         return min(config.actors, work), min(config.actors, work)
     autoscaled = autoscaler_capacity(size.fits_in)
-    live = sum(size.fits_in(node) for node in live_nodes())
+    live = size.fits_in_cluster(live_nodes())
     high = work if autoscaled in (None, -1) else max(autoscaled, live)
     if config.max_actors is not None:
         high = min(high, config.max_actors)
