@@ -5,9 +5,9 @@ an operator, holds back the earlier ones when a later one falls behind, and
 shows their progress and metrics in the Ray dashboard::
 
     from_items(shards)
-      -> map(DecodeStage)         CPU tasks, any node: plan rows read, images read and decoded
+      -> map(decode_stage)        CPU tasks, any node: plan rows read, images read and decoded
       -> map_batches(ModelStage)  actor pool of (min, max) actors, each pinning its GPUs: the model
-      -> map(EncodeStage)         CPU tasks, any node: maps encoded, the shard's Parquet file published
+      -> map(encode_stage)        CPU tasks, any node: maps encoded, the shard's Parquet file published
       -> the driver               one small row per shard: its counts and metric state
 
 With ``cpu_stages="actor"`` the actor does all of it (``map_batches(ShardStage)``).
