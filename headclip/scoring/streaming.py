@@ -69,10 +69,6 @@ def _with_attempts(attempts: int, what: str, step: Callable[[], Any]) -> Any:
                         type(err).__name__, err)
 
 
-def _result_row(result: ShardResult) -> dict:
-    return {"shard": result.index, "result": result}
-
-
 def decode_stage(row: dict, plan: RunPlan, size: int, config: "JobConfig", threads: int) -> dict:
     """A shard's rows read from the plan and its images decoded to the model's size (a CPU task)."""
     shard = int(row["shard"])
@@ -98,7 +94,7 @@ def encode_stage(row: dict, config: "JobConfig") -> dict:
     scored = row["scored"]
     result = _with_attempts(config.max_shard_attempts, f"publishing shard {scored.task.index}",
                             lambda: _encode_task(scored, config.storage_options))
-    return _result_row(result)
+    return {"shard": result.index, "result": result}
 
 
 class ShardStage:
@@ -109,12 +105,11 @@ class ShardStage:
         self.actor = ScorerActor(scorer_kwargs)
 
     def __call__(self, batch: dict) -> dict:
-        rows = []
+        results = []
         for shard in batch["shard"]:
             task = _task(self.plan, int(shard))
-            result = _with_attempts(self.attempts, f"shard {int(shard)}", lambda: self.actor.score_shard(task))
-            rows.append(_result_row(result))
-        return {"shard": np.array([r["shard"] for r in rows]), "result": _objects([r["result"] for r in rows])}
+            results.append(_with_attempts(self.attempts, f"shard {int(shard)}", lambda: self.actor.score_shard(task)))
+        return {"shard": batch["shard"], "result": _objects(results)}
 
 
 def pool_bounds(config: "JobConfig", size: ActorSize, work: int) -> tuple[int, int]:
