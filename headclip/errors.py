@@ -7,6 +7,8 @@ as ``error: <message>`` and exit with code 2; scoring turns an
 
 from __future__ import annotations
 
+import re
+
 
 class HeadCLIPError(ValueError):
     """Base of the errors below: bad input, described in one line."""
@@ -63,3 +65,13 @@ class PlacementError(UsageError):
 
 class LockedError(HeadCLIPError):
     """Another live process holds the lock of what this one would write (an audit of the same day)."""
+
+
+def cause_line(err: BaseException) -> str:
+    """The one line that says why a remote call failed: the last 'SomeError: message' line of its report."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException) and str(cause).strip():
+        return f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return " ".join((named[-1] if named else lines[0] if lines else type(err).__name__).split())[:300]

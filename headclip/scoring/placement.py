@@ -149,7 +149,7 @@ def actor_layout(config: "JobConfig", resources: dict[str, float], num_shards: i
     the decode tasks waiting for ever.
     """
     gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
-    reserve = float(config.stage_cpus) if config.cpu_stages == "tasks" else 0.0
+    reserve = config.stage_reserve_cpus
     explicit = config.gpus_per_actor
     if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
         per_actor = explicit or 1.0

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 
-from ..errors import InputError, JobError, OutputError
+from ..errors import InputError, JobError, OutputError, cause_line
 from ..model.checkpoint import read_checkpoint
 from ..model.assets import DEMO_CHECKPOINT_URI
 from ..model.validate import check_checkpoint
@@ -38,10 +37,10 @@ from .placement import DEFAULT_TIMEOUT, actor_layout, autoscaler_capacity, cpus_
 from .pool import ActorPool, ActorSize
 from .plan import RunPlan, StagedPlan, derive_run_id, read_plan
 from .progress import Progress
-from ..evaluation.metrics import MetricsByClass
 from ..redact import redact_options, redact_text
 from .remote import ScorerActor, Stages
 from .scorer import ScoringOptions, ShardResult, ShardTask
+from .summary import JobSummary, account
 from .shards import BrokenShard, finished_shards, remove_temporary_files, shard_result
 from ..storage.fs import canonical_uri, describe_error, write_bytes_atomic
 from ..storage.layout import run_uri, summary_uri
@@ -93,6 +92,11 @@ class JobConfig:
     shards_per_actor: Optional[int] = None  # shards in flight per actor; None: 2, or 4 with CPU stages as tasks
 
     @property
+    def stage_reserve_cpus(self) -> float:
+        """CPUs default-sized actors leave to the decode and encode tasks (none when the actor does both)."""
+        return float(self.stage_cpus) if self.cpu_stages == "tasks" else 0.0
+
+    @property
     def checkpoint_uri(self) -> str:
         return self.checkpoint or DEMO_CHECKPOINT_URI
 
@@ -117,46 +121,6 @@ class JobConfig:
             "extensions": sorted(self.extensions),
             "model_overrides": self.model_overrides,
         }
-
-
-@dataclass
-class JobSummary:
-    run_id: str
-    output: str
-    images: int = 0
-    errors: int = 0
-    anomalous: int = 0
-    shards: int = 0
-    shards_skipped: int = 0
-    shards_scored: int = 0
-    actor_restarts: int = 0
-    actors_started: int = 0
-    seconds: float = 0.0
-    output_bytes: int = 0
-    checkpoint_id: str = ""
-    resumed: bool = False
-    peak_actor_rss_bytes: int = 0
-    metrics: Optional[MetricsByClass] = None  # per-class metric state, for labelled inputs
-
-    skipped_images: int = 0  # images of shards finished by an earlier invocation
-
-    @property
-    def images_per_second(self) -> float:
-        scored = self.images - self.skipped_images
-        return scored / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "metrics"}
-        return {**data, "output": redact_text(self.output), "images_per_second": round(self.images_per_second, 3)}
-
-    def lines(self) -> list[str]:
-        return [
-            f"run {self.run_id}: {self.images} images in {self.shards} shards "
-            f"({self.shards_skipped} already done), {self.errors} errors, {self.anomalous} anomalous",
-            f"throughput {self.images_per_second:.1f} images/s over {self.seconds:.1f}s, "
-            f"{self.actor_restarts} actor restarts",
-            f"output: {redact_text(run_uri(self.output, self.run_id))}",
-        ]
 
 
 # settings a resumed run must keep, besides its checkpoint
@@ -248,14 +212,14 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                          resumed=plan.resumed)
     progress = Progress(plan.num_shards, plan.num_images, config.progress_interval)
     for result in finished_shards(plan, config.storage_options):
-        _account(summary, result)
+        account(summary, result)
         progress.update(result)
     pending = deque(i for i in range(plan.num_shards) if not progress.is_done(i))
     if not pending:
         return _finish(summary, plan, config, progress, start)
     _, gpus, cpus = actor_layout(config, ray.cluster_resources(), len(pending), cpus_per_gpu(ray.nodes()))
     size = ActorSize(cpus, gpus, dict(config.actor_resources),
-                     leave_cpus=config.stage_cpus if config.cpu_stages == "tasks" else 0.0)
+                     leave_cpus=config.stage_reserve_cpus)
     if gpus == 0 and not config.actor_resources and config.gpus_per_actor is None:
         log.warning("the cluster has no GPU now: scoring on CPU actors (%g CPU each); give --gpus-per-actor 1 to "
                     "wait for GPU nodes instead", cpus)
@@ -287,10 +251,10 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
         if getattr(err, "actor_init_failed", False):
             init_failures += 1
             if init_failures >= config.max_init_failures:
-                raise JobError(f"scoring actors cannot start: {_cause_line(err)}") from None
+                raise JobError(f"scoring actors cannot start: {cause_line(err)}") from None
         if summary.actor_restarts > config.max_actor_restarts:
             raise JobError(f"too many scoring actors died ({summary.actor_restarts}); the "
-                           f"last: {_cause_line(err)}") from None
+                           f"last: {cause_line(err)}") from None
         log.warning("scoring actor %d died (%s); its shards go to other actors", slot, type(err).__name__)
         pool.forget(slot)
 
@@ -343,7 +307,7 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                     lost += 1
                     if lost > config.max_actor_restarts:
                         raise JobError(f"too many shards lost a stage's result ({lost}); the last: "
-                                       f"{_cause_line(err)}") from None
+                                       f"{cause_line(err)}") from None
                     log.warning("shard %d lost an intermediate result (%s); it is scored again", shard,
                                 type(err).__name__)
                     pending.appendleft(shard)
@@ -351,10 +315,10 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                 except ray.exceptions.RayTaskError as err:
                     attempts[shard] += 1
                     if attempts[shard] >= config.max_shard_attempts:
-                        raise JobError(f"shard {shard} failed {attempts[shard]} times: {_cause_line(err)} "
+                        raise JobError(f"shard {shard} failed {attempts[shard]} times: {cause_line(err)} "
                                        f"(writing {redact_text(plan.shard_uri(shard))})") from None
                     log.warning("shard %d failed (attempt %d), retrying: %s", shard, attempts[shard],
-                                _cause_line(err))
+                                cause_line(err))
                     pending.append(shard)
                     continue
                 if result.skipped:  # another driver published it: count what its file holds
@@ -364,7 +328,7 @@ def execute(plan: RunPlan, config: JobConfig, on_event: Optional[Callable[[str, 
                         log.warning("shard %d is broken and is scored again: %s", shard, broken)
                         pending.append(shard)
                         continue
-                _account(summary, result)
+                account(summary, result)
                 progress.update(result)
                 if on_event:
                     on_event("shard_done", result)
@@ -387,16 +351,6 @@ def _discard(ray, refs: list, timeout: float = 10.0) -> None:
             pass
 
 
-def _cause_line(err: BaseException) -> str:
-    """The one line that says why a remote call failed: the last 'SomeError: message' line of its report."""
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, BaseException) and str(cause).strip():
-        return f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
-    return " ".join((named[-1] if named else lines[0] if lines else type(err).__name__).split())[:300]
-
-
 def _finish(summary: JobSummary, plan: RunPlan, config: JobConfig, progress: Progress, start: float) -> JobSummary:
     progress.close()
     summary.seconds = time.perf_counter() - start
@@ -408,19 +362,3 @@ def _finish(summary: JobSummary, plan: RunPlan, config: JobConfig, progress: Pro
         raise JobError(f"every shard is published, but the summary cannot be written to {redact_text(uri)}: "
                        f"{' '.join(str(err).split())}") from None
     return summary
-
-
-def _account(summary: JobSummary, result: ShardResult) -> None:
-    summary.images += result.images
-    summary.errors += result.errors
-    summary.anomalous += result.anomalous
-    if result.metrics is not None:
-        state = MetricsByClass.from_dict(result.metrics)
-        summary.metrics = state if summary.metrics is None else summary.metrics.merge(state)
-    if result.skipped:
-        summary.shards_skipped += 1
-        summary.skipped_images += result.images
-        return
-    summary.shards_scored += 1
-    summary.output_bytes += result.output_bytes
-    summary.peak_actor_rss_bytes = max(summary.peak_actor_rss_bytes, result.peak_rss_bytes)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import JobError, PlacementError
+from ..errors import JobError, PlacementError, cause_line
 from ..model.checkpoint import read_checkpoint
 from .placement import autoscaler_capacity, check_placement, describe_need, live_nodes
 from .plan import RunPlan
@@ -37,9 +37,10 @@ from .progress import Progress
 from .remote import ScorerActor, _decode_task, _encode_task
 from .scorer import ShardResult, ShardTask
 from .shards import BrokenShard, shard_result
+from .summary import JobSummary, account
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runner import JobConfig, JobSummary
+    from .runner import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,12 @@ def pool_bounds(config: "JobConfig", size: ActorSize, work: int) -> tuple[int, i
     return max(1, min(config.min_actors, high)), high
 
 
-def execute_streaming(plan: RunPlan, config: "JobConfig", summary: "JobSummary", progress: Progress,
+def execute_streaming(plan: RunPlan, config: "JobConfig", summary: JobSummary, progress: Progress,
                       pending: list[int], size: ActorSize, scorer_kwargs: dict,
                       on_event: Optional[Callable[[str, Any], None]] = None) -> None:
     """Score the ``pending`` shards of ``plan`` on Ray Data, counting each finished shard into ``summary``."""
     import ray
     from ray.data import DataContext
-
-    from .runner import _account, _cause_line
 
     low, high = pool_bounds(config, size, len(pending))
     check_placement(size.cpus, size.gpus, resources=size.resources, timeout=config.placement_timeout)
@@ -158,7 +157,7 @@ def execute_streaming(plan: RunPlan, config: "JobConfig", summary: "JobSummary",
                     result = shard_result(plan, result.index, config.storage_options)
                 except BrokenShard as broken:
                     raise JobError(f"shard {result.index} is broken: {broken}; run the job again to score it") from None
-            _account(summary, result)
+            account(summary, result)
             progress.update(result)
             if on_event:
                 on_event("shard_done", result)
@@ -171,8 +170,8 @@ def execute_streaming(plan: RunPlan, config: "JobConfig", summary: "JobSummary",
                                  f"(--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes") from None
         cause = _root_cause(err)
         if getattr(cause, "actor_init_failed", False):
-            raise JobError(f"scoring actors cannot start: {_cause_line(cause)}") from None
-        raise JobError(f"scoring failed after {time.monotonic() - started:.0f}s: {_cause_line(cause)}") from None
+            raise JobError(f"scoring actors cannot start: {cause_line(cause)}") from None
+        raise JobError(f"scoring failed after {time.monotonic() - started:.0f}s: {cause_line(cause)}") from None
     missing = [shard for shard in pending if not progress.is_done(shard)]
     if missing:
         raise JobError(f"{len(missing)} shards ended without a result (first: {missing[0]}); run the job again "
