@@ -161,20 +161,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overhead = vv_overhead(model, batch, device, repeats)
 
     cpus = int(ray_cpus())
-    # two more logical CPUs, so that with --cpu-stages tasks the actor keeps every core's thread and the
-    # decode and encode tasks run beside it, as on a node whose CPUs the actor does not hold
+    # two more logical CPUs, so that the actor keeps every core's thread and the read/decode and publish tasks
+    # run beside it, as on a node whose CPUs the actor does not hold
     ray.init(num_cpus=cpus + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rates = {}
-    for stages, engine in (("actor", "core"), ("tasks", "core"), ("tasks", "data")):
+    for name, device_decode in (("tasks", False), ("actor", True)):
         config = JobConfig(input=str(images_dir), output=str(workdir / "out"), checkpoint=checkpoint,
-                           run_id=f"bench-{stages}-{engine}-{time.time_ns()}", shard_size=args.shard_size,
+                           run_id=f"bench-{name}-{time.time_ns()}", shard_size=args.shard_size,
                            actors=1, cpus_per_actor=cpus, gpus_per_actor=1.0 if device.type == "cuda" else 0.0,
-                           cpu_stages=stages, engine=engine,
-                           scoring=ScoringOptions(batch_size=args.batch_size, device=str(device)))
-        rates[stages, engine] = job_rates(config, execute, prepare)
+                           scoring=ScoringOptions(batch_size=args.batch_size, device=str(device),
+                                                  device_decode=device_decode))
+        rates[name] = job_rates(config, execute, prepare)
     ray.shutdown()
-    (rate_b, rate_b_total, summary), (rate_t, rate_t_total, _) = rates["actor", "core"], rates["tasks", "core"]
-    rate_d, rate_d_total, _ = rates["tasks", "data"]
+    (rate_b, rate_b_total, summary), (rate_t, rate_t_total, _) = rates["tasks"], rates["actor"]
 
     torch.set_num_threads(int(cpus))
     reference_model = headclip.create_model(backbone=args.backbone, pretrained=None, image_size=args.image_size,
@@ -186,10 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"(a) model forward on pre-decoded tensors : {rate_a:8.2f} images/s")
     print(f"(b) whole job, files -> Parquet (steady) : {rate_b:8.2f} images/s "
           f"({rate_b_total:.2f} images/s including actor start and model load)")
-    print(f"(b') the same, decode/encode as tasks   : {rate_t:8.2f} images/s "
+    print(f"(b') the same, --device-decode (decoding in the actor): {rate_t:8.2f} images/s "
           f"({rate_t_total:.2f} images/s including actor start and model load)")
-    print(f"(b'') the same on Ray Data (--engine data): {rate_d:8.2f} images/s "
-          f"({rate_d_total:.2f} images/s including actor start and model load)")
     print(f"(c) reference loop, 1 image, fp32, scipy : {rate_c:8.2f} images/s")
     print(f"(b)/(a) = {rate_b / rate_a:.2f}   (b)/(c) = {rate_b / rate_c:.2f}")
     print(f"output bytes per image: {summary.output_bytes / max(1, summary.images):.0f}")

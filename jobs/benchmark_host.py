@@ -169,10 +169,10 @@ def pipeline_rate(paths, scorer_kwargs, stub: bool) -> tuple[float, "object"]:
     """(images per second, table) of the actor's code scoring ``paths`` in this process."""
     import pyarrow as pa
 
-    from headclip.scoring.scorer import ShardScorer
+    from headclip.scoring.scorer import ImageScorer
 
     images = pa.table({"image_id": [p.name for p in paths], "image_uri": [str(p) for p in paths]})
-    with ShardScorer(**scorer_kwargs) as scorer:
+    with ImageScorer(**scorer_kwargs) as scorer:
         if stub:
             scorer.model = StubModel(scorer.model)
         scorer.score_table(images.slice(0, min(8, len(paths))))  # warm-up

@@ -117,12 +117,30 @@ def pool_settings(args) -> dict:
     """The JobConfig fields of the flags of :func:`add_cluster_flags` that size the actor pool."""
     if args.max_actors is not None and args.max_actors < args.min_actors:
         raise UsageError(f"--max-actors {args.max_actors} is below --min-actors {args.min_actors}")
-    if args.cpu_stages == "tasks" and getattr(args, "device_decode", False):
-        raise UsageError("--device-decode decodes in the scoring actor; it cannot be used with --cpu-stages tasks")
     return dict(actors=args.actors, min_actors=args.min_actors, max_actors=args.max_actors,
                 actor_resources=args.actor_resources or {}, gpus_per_actor=args.gpus_per_actor,
-                cpu_stages=args.cpu_stages, stage_cpus=args.stage_cpus, stage_resources=args.stage_resources or {},
-                shards_per_actor=args.shards_per_actor, engine=args.engine)
+                stage_cpus=args.stage_cpus, stage_resources=args.stage_resources or {},
+                shards_per_actor=args.shards_per_actor)
+
+
+class Removed(argparse.Action):
+    """A flag that went: using it is a one-line error naming what replaced it."""
+
+    def __init__(self, option_strings, dest, replaced_by: str = "", **kwargs):
+        kwargs.update(nargs="?", help=argparse.SUPPRESS, default=None)
+        super().__init__(option_strings, dest, **kwargs)
+        self.replaced_by = replaced_by
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was removed: {self.replaced_by}")
+
+
+REMOVED_FLAGS = {
+    "--engine": "every job runs on Ray Data's streaming executor; there is no other engine",
+    "--cpu-stages": "images are always read and decoded, and shards published, by Ray Data tasks on any node with "
+                    "--stage-cpus/--stage-resources free (CPU-only nodes too), and the actors only run the model; "
+                    "--device-decode decodes JPEGs in the actor instead",
+}
 
 
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
@@ -151,22 +169,16 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     p.add_argument("--gpus-per-actor", type=non_negative_float, default=None,
                    help="GPUs each actor reserves (default: 1 if the cluster has GPUs, else CPU actors); "
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
-    p.add_argument("--engine", choices=("core", "data"), default="core",
-                   help="what runs the stages: 'core' (default) the job's own actor pool on Ray core; 'data' Ray "
-                        "Data's streaming executor (its autoscaling actor pool, backpressure between stages, and "
-                        "per-operator progress in the Ray dashboard)")
-    p.add_argument("--cpu-stages", choices=("actor", "tasks"), default="actor",
-                   help="where images are decoded and results encoded: 'actor' (default) in each scoring actor, "
-                        "on its node's CPUs; 'tasks' as Ray tasks on any node, so CPU-only nodes decode and encode "
-                        "while GPU nodes run the model")
     p.add_argument("--stage-cpus", type=positive_float, default=1.0,
-                   help="CPUs each decode or encode task reserves, with --cpu-stages tasks (default 1)")
+                   help="CPUs each read/decode or publish task reserves (default 1); these tasks run on any node "
+                        "with them free, CPU-only nodes too, while the actors run only the model")
     p.add_argument("--stage-resources", type=resources_arg, default=None,
-                   help="custom Ray resources each decode or encode task reserves, as JSON, e.g. "
+                   help="custom Ray resources each read/decode or publish task reserves, as JSON, e.g. "
                         "'{\"cpu_stage\": 0.01}' to keep them on the nodes that offer it")
-    p.add_argument("--shards-per-actor", type=positive_int, default=None,
-                   help="shards in flight per scoring actor (default 2, or 4 with --cpu-stages tasks, so that "
-                        "decoding runs ahead of the model)")
+    p.add_argument("--shards-per-actor", type=positive_int, default=2,
+                   help="shards queued on each scoring actor, so that its model never waits for the next (default 2)")
+    for flag, replaced_by in REMOVED_FLAGS.items():
+        p.add_argument(flag, action=Removed, replaced_by=replaced_by)
     add_storage_flag(p)
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join: host:port, or 'auto' for the one `ray start` runs on this machine "

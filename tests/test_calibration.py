@@ -248,7 +248,7 @@ def test_scoring_options_pick_each_rows_thresholds():
 
 
 def test_scorer_applies_each_groups_thresholds(tiny_checkpoint, tmp_path):
-    from headclip.scoring.scorer import ShardScorer
+    from headclip.scoring.scorer import ImageScorer
 
     from .scoring_helpers import write_images
 
@@ -257,7 +257,7 @@ def test_scorer_applies_each_groups_thresholds(tiny_checkpoint, tmp_path):
                       "line": ["all", "none", "other"] * 2})
     options = ScoringOptions(threshold=0.5, mask_threshold=0.5, batch_size=4, io_threads=2, group_column="line",
                              group_thresholds={"all": (0.0, 0.0), "none": (1.0, 1.0)})
-    with ShardScorer("r", tiny_checkpoint, options, extra_fields=[pa.field("line", pa.string())]) as scorer:
+    with ImageScorer("r", tiny_checkpoint, options, extra_fields=[pa.field("line", pa.string())]) as scorer:
         rows = scorer.score_table(table).to_pandas()
     assert (rows["status"] == "ok").all()
     for line, (threshold, mask_threshold) in {"all": (0.0, 0.0), "none": (1.0, 1.0), "other": (0.5, 0.5)}.items():

@@ -71,7 +71,7 @@ def test_stages_leave_a_published_shard_alone(tiny_checkpoint, tmp_path):
     the model and encode stages pass it through, and its file is not rewritten.
     Catches: a decode task without the published-file check (it would fail on the missing images or
     rewrite the file)."""
-    from headclip.scoring.scorer import ScoringOptions, ShardScorer, ShardTask
+    from headclip.scoring.scorer import ScoringOptions, ImageScorer, ShardTask
     from headclip.scoring.stages import decode_shard, encode_shard
 
     output = tmp_path / "shard-00000.parquet"
@@ -80,7 +80,7 @@ def test_stages_leave_a_published_shard_alone(tiny_checkpoint, tmp_path):
     options = ScoringOptions(batch_size=2, io_threads=1)
     decoded = decode_shard(ShardTask(0, str(output), images=images), 64, options)
     assert decoded.skipped and decoded.loaded == []
-    with ShardScorer("r", tiny_checkpoint, options) as scorer:
+    with ImageScorer("r", tiny_checkpoint, options) as scorer:
         scored = scorer.score_decoded(decoded)
     result = encode_shard(scored)
     assert scored.skipped and result.skipped and result.images == 2

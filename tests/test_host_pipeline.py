@@ -14,7 +14,7 @@ from headclip.data.decode import decode_image, decode_scaled
 from headclip.data.synthetic import make_sample, natural_image
 from headclip.data.transforms import resize_square
 from headclip.scoring.device_batch import orient
-from headclip.scoring.scorer import ScoringOptions, ShardScorer
+from headclip.scoring.scorer import ScoringOptions, ImageScorer
 
 # Largest change of a joint score between reduced-scale and full JPEG decoding on these images
 # (README states the figure measured by jobs.benchmark on the benchmark images).
@@ -88,7 +88,7 @@ def _images(tmp_path) -> pa.Table:
 
 def _score(checkpoint, images, **options):
     scoring = ScoringOptions(batch_size=3, io_threads=2, **options)
-    with ShardScorer("test", checkpoint, scoring, torch_threads=2) as scorer:
+    with ImageScorer("test", checkpoint, scoring, torch_threads=2) as scorer:
         return scorer.score_table(images).to_pandas().set_index("image_id")
 
 

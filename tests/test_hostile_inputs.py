@@ -24,7 +24,7 @@ from headclip import results
 from headclip.data.listing import list_images
 from headclip.errors import InputError
 from headclip.scoring.runner import prepare
-from headclip.scoring.scorer import ScoringOptions, ShardScorer
+from headclip.scoring.scorer import ScoringOptions, ImageScorer
 from headclip.storage.layout import run_uri
 
 from .scoring_helpers import job, run_job, write_images
@@ -211,7 +211,7 @@ def test_fifos_are_not_listed_and_never_read(tiny_checkpoint, tmp_path, caplog):
         # a FIFO named by a manifest becomes an error row instead of a hang
         records = pa.table({"image_id": ["fifo", "ok"],
                             "image_uri": [str(folder / "x.png"), str(folder / "img0001.png")]})
-        scorer = ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2))
+        scorer = ImageScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2))
         rows = _score_bounded(scorer, records, 60, "reading a FIFO hung")
         assert rows[0]["status"] == "error" and "not a regular file" in rows[0]["error"]
         assert rows[1]["status"] == "ok"
@@ -239,7 +239,7 @@ def test_a_read_that_never_answers_times_out(tiny_checkpoint, tmp_path):
     paths = write_images(tmp_path / "images", 1)
     records = pa.table({"image_id": ["silent", "ok"],
                         "image_uri": [f"http://127.0.0.1:{port}/x.png", str(paths[0])]})
-    scorer = ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2, read_timeout=3))
+    scorer = ImageScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2, read_timeout=3))
     try:
         rows = _score_bounded(scorer, records, 90, "a read without an answer hung the shard")
         assert rows[0]["status"] == "error" and "read timed out after 3s" in rows[0]["error"]
@@ -263,7 +263,7 @@ def test_unusable_rows_become_error_rows(tiny_checkpoint, tmp_path, monkeypatch)
     paths = write_images(tmp_path / "images", 1)
     uris = ["gs://bucket/a.png", "s3://hostile-no-credentials/a.png", "nope://x/a.png", str(paths[0])]
     records = pa.table({"image_id": [f"r{i}" for i in range(4)], "image_uri": uris})
-    with ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2)) as scorer:
+    with ImageScorer("r", tiny_checkpoint, ScoringOptions(batch_size=2, io_threads=2)) as scorer:
         rows = scorer.score_table(records).to_pylist()
     assert [r["status"] for r in rows] == ["error", "error", "error", "ok"], [r["error"] for r in rows]
     assert "gcsfs" in rows[0]["error"]
@@ -351,7 +351,7 @@ def test_a_refused_connection_is_not_reported_as_not_found(tmp_path, tiny_checkp
         assert "not found" not in message and "connection error" in message, message
     # an image whose server refuses the connection is an error row that says so
     records = pa.table({"image_id": ["a"], "image_uri": [f"http://127.0.0.1:{port}/a.png"]})
-    with ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=1, io_threads=1)) as scorer:
+    with ImageScorer("r", tiny_checkpoint, ScoringOptions(batch_size=1, io_threads=1)) as scorer:
         row = scorer.score_table(records).to_pylist()[0]
     assert row["status"] == "error" and "connection error" in row["error"] and "not found" not in row["error"]
     # and the job says so before any work

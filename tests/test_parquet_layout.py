@@ -19,7 +19,7 @@ from scipy import ndimage
 from headclip.data.datasets import load_dataset
 from headclip.model.assets import DEMO_CHECKPOINT_URI
 from headclip.scoring.masks import decode_heatmap, encode_rle, encode_heatmap
-from headclip.scoring.scorer import ScoringOptions, ShardScorer, ShardTask
+from headclip.scoring.scorer import ScoringOptions, ImageScorer, ShardTask
 from headclip.storage.schema import result_schema, rows_to_table, table_to_parquet_bytes
 from jobs.demo import generate
 
@@ -149,7 +149,7 @@ def test_bytes_per_image_under_2kb_on_demo_images(tmp_path):
     extras = [f for f in labelled.schema if f.name not in ("image_id", "image_uri")]
     shard = tmp_path / "run_id=demo" / "shard-00000.parquet"
     options = ScoringOptions(batch_size=32, io_threads=2)
-    with ShardScorer("demo", DEMO_CHECKPOINT_URI, options, extra_fields=extras) as scorer:
+    with ImageScorer("demo", DEMO_CHECKPOINT_URI, options, extra_fields=extras) as scorer:
         result = scorer.score_shard(ShardTask(0, str(shard), labelled))
     assert result.images == 64 and result.errors == 0
     per_image = shard.stat().st_size / 64

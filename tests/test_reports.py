@@ -27,7 +27,7 @@ from headclip.reporting import audit as audit_lib
 from headclip.reporting.html import audit_report, run_report
 from headclip.reporting.overlay import MASK_COLOR, TRUTH_COLOR, region_boxes
 from headclip.reporting.plots import line_svg
-from headclip.scoring.scorer import ScoringOptions, ShardScorer
+from headclip.scoring.scorer import ScoringOptions, ImageScorer
 from jobs.demo import generate
 from tests.browser import CHROMIUM, Browser
 
@@ -91,10 +91,10 @@ def scored(tmp_path_factory):
     labelled = load_dataset(str(manifest))
     extras = [f for f in labelled.schema if f.name not in ("image_id", "image_uri")]  # label, mask_uri, ...
     options = ScoringOptions(batch_size=12, io_threads=2)
-    with ShardScorer("demo", DEMO_CHECKPOINT_URI, options, extra_fields=extras) as scorer:
+    with ImageScorer("demo", DEMO_CHECKPOINT_URI, options, extra_fields=extras) as scorer:
         demo = scorer.score_table(labelled).to_pandas()
     uris = sorted(str(p) for p in fabric.glob("*.png"))
-    with ShardScorer("baseline", DEMO_CHECKPOINT_URI, options) as scorer:
+    with ImageScorer("baseline", DEMO_CHECKPOINT_URI, options) as scorer:
         baseline = scorer.score_table(pa.table({"image_id": uris, "image_uri": uris})).to_pandas()
     return root, demo, baseline
 

@@ -81,7 +81,7 @@ def _one_line(err: BaseException) -> str:
 
 def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
                max_pixels: int = DEFAULT_MAX_PIXELS, with_mask: bool = False, reduced_decode: bool = False,
-               resize: bool = True, keep_jpeg: bool = False) -> LoadedImage:
+               resize: bool = True, keep_jpeg: bool = False, data: Optional[bytes] = None) -> LoadedImage:
     """Read, decode and resize ``record["image_uri"]``; with ``with_mask`` also its mask.
 
     ``reduced_decode``: a large JPEG may decode at a reduced DCT scale that
@@ -95,7 +95,8 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
     """
     uri = record["image_uri"]
     try:
-        data = read_bytes(uri, storage_options)
+        if data is None:
+            data = read_bytes(uri, storage_options)
     except Exception as err:  # noqa: BLE001 - any failure to read (store, protocol, credentials) is the row's error
         if isinstance(err, FileNotFoundError) and not is_connection_error(err):
             return LoadedImage(error=f"not found: {uri}")

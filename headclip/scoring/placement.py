@@ -1,27 +1,60 @@
-"""Placing scoring actors: their size, and whether the cluster can hold one at all (said within seconds).
+"""Placing scoring actors: their size, the pool's bounds, and whether the cluster can hold one at all.
 
 Ray keeps an actor whose resources no node has pending forever. Before the
-actors start, the driver compares one actor's request (CPUs, GPUs) with each
+pipeline starts, the driver compares one actor's request (CPUs, GPUs) with each
 live node's total resources. When none fits it says so at once: that it waits
 for the autoscaler to add a node (when the cluster reports an autoscaler
-whose node types can provide it), or that no node can hold it. It then waits
-up to ``timeout`` seconds for such a node and fails with one line.
+whose node types can provide it), or that no node can hold it; Ray Data then
+waits up to ``--placement-timeout`` seconds for the pool's first actor.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 from ..errors import PlacementError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .runner import JobConfig
+from .config import DEFAULT_PLACEMENT_TIMEOUT as DEFAULT_TIMEOUT
+from .config import JobConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 300.0  # seconds; a cloud GPU node usually joins within a few minutes
+
+@dataclass(frozen=True)
+class ActorSize:
+    """What one scoring actor reserves: CPUs, GPUs and custom resources (e.g. an accelerator type).
+
+    ``leave_cpus``: CPUs of the cluster that actors leave free (for the read,
+    decode and publish tasks).
+    """
+
+    cpus: float
+    gpus: float = 0.0
+    resources: dict = field(default_factory=dict)
+    leave_cpus: float = 0.0
+
+    def need(self) -> dict[str, float]:
+        need = {"CPU": float(self.cpus), "GPU": float(self.gpus)}
+        need.update({name: float(amount) for name, amount in self.resources.items()})
+        return {name: amount for name, amount in need.items() if amount > 0}
+
+    def fits_in(self, node: dict[str, float]) -> int:
+        """How many such actors a node with total ``node`` resources holds."""
+        need = self.need()
+        if not need:
+            return 0
+        return int(min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items()))
+
+    def fits_in_cluster(self, nodes: list[dict[str, float]]) -> int:
+        """How many such actors live ``nodes`` hold together, ``leave_cpus`` of their CPUs left free."""
+        count = sum(self.fits_in(node) for node in nodes)
+        if self.leave_cpus and self.cpus:
+            free = sum(node.get("CPU", 0.0) for node in nodes) - self.leave_cpus
+            count = min(count, max(0, int(math.floor(free / self.cpus + 1e-9))))
+        return count
 
 
 def _fits(resources: dict, need: dict[str, float]) -> bool:
@@ -61,8 +94,8 @@ def describe_need(need: dict[str, float]) -> str:
 
 
 def check_placement(cpus: float, gpus: float, resources: Optional[dict] = None, timeout: float = DEFAULT_TIMEOUT,
-                    nodes: Callable[[], list[dict]] = live_nodes) -> bool:
-    """True when some live node can hold an actor of ``cpus``/``gpus`` (and custom ``resources``) now.
+                    nodes: Callable[[], list[dict]] = live_nodes, what: str = "a scoring actor") -> bool:
+    """True when some live node can hold ``what`` of ``cpus``/``gpus`` (and custom ``resources``) now.
 
     Otherwise PlacementError at once when the cluster's autoscaler has no node
     type that provides it; else False, with a warning that the run waits up to
@@ -74,34 +107,34 @@ def check_placement(cpus: float, gpus: float, resources: Optional[dict] = None, 
     have = _largest(nodes())
     autoscaler = _autoscaler_can_add(need)
     if autoscaler is False:
-        raise PlacementError(f"no node can hold a scoring actor needing {describe_need(need)} ({have}), and no "
+        raise PlacementError(f"no node can hold {what} needing {describe_need(need)} ({have}), and no "
                              f"node type of the cluster's autoscaler provides it")
     if autoscaler:
-        log.warning("no node can hold a scoring actor needing %s yet (%s); waiting up to %gs for the autoscaler "
-                    "to add one", describe_need(need), have, timeout)
+        log.warning("no node can hold %s needing %s yet (%s); waiting up to %gs for the autoscaler "
+                    "to add one", what, describe_need(need), have, timeout)
     else:
-        log.warning("no node can hold a scoring actor needing %s (%s); waiting up to %gs for one to join "
-                    "(--placement-timeout)", describe_need(need), have, timeout)
+        log.warning("no node can hold %s needing %s (%s); waiting up to %gs for one to join "
+                    "(--placement-timeout)", what, describe_need(need), have, timeout)
     return False
 
 
-def wait_for_placement(cpus: float, gpus: float, timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0,
-                       nodes: Callable[[], list[dict]] = live_nodes, resources: Optional[dict] = None) -> None:
-    """Return once some live node can hold an actor of ``cpus``/``gpus`` (and custom ``resources``);
-    PlacementError after ``timeout``. Start the actors first: while they pend, Ray shows them to the
-    autoscaler as resource demand."""
-    if check_placement(cpus, gpus, resources, timeout, nodes):
+def wait_for_stage_nodes(config: JobConfig, poll: float = 1.0, nodes: Callable[[], list[dict]] = live_nodes) -> None:
+    """Return once a live node can hold a read/decode or publish task, or an autoscaler can add one (its
+    pending tasks are the demand it acts on); PlacementError after ``--placement-timeout`` otherwise."""
+    what = "a read, decode or publish task"
+    if check_placement(config.stage_cpus, 0.0, config.stage_resources, config.placement_timeout, nodes, what):
         return
-    need = _need(cpus, gpus, resources)
-    have = _largest(nodes())
-    deadline = time.monotonic() + timeout
+    need = _need(config.stage_cpus, 0.0, config.stage_resources)
+    if _autoscaler_can_add(need):
+        return
+    deadline = time.monotonic() + config.placement_timeout
     while time.monotonic() < deadline:
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
         if any(_fits(node, need) for node in nodes()):
-            log.info("a node that can hold the scoring actors has joined")
             return
-    raise PlacementError(f"no node can hold a scoring actor needing {describe_need(need)} ({have}); gave up after "
-                         f"{timeout:g}s (--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
+    raise PlacementError(f"no node can hold {what} needing {describe_need(need)} ({_largest(nodes())}); gave up "
+                         f"after {config.placement_timeout:g}s (--placement-timeout); lower --stage-cpus or "
+                         f"--stage-resources, or add nodes")
 
 
 def _need(cpus: float, gpus: float, resources: Optional[dict]) -> dict[str, float]:
@@ -128,6 +161,21 @@ def autoscaler_capacity(fits_in: Callable[[dict], int]) -> Optional[int]:
     return total
 
 
+def pool_bounds(config: JobConfig, size: ActorSize, work: int) -> tuple[int, int]:
+    """(min, max) actors for ``work`` shards: ``--actors`` fixes both; else at most what the autoscaler can add
+    (or the live nodes hold, when that is more) and never more than the work. Without an autoscaler config the
+    maximum is the work, so a node that joins mid-run gets an actor."""
+    if config.actors:
+        return min(config.actors, work), min(config.actors, work)
+    autoscaled = autoscaler_capacity(size.fits_in)
+    live = size.fits_in_cluster(live_nodes())
+    high = work if autoscaled in (None, -1) else max(autoscaled, live)
+    if config.max_actors is not None:
+        high = min(high, config.max_actors)
+    high = max(1, min(high, work))
+    return max(1, min(config.min_actors, high)), high
+
+
 def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
     """The fewest CPUs per GPU on any live GPU node (``ray.nodes()`` entries), or None without GPU nodes."""
     shares = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in nodes
@@ -135,7 +183,7 @@ def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
     return min(shares) if shares else None
 
 
-def actor_layout(config: "JobConfig", resources: dict[str, float], num_shards: int,
+def actor_layout(config: JobConfig, resources: dict[str, float], num_shards: int,
                  gpu_node_cpus_per_gpu: Optional[float] = None) -> tuple[int, float, float]:
     """(actors, gpus per actor, cpus per actor) for a cluster with ``resources`` now.
 
@@ -143,13 +191,12 @@ def actor_layout(config: "JobConfig", resources: dict[str, float], num_shards: i
     cluster has no GPU yet (an autoscaler adds them); 0 forces CPU actors. A
     GPU actor takes its GPUs' share of the CPUs of a GPU node
     (``gpu_node_cpus_per_gpu``, from :func:`cpus_per_gpu`; 4 per GPU when no
-    GPU node is up yet): decoding and encoding run on those CPUs. With the CPU
-    stages as tasks, a default-sized actor leaves ``stage_cpus`` of its share
-    to them, so that on one machine the actors do not take every CPU and leave
-    the decode tasks waiting for ever.
+    GPU node is up yet), less ``stage_cpus``: a default-sized actor leaves
+    those to the read, decode and publish tasks, so that on one machine the
+    actors do not take every CPU and leave those tasks waiting for ever.
     """
     gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
-    reserve = config.stage_reserve_cpus
+    reserve = float(config.stage_cpus)
     explicit = config.gpus_per_actor
     if explicit is not None and explicit > 0 or explicit is None and gpus > 0:
         per_actor = explicit or 1.0

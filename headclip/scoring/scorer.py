@@ -1,12 +1,12 @@
-"""The model stage: a loaded model that turns decoded images into scored rows; no Ray here.
+"""The model stage: a loaded model that turns images into finished result rows; no Ray here.
 
-A :class:`ShardScorer` loads the model once and then scores whole shards. On
-its own (:meth:`ShardScorer.score_shard`) it runs all three stages: image
-bytes are read and decoded on a thread pool ahead of the model, so the device
-does not wait for I/O in steady state, and maps are encoded (mask RLE, box,
-heat map) on the same pool while the next batch runs. With the CPU stages as
-separate tasks (:mod:`headclip.scoring.stages`) it only runs the model
-(:meth:`ShardScorer.score_decoded`).
+An :class:`ImageScorer` loads the model once, then scores image records
+(``image_id``, ``image_uri`` and extra columns). The images arrive decoded by
+the decode stage (:func:`headclip.scoring.stages.decode_records`), or the
+scorer reads and decodes them itself on a thread pool ahead of the model, so
+the device does not wait for I/O in steady state (:meth:`ImageScorer.score_table`).
+Maps are encoded (mask RLE, box, heat map) on the same pool while the next
+batch runs. :mod:`headclip.ray` wraps it as a Ray Data stage.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from ..model.factory import create_model, resolve_device
 from ..storage.schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table
 from .device_batch import DeviceFeeder
 from .masks import MapBatch, encode_maps
-from .stages import DecodedShard, ImageLoader, ScoredShard, encode_rows, publish_shard, shard_images
-from .tasks import ScoringOptions, ShardResult, ShardTask  # noqa: F401 - ShardResult is re-exported
+from .stages import ImageLoader, encode_rows
+from .tasks import ScoringOptions
 
 log = logging.getLogger(__name__)
 
 
-class ShardScorer:
-    """Holds a loaded model and turns shards into rows (and, on its own, into Parquet files)."""
+class ImageScorer:
+    """Holds a loaded model and turns image records into result rows of the Parquet contract."""
 
     def __init__(self, run_id: str, checkpoint: Optional[str], options: ScoringOptions,
                  storage_options: Optional[dict] = None, run_config: Optional[dict] = None,
@@ -80,7 +80,7 @@ class ShardScorer:
 
         def base_row(i: int) -> dict:
             threshold, mask_threshold = options.thresholds_for(records[i])
-            return {**records[i], "shard": shard_index, "threshold": threshold,
+            return {"shard": shard_index, **records[i], "threshold": threshold,
                     "mask_threshold": mask_threshold, "checkpoint_id": self.checkpoint_id,
                     "scored_at": scored_at}
 
@@ -136,41 +136,35 @@ class ShardScorer:
             collect()
         return rows, encodes
 
-    def score_decoded(self, decoded: DecodedShard) -> ScoredShard:
-        """The model stage alone: a decoded shard's rows, with its maps left for the encode stage."""
-        task = decoded.task
-        if decoded.skipped:
-            return ScoredShard(task, skipped=True)
-        metrics = self._metrics_for(decoded.images)
-        rows, batches = self.score_images(decoded.images.to_pylist(), decoded.loaded, task.index, metrics,
-                                          encode=lambda maps, rows_of: maps)
-        return ScoredShard(task, self.schema, rows, batches, metrics, decode_node=decoded.node)
+    # -- with reading, decoding and encoding --------------------------------------------
 
-    # -- all three stages ----------------------------------------------------------
+    def score_rows(self, records: list[dict], loaded: Optional[Iterable] = None, shard_index: int = 0,
+                   metrics: Optional[MetricsByClass] = None) -> list[dict]:
+        """Finished rows (maps encoded) of ``records``, in order: one per record, error rows included.
 
-    def score_table(self, images: pa.Table, shard_index: int = 0,
-                    metrics: Optional[MetricsByClass] = None) -> pa.Table:
-        """Read, decode, score and encode every image of ``images`` (image_id, image_uri, extras); one row
-        each, in order. With ``metrics``, labelled images are also added to that metric state."""
-        records = images.to_pylist()
-        rows, encodes = self.score_images(records, self.loader.iterate(records), shard_index, metrics,
+        ``loaded``: their LoadedImages, decoded elsewhere; None reads and decodes
+        them here, ahead of the model. A record's own ``shard`` wins over
+        ``shard_index``. With ``metrics``, labelled images are added to it.
+        """
+        if loaded is None:
+            loaded = self.loader.iterate(records)
+        rows, encodes = self.score_images(records, loaded, shard_index, metrics,
                                           encode=lambda maps, rows_of: self.loader.submit(encode_rows, maps,
                                                                                           rows_of))
         for indices, future in encodes:
             for i, row in zip(indices, future.result()):
                 rows[i] = row
-        return rows_to_table(rows, self.schema)
+        return rows
 
-    def score_shard(self, task: ShardTask) -> ShardResult:
-        """Score a shard and publish its Parquet file; a finished shard is skipped."""
-        images = shard_images(task, self.storage_options)
-        if images is None:
-            return ShardResult(task.index, images=task.rows, skipped=True)
-        metrics = self._metrics_for(images)
-        return publish_shard(task, self.score_table(images, task.index, metrics), metrics, self.storage_options)
+    def score_table(self, images: pa.Table, shard_index: int = 0,
+                    metrics: Optional[MetricsByClass] = None) -> pa.Table:
+        """Read, decode, score and encode every image of ``images`` (image_id, image_uri, extras); one row
+        each, in order. With ``metrics``, labelled images are also added to that metric state."""
+        return rows_to_table(self.score_rows(images.to_pylist(), None, shard_index, metrics), self.schema)
 
-    def _metrics_for(self, images: pa.Table) -> Optional[MetricsByClass]:
-        if {"label", "class_name"} <= set(images.column_names):
+    def metrics_for(self, columns) -> Optional[MetricsByClass]:
+        """An empty per-class metric state when ``columns`` (names) hold labels and class names, else None."""
+        if {"label", "class_name"} <= set(columns):
             return MetricsByClass(self.options.metric_bins)
         return None
 
@@ -178,7 +172,7 @@ class ShardScorer:
         """Stop the I/O threads; the scorer cannot be used afterwards."""
         self.loader.close()  # a hung read must not hang the actor
 
-    def __enter__(self) -> "ShardScorer":
+    def __enter__(self) -> "ImageScorer":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,7 +20,7 @@ from ..storage.layout import METRICS_DIR, metrics_uri, run_uri
 from ..storage.results import BrokenShard, read_shard_table
 from ..storage.schema import STATUS_OK
 from .plan import RunPlan
-from .scorer import ShardResult
+from .tasks import ShardResult
 
 log = logging.getLogger(__name__)
 

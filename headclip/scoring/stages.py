@@ -1,13 +1,10 @@
-"""The CPU stages around the model: reading and decoding a shard's images, encoding and publishing its rows.
+"""The CPU work around the model: reading and decoding images, encoding maps, publishing a shard's rows.
 
-Both run inside the scoring actor (on its thread pool) or, with CPU stages as
-tasks, as Ray tasks on any node, so CPU-only nodes decode and encode while
-the actors' GPUs only run the model::
-
-    decode_shard (CPU task)  ->  actor: ShardScorer.score_decoded  ->  encode_shard (CPU task)
-    DecodedShard                 ScoredShard                           ShardResult (file published)
-
-No Ray here: the runner makes these functions tasks.
+:func:`decode_records` reads and decodes on a thread pool (reads wait on
+storage, not on a CPU); :func:`loaded_to_columns` turns its images into
+columns that travel between stages as Arrow tensors; :func:`publish_shard`
+writes a shard's Parquet file atomically. No Ray here: :mod:`headclip.ray`
+makes them Ray Data stages.
 """
 
 from __future__ import annotations
@@ -17,19 +14,18 @@ import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from ..data.loading import LoadedImage, load_image
 from ..evaluation.metrics import MetricsByClass
-from ..storage.fs import filesystem, write_bytes_atomic
+from ..storage.fs import write_bytes_atomic
 from ..storage.layout import metrics_uri
-from ..storage.schema import STATUS_ERROR, rows_to_table, table_to_parquet_bytes
+from ..storage.schema import STATUS_ERROR, table_to_parquet_bytes
 from .masks import MapBatch
-from .plan import read_shard_images
-from .tasks import ScoringOptions, ShardResult, ShardTask, peak_rss_bytes
+from .tasks import ScoringOptions, ShardResult, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +45,23 @@ class ImageLoader:
         self.threads, self.resize, self.keep_jpeg = threads, resize, keep_jpeg
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="headclip-io")
 
-    def load(self, record: dict) -> LoadedImage:
-        """Read and decode one image (on an I/O thread)."""
+    def load(self, record: dict, data: Optional[bytes] = None) -> LoadedImage:
+        """Read (unless ``data`` holds its bytes) and decode one image (on an I/O thread)."""
         options = self.options
         return load_image(record, self.size, self.storage_options, options.max_pixels,
                           with_mask=bool(record.get("has_masks")), reduced_decode=options.reduced_decode,
-                          resize=self.resize, keep_jpeg=self.keep_jpeg)
+                          resize=self.resize, keep_jpeg=self.keep_jpeg, data=data)
 
-    def iterate(self, records: list[dict]) -> Iterator[LoadedImage]:
-        """One LoadedImage per record, in order; up to a window of reads run ahead."""
+    def iterate(self, records: list[dict], blobs: Optional[list[bytes]] = None) -> Iterator[LoadedImage]:
+        """One LoadedImage per record, in order; up to a window of reads run ahead. ``blobs``: the
+        records' image bytes, already read."""
         window = max(2 * self.options.batch_size, self.threads)
         loads: deque[Future] = deque()
         next_to_submit = 0
         for record in records:
             while next_to_submit < len(records) and len(loads) < window:
-                loads.append(self.pool.submit(self.load, records[next_to_submit]))
+                data = None if blobs is None else blobs[next_to_submit]
+                loads.append(self.pool.submit(self.load, records[next_to_submit], data))
                 next_to_submit += 1
             yield self._wait(loads.popleft(), record["image_uri"])
 
@@ -87,55 +85,49 @@ class ImageLoader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-@dataclass
-class DecodedShard:
-    """A shard after the decode stage: its images table and one LoadedImage per row, at the model's size."""
-
-    task: ShardTask
-    images: Optional[pa.Table] = None
-    loaded: list[LoadedImage] = field(default_factory=list)
-    skipped: bool = False  # its file was already published
-    node: Optional[str] = None
+DECODED_COLUMNS = ("pixels", "width", "height", "decode_error", "gt_mask", "gt_mask_known")
 
 
-@dataclass
-class ScoredShard:
-    """A shard after the model: its rows, and the device-side map results still to encode.
-
-    rows: one per image, in order; those of scored images lack their map fields
-    until :func:`encode_shard`. batches: (row indices, maps of those rows).
-    """
-
-    task: ShardTask
-    schema: Optional[pa.Schema] = None
-    rows: list[Optional[dict]] = field(default_factory=list)
-    batches: list[tuple[list[int], MapBatch]] = field(default_factory=list)
-    metrics: Optional[MetricsByClass] = None  # for labelled inputs
-    skipped: bool = False
-    node: Optional[str] = None
-    decode_node: Optional[str] = None
-
-
-def shard_images(task: ShardTask, storage_options: Optional[dict] = None) -> Optional[pa.Table]:
-    """A shard's images (from the task, or read from the plan); None when its file is already published."""
-    fs, path = filesystem(task.output_uri, storage_options)
-    if fs.exists(path):
-        return None
-    return task.images if task.images is not None else read_shard_images(task.source, storage_options)
-
-
-def decode_shard(task: ShardTask, size: int, options: ScoringOptions, storage_options: Optional[dict] = None,
-                 threads: Optional[int] = None) -> DecodedShard:
-    """Read a shard's images from the plan and decode them to (size, size); a published shard is skipped."""
-    images = shard_images(task, storage_options)
-    if images is None:
-        return DecodedShard(task, skipped=True)
+def decode_records(records: list[dict], size: int, options: ScoringOptions, storage_options: Optional[dict] = None,
+                   threads: Optional[int] = None) -> list[LoadedImage]:
+    """The decode stage: read each record's image (and mask) and resize it to (size, size); never raises."""
     loader = ImageLoader(size, options, storage_options, threads or options.io_threads or 4)
     try:
-        loaded = list(loader.iterate(images.to_pylist()))
+        return list(loader.iterate(records))
     finally:
         loader.close()
-    return DecodedShard(ShardTask(task.index, task.output_uri, source=task.source), images, loaded)
+
+
+def loaded_to_columns(loaded: list[LoadedImage], size: int) -> dict[str, np.ndarray]:
+    """Decoded images as columns (:data:`DECODED_COLUMNS`): pixels (N, S, S, 3) uint8 (zeros for errors),
+    width/height (N,) int64 (-1 unknown), decode_error (N,) str ("" none), gt_mask (N, S, S) bool and
+    gt_mask_known (N,) bool."""
+    n = len(loaded)
+    pixels = np.zeros((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    for j, image in enumerate(loaded):
+        if image.pixels is not None:
+            pixels[j] = image.pixels
+        if image.mask is not None:
+            masks[j] = image.mask
+    return {"pixels": pixels,
+            "width": np.array([-1 if i.width is None else i.width for i in loaded], np.int64),
+            "height": np.array([-1 if i.height is None else i.height for i in loaded], np.int64),
+            "decode_error": np.array([i.error or "" for i in loaded], dtype=object),
+            "gt_mask": masks, "gt_mask_known": np.array([i.mask is not None for i in loaded], bool)}
+
+
+def columns_to_loaded(columns: dict[str, np.ndarray]) -> list[LoadedImage]:
+    """The inverse of :func:`loaded_to_columns`."""
+    out = []
+    for j in range(len(columns["width"])):
+        error = str(columns["decode_error"][j]) or None
+        width, height = int(columns["width"][j]), int(columns["height"][j])
+        out.append(LoadedImage(pixels=None if error else columns["pixels"][j],
+                               mask=columns["gt_mask"][j] if columns["gt_mask_known"][j] else None,
+                               width=None if width < 0 else width, height=None if height < 0 else height,
+                               error=error))
+    return out
 
 
 def encode_rows(maps: MapBatch, rows: list[dict]) -> list[dict]:
@@ -153,30 +145,15 @@ def encode_rows(maps: MapBatch, rows: list[dict]) -> list[dict]:
     return rows
 
 
-def publish_shard(task: ShardTask, table: pa.Table, metrics: Optional[MetricsByClass],
+def publish_shard(index: int, uri: str, table: pa.Table, metrics: Optional[MetricsByClass],
                   storage_options: Optional[dict] = None) -> ShardResult:
     """Write a shard's Parquet file (its metric state first) atomically; the counts of what was written."""
     data = table_to_parquet_bytes(table)
     if metrics is not None:  # the metric state is published before the shard counts as done
-        write_bytes_atomic(metrics_uri(task.output_uri), json.dumps(metrics.to_dict(as_lists=True)).encode(),
-                           storage_options)
-    write_bytes_atomic(task.output_uri, data, storage_options)
+        write_bytes_atomic(metrics_uri(uri), json.dumps(metrics.to_dict(as_lists=True)).encode(), storage_options)
+    write_bytes_atomic(uri, data, storage_options)
     errors = sum(1 for status in table["status"].to_pylist() if status == STATUS_ERROR)
     anomalous = sum(1 for flag in table["is_anomalous"].to_pylist() if flag)
-    return ShardResult(task.index, images=table.num_rows, errors=errors, anomalous=anomalous,
+    return ShardResult(index, images=table.num_rows, errors=errors, anomalous=anomalous,
                        output_bytes=len(data), peak_rss_bytes=peak_rss_bytes(),
                        metrics=None if metrics is None else metrics.to_dict())
-
-
-def encode_shard(scored: ScoredShard, storage_options: Optional[dict] = None) -> ShardResult:
-    """The encode stage: finish the maps' encoding, build the table and publish the shard."""
-    task = scored.task
-    if scored.skipped:
-        return ShardResult(task.index, images=task.rows, skipped=True, node=scored.node)
-    rows = scored.rows
-    for indices, maps in scored.batches:
-        for i, row in zip(indices, encode_rows(maps, [rows[i] for i in indices])):
-            rows[i] = row
-    result = publish_shard(task, rows_to_table(rows, scored.schema), scored.metrics, storage_options)
-    result.node, result.decode_node = scored.node, scored.decode_node
-    return result

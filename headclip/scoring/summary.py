@@ -1,4 +1,4 @@
-"""What a scoring run reports: its summary, counted shard by shard (both engines)."""
+"""What a scoring run reports: its summary, counted shard by shard."""
 
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ class JobSummary:
     shards: int = 0
     shards_skipped: int = 0
     shards_scored: int = 0
-    actor_restarts: int = 0
-    actors_started: int = 0
     seconds: float = 0.0
     output_bytes: int = 0
     checkpoint_id: str = ""
@@ -45,8 +43,7 @@ class JobSummary:
         return [
             f"run {self.run_id}: {self.images} images in {self.shards} shards "
             f"({self.shards_skipped} already done), {self.errors} errors, {self.anomalous} anomalous",
-            f"throughput {self.images_per_second:.1f} images/s over {self.seconds:.1f}s, "
-            f"{self.actor_restarts} actor restarts",
+            f"throughput {self.images_per_second:.1f} images/s over {self.seconds:.1f}s",
             f"output: {redact_text(run_uri(self.output, self.run_id))}",
         ]
 

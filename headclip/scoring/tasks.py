@@ -1,14 +1,11 @@
-"""What travels between a run's driver and its stages: scoring options, shard tasks and results."""
+"""What a run's stages are told and what they report: scoring options and shard results."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-import pyarrow as pa
-
 from ..data.decode import DEFAULT_MAX_PIXELS
-from .plan import ShardSource
 
 
 @dataclass
@@ -42,21 +39,6 @@ class ScoringOptions:
 
 
 @dataclass
-class ShardTask:
-    """A shard to score: its index, output URI and images (a table with image_id, image_uri, extras),
-    given as a table or as the place in the run's plan that holds them (read by the scorer)."""
-
-    index: int
-    output_uri: str
-    images: Optional[pa.Table] = None
-    source: Optional[ShardSource] = None
-
-    @property
-    def rows(self) -> int:
-        return self.images.num_rows if self.images is not None else self.source.rows
-
-
-@dataclass
 class ShardResult:
     index: int
     images: int = 0
@@ -66,8 +48,8 @@ class ShardResult:
     output_bytes: int = 0
     peak_rss_bytes: int = 0  # peak resident memory of the scoring process
     metrics: Optional[dict] = None  # MetricsByClass state, for labelled inputs
-    node: Optional[str] = None  # the cluster node whose model scored it (set by the Ray actor)
-    decode_node: Optional[str] = None  # with CPU stages as tasks: the nodes that decoded and encoded it
+    node: Optional[str] = None  # the cluster nodes whose model scored it, that decoded it and that published it
+    decode_node: Optional[str] = None
     encode_node: Optional[str] = None
 
 
