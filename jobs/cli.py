@@ -340,15 +340,27 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
     try:
         code = main(argv)
     except KeyboardInterrupt:
+        _stop_ray()
         say("interrupted; run the same command to resume")
         code = EXIT_INTERRUPTED
     except JobError as err:
+        _stop_ray()  # the workers' last log lines are printed before the error, not after it
         say(f"error: {err}")
         code = EXIT_FAILED
     except (HeadCLIPError, FileNotFoundError, PermissionError) as err:
         say(f"error: {err}")
         code = EXIT_USAGE
     sys.exit(code)
+
+
+def _stop_ray() -> None:
+    """Shut a Ray this process started or joined down (a failed run has nothing left to do with it)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the run has failed already; say why, not this
+            pass
 
 
 # -- calibrated thresholds and secrets ---------------------------------------------------

@@ -1,9 +1,10 @@
 """Score an image archive with HeadCLIP: one Parquet row per image.
 
-Lists the input once, cuts it into shards, scores them on a pool of Ray actors
-that follows the cluster (one per GPU, or CPU actors when there is none; with
---cpu-stages tasks, CPU nodes decode and encode for them) and writes one zstd Parquet file per
-shard under OUTPUT/run_id=<id>/. Re-running the same command resumes the run.
+Lists the input once, cuts it into shards and scores them on Ray Data: Ray tasks
+on any node (CPU-only nodes too) read and decode the images and publish the
+results, a pool of Ray actors that follows the cluster (one per GPU, or CPU
+actors when there is none) runs the model. One zstd Parquet file per shard lands
+under OUTPUT/run_id=<id>/. Re-running the same command resumes the run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ EXAMPLE = """examples:
   python -m jobs.score --input demo-data/images --output out/scores
   ray job submit --working-dir . -- python -m jobs.score \\
       --input s3://bucket/line-7/ --output s3://bucket/scores/ \\
-      --checkpoint s3://bucket/models/headclip.safetensors --gpus-per-actor 1 --cpu-stages tasks
+      --checkpoint s3://bucket/models/headclip.safetensors --gpus-per-actor 1
   python -m jobs.score --input line-7/manifest.csv --output out/scores --thresholds thresholds.json
   python -m jobs.score --input s3://bucket/inventory/manifest.parquet --output s3://bucket/scores/ --plan-only
 """

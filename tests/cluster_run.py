@@ -2,17 +2,14 @@
 
 Run by tests/test_cluster_scale.py in its own process (a Cluster cannot share the
 test session's Ray). Nodes with the custom resource ``accelerator`` stand in for
-GPU nodes; one CPU-only node decodes and encodes (CPU stages as tasks), and the
-head holds no CPU, so that no work can land there. The run:
+GPU nodes; one CPU-only node reads, decodes and publishes (the stage tasks), and
+the head holds no CPU, so that no work can land there. The run:
 
 1. starts with no accelerator node: the pool's first actor pends, and the
    autoscaler's view of the cluster shows it as resource demand;
 2. node A joins: its actor loads and scores, the CPU node decodes and encodes;
 3. node B joins mid-run: the pool grows onto it and B scores shards;
 4. node B is removed while it holds shards: the run still ends with every image once.
-
-The fourth argument names the engine ("core", the default, or "data": Ray Data's
-streaming executor; it reports no actor readiness, so "ready" stays empty).
 
 Prints one JSON object of what it saw. The driver is slowed on purpose (each
 finished shard's callback sleeps until node B is removed) so that the run outlasts node starts.
@@ -55,19 +52,17 @@ def wait_for(condition, timeout: float, what: str):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def main(images: str, output: str, checkpoint: str, engine: str = "core") -> None:
+def main(images: str, output: str, checkpoint: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
     cpu_node = cluster.add_node(num_cpus=4, resources=CPU_STAGE_NODE)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-    seen = {"ready": [], "done": [], "demand": None}
+    seen = {"done": [], "demand": None}
     lock = threading.Lock()
 
     def on_event(name, value):
         with lock:
-            if name == "actor_ready":
-                seen["ready"].append({"name": value[0], "node": value[1], "at": time.time()})
-            elif name == "shard_done":
+            if name == "shard_done":
                 seen["done"].append({"shard": value.index, "node": value.node, "decode_node": value.decode_node,
                                      "encode_node": value.encode_node, "at": time.time()})
         if name == "shard_done":
@@ -76,8 +71,7 @@ def main(images: str, output: str, checkpoint: str, engine: str = "core") -> Non
 
     config = JobConfig(input=images, output=output, checkpoint=checkpoint, shard_size=1, gpus_per_actor=0.0,
                        cpus_per_actor=1.0, actor_resources=ACCELERATOR, placement_timeout=120.0,
-                       progress_interval=0.5, cpu_stages="tasks", shards_per_actor=2,
-                       stage_resources={"cpu_stage": 1.0}, engine=engine,
+                       progress_interval=0.5, shards_per_actor=2, stage_resources={"cpu_stage": 1.0},
                        scoring=ScoringOptions(batch_size=1, threshold=0.0))
     plan = prepare(config)
     summary = {}
@@ -102,11 +96,11 @@ def main(images: str, output: str, checkpoint: str, engine: str = "core") -> Non
     result = summary["result"]
     print("RESULT " + json.dumps({"node_a": node_a.node_id, "node_b": b_id, "head": cluster.head_node.node_id,
                       "cpu_node": cpu_node.node_id,
-                      "images": result.images, "shards": plan.num_shards, "actor_restarts": result.actor_restarts,
+                      "images": result.images, "shards": plan.num_shards,
                       "run_id": plan.run_id, **seen}))
     ray.shutdown()
     cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:4])

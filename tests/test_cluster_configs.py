@@ -108,7 +108,7 @@ def test_ray_cluster_shape(launcher):
         assert t["node_config"]["InstanceType"]
     cpu_workers = {k: t for k, t in types.items() if k != head and t.get("resources", {}).get("GPU", 0) == 0
                    and t.get("resources", {}).get("CPU", 0) >= 4}
-    assert cpu_workers, "no CPU worker type for the decode and encode tasks (--cpu-stages tasks)"
+    assert cpu_workers, "no CPU worker type for the read/decode and publish tasks"
     assert all(t["max_workers"] > 0 and t.get("min_workers", 0) == 0 for t in cpu_workers.values())
     assert launcher["max_workers"] > 0
     assert launcher["head_start_ray_commands"] and launcher["worker_start_ray_commands"]
@@ -151,7 +151,7 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
     gpu_groups = [g for g in groups if any(container_gpus(c) >= 1 for c in g["template"]["spec"]["containers"])]
     assert gpu_groups, f"{where}: no worker group requests nvidia.com/gpu"
     cpu_groups = [g for g in groups if g not in gpu_groups]
-    assert cpu_groups, f"{where}: no CPU worker group for the decode and encode tasks (--cpu-stages tasks)"
+    assert cpu_groups, f"{where}: no CPU worker group for the read/decode and publish tasks"
     for g in gpu_groups + cpu_groups:
         assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], where
         assert g["maxReplicas"] > 0, where
@@ -177,15 +177,13 @@ def test_rayjob_score_manifest():
     assert entrypoint.startswith("python -m jobs.score")
     args = shlex.split(entrypoint)
     assert "--input" in args and "--output" in args
-    assert args[args.index("--cpu-stages") + 1] == "tasks"  # its CPU group decodes and encodes
-    assert args[args.index("--engine") + 1] == "data"  # Ray Data's streaming executor runs the stages
     from jobs.score import build_parser
 
-    parsed = build_parser().parse_args(args[3:])  # the flags as the job reads them
-    assert (parsed.engine, parsed.cpu_stages, parsed.gpus_per_actor) == ("data", "tasks", 1.0)
+    parsed = build_parser().parse_args(args[3:])  # the flags as the job reads them (a removed one exits 2)
+    assert parsed.gpus_per_actor == 1.0
     from jobs.cli import pool_settings
 
-    assert pool_settings(parsed)["engine"] == "data"  # what the job's JobConfig gets
+    assert pool_settings(parsed)["gpus_per_actor"] == 1.0  # what the job's JobConfig gets
     assert (ROOT / "jobs" / "score.py").is_file()
     assert spec["shutdownAfterJobFinishes"] is True
     check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob-score.yaml")
@@ -221,8 +219,8 @@ def test_raycronjob_alternative_if_present():
         assert template["entrypoint"].startswith("python -m jobs.audit") and "--history" in template["entrypoint"]
         from jobs.audit import build_parser
 
-        parsed = build_parser().parse_args(shlex.split(template["entrypoint"])[3:])
-        assert (parsed.engine, parsed.cpu_stages) == ("data", "tasks")
+        parsed = build_parser().parse_args(shlex.split(template["entrypoint"])[3:])  # a removed flag exits 2
+        assert parsed.history
         check_ray_cluster_spec(template["rayClusterSpec"], path.name)
 
 

@@ -1,5 +1,5 @@
-"""The actor pool on a local multi-node Ray (Ray core; Ray Data in test_cluster_scale_ray_data.py): scale-up from no accelerator
-node, a node that joins mid-run, a node that dies mid-run. The run itself is tests/cluster_run.py, in its own process."""
+"""The scoring pipeline on a local multi-node Ray: scale-up from no accelerator node, a node that joins
+mid-run, a node that dies mid-run. The run itself is tests/cluster_run.py, in its own process."""
 
 from __future__ import annotations
 
@@ -12,27 +12,25 @@ import pytest
 
 from headclip import results
 
-from .scoring_helpers import write_images
+from .scoring_helpers import slow_checkpoint, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 60  # one per shard; the driver paces them so that node B joins and dies with work left
 
 
 @pytest.mark.multinode
-def test_pool_follows_nodes_that_join_and_die(tmp_path, tiny_checkpoint):
-    """Catches: a pool sized once at start (B never gets an actor), actors started on a CPU-only node
-    (the pending demand would be empty and shards would be scored before A joins), decoding or
-    encoding left in the actor (the stage nodes would be A or B), shards lost or written twice when
-    a node dies (rows per image). The same run on Ray Data: test_cluster_scale_ray_data.py."""
-    check_cluster_run(tmp_path, tiny_checkpoint, "core")
-
-
-def check_cluster_run(tmp_path: Path, checkpoint: str, engine: str) -> None:
-    """Run tests/cluster_run.py with ``engine`` and check what it saw (see its steps 1 to 4)."""
+def test_pool_follows_nodes_that_join_and_die(tmp_path):
+    """The pending actor is demand, reading, decoding and publishing run on the CPU-only node, node B gets
+    an actor and shards, and dies with work left; each image once. The model is slow (640 px), so that
+    the model stage, not decoding, holds the work back: Ray Data grows its pool while its actors are
+    busy. Catches: a pool that does not grow onto B, actors started on a CPU-only node (the pending
+    demand would be empty and shards would be scored before A joins), stages fused into the model's
+    actors (the stage nodes would be A or B), shards lost or written twice when B dies."""
+    checkpoint = slow_checkpoint(tmp_path, image_size=640)
     write_images(tmp_path / "images", IMAGES)
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "tests.cluster_run", str(tmp_path / "images"), str(out),
-                          checkpoint, engine], cwd=REPO, capture_output=True, text=True, timeout=480)
+                          checkpoint], cwd=REPO, capture_output=True, text=True, timeout=480)
     assert run.returncode == 0, run.stderr[-4000:]
     (line,) = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     seen = json.loads(line[len("RESULT "):])
@@ -44,9 +42,6 @@ def check_cluster_run(tmp_path: Path, checkpoint: str, engine: str) -> None:
     assert {d["decode_node"] for d in seen["done"]} == {seen["cpu_node"]}
     assert {d["encode_node"] for d in seen["done"]} == {seen["cpu_node"]}
     # 2./3. both accelerator nodes got an actor and scored shards; B only after it joined
-    if engine == "core":  # the core pool reports its actors' readiness
-        ready_nodes = [r["node"] for r in seen["ready"]]
-        assert seen["node_a"] in ready_nodes and seen["node_b"] in ready_nodes
     assert sum(1 for d in seen["done"] if d["node"] == seen["node_b"]) >= 2
     # 4. B died with work left: the run still scored every image exactly once
     assert seen["left_when_b_removed"] > 0
@@ -55,10 +50,12 @@ def check_cluster_run(tmp_path: Path, checkpoint: str, engine: str) -> None:
     assert seen["images"] == IMAGES and sorted(d["shard"] for d in seen["done"]) == list(range(IMAGES))
 
 
-def test_pool_target_follows_live_nodes_bounds_and_the_autoscaler():
+def test_pool_bounds_follow_live_nodes_bounds_and_the_autoscaler(monkeypatch):
     """The pool's sizing against node lists (no Ray). Catches: counting CPUs but not the custom
     resource, a maximum or the work left not applied, an autoscaler's room ignored."""
-    from headclip.scoring.pool import ActorPool, ActorSize
+    from headclip.scoring import placement
+    from headclip.scoring.config import JobConfig
+    from headclip.scoring.placement import ActorSize, pool_bounds
 
     size = ActorSize(cpus=2, gpus=1, resources={"accelerator": 1})
     assert size.fits_in({"CPU": 8, "GPU": 4, "accelerator": 1}) == 1
@@ -71,16 +68,24 @@ def test_pool_target_follows_live_nodes_bounds_and_the_autoscaler():
     accelerated = ActorSize(cpus=1, resources={"accelerator": 1}, leave_cpus=1)  # a CPU node holds the tasks
     assert accelerated.fits_in_cluster([{"CPU": 4}, {"CPU": 1, "accelerator": 1}, {"CPU": 1, "accelerator": 1}]) == 2
     nodes = [{"CPU": 16}, {"CPU": 8, "GPU": 2, "accelerator": 2}]
+    autoscaled = {"value": None}
+    monkeypatch.setattr(placement, "live_nodes", lambda: nodes)
+    monkeypatch.setattr(placement, "autoscaler_capacity", lambda fits_in: autoscaled["value"])
 
-    def pool(**kwargs):
-        return ActorPool(None, (), size, "p", nodes=lambda: nodes, **kwargs)
+    def bounds(work, **changes):
+        return pool_bounds(JobConfig(input="i", output="o", **changes), size, work)
 
-    assert pool().target(work_left=100) == 2
-    assert pool().target(work_left=1) == 1
-    assert pool(max_actors=1).target(work_left=100) == 1
-    assert pool(min_actors=3).target(work_left=100) == 3  # one pends as demand
+    assert bounds(100) == (1, 100)  # no autoscaler config: a node that joins mid-run gets an actor
+    assert bounds(1) == (1, 1)
+    assert bounds(100, max_actors=1) == (1, 1)
+    assert bounds(100, min_actors=3) == (3, 100)  # pending ones are demand
+    assert bounds(100, actors=4) == (4, 4) and bounds(2, actors=4) == (2, 2)
+    autoscaled["value"] = 10
+    assert bounds(100) == (1, 10)
+    autoscaled["value"] = 0  # the autoscaler adds nothing for it: what the live nodes hold
+    assert bounds(100) == (1, 2)
     nodes.append({"CPU": 8, "GPU": 2, "accelerator": 2})  # a node joins
-    assert pool().target(work_left=100) == 4
-    assert pool(autoscaled=10).target(work_left=100) == 10
-    assert pool(autoscaled=-1, max_actors=50).target(work_left=100) == 50
-    assert pool(autoscaled=-1).target(work_left=7) == 7
+    assert bounds(100) == (1, 4)
+    autoscaled["value"] = -1
+    assert bounds(100, max_actors=50) == (1, 50)
+    assert bounds(7) == (1, 7)

@@ -71,12 +71,13 @@ def test_two_drivers_at_once_agree_with_the_files(ray_cluster, tiny_checkpoint, 
     """A driver process and this one score the same run together: each image once, both summaries right."""
     write_images(tmp_path / "images", 16)
     out = tmp_path / "out"
+    # half a CPU per actor and per stage task: both drivers' pipelines fit the session's 2 CPUs together
     command = _score_args(tmp_path / "images", out, tiny_checkpoint, ray_cluster, "--run-id", "shared",
-                          "--threshold", "0")
+                          "--threshold", "0", "--cpus-per-actor", "0.5", "--stage-cpus", "0.5")
     other = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         config = job(str(tmp_path / "images"), str(out), tiny_checkpoint, run_id="shared", shard_size=2,
-                     scoring=ScoringOptions(threshold=0.0, batch_size=2))
+                     cpus_per_actor=0.5, stage_cpus=0.5, scoring=ScoringOptions(threshold=0.0, batch_size=2))
         deadline = time.time() + 120  # start once the other driver has planned the run
         while not (out / "run_id=shared" / "_plan" / "plan.json").exists() and time.time() < deadline:
             time.sleep(0.05)
@@ -127,26 +128,51 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_after_the_wait(ray_cluster, t
     assert time.perf_counter() - start < 30
 
 
-def test_placement_waits_for_a_node_to_join_and_names_the_autoscaler(monkeypatch, caplog):
-    """The wait itself, against a node list that changes: a node that fits joins; an autoscaler is named."""
+def test_stage_tasks_wait_for_a_node_to_join_and_name_the_autoscaler(monkeypatch, caplog):
+    """The wait for a node that can hold a read/decode or publish task, against a node list that changes:
+    a node that fits joins; an autoscaler that can add one is left to do it (the tasks are its demand);
+    one that cannot refuses at once; no node within --placement-timeout is one line."""
     from headclip.errors import PlacementError
     from headclip.scoring import placement
+    from headclip.scoring.config import JobConfig
 
+    config = JobConfig(input="i", output="o", stage_cpus=4, placement_timeout=30)
     calls = []
 
-    def nodes():  # a GPU node joins on the fourth look
+    def nodes():  # a 4-CPU node joins on the fourth look
         calls.append(1)
-        return [{"CPU": 2.0}] + ([{"CPU": 8.0, "GPU": 1.0}] if len(calls) >= 4 else [])
+        return [{"CPU": 2.0}] + ([{"CPU": 8.0}] if len(calls) >= 4 else [])
 
+    monkeypatch.setattr(placement, "_autoscaler_can_add", lambda need: None)
+    placement.wait_for_stage_nodes(config, poll=0.01, nodes=nodes)
+    assert len(calls) >= 4 and "waiting up to 30s for one to join" in caplog.text
     monkeypatch.setattr(placement, "_autoscaler_can_add", lambda need: True)
-    placement.wait_for_placement(4, 1, timeout=30, poll=0.01, nodes=nodes)
-    assert len(calls) == 4 and "waiting up to 30s for the autoscaler to add one" in caplog.text
-    # an autoscaler none of whose node types fits: refused at once
+    placement.wait_for_stage_nodes(config, poll=0.01, nodes=lambda: [{"CPU": 2.0}])
+    assert "waiting up to 30s for the autoscaler to add one" in caplog.text
     monkeypatch.setattr(placement, "_autoscaler_can_add", lambda need: False)
     start = time.perf_counter()
     with pytest.raises(PlacementError, match="no node type of the cluster's autoscaler provides it"):
-        placement.wait_for_placement(64, 0, timeout=30, poll=0.01, nodes=lambda: [{"CPU": 2.0}])
+        placement.wait_for_stage_nodes(config, poll=0.01, nodes=lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr(placement, "_autoscaler_can_add", lambda need: None)
+    short = JobConfig(input="i", output="o", stage_cpus=4, placement_timeout=0.2)
+    with pytest.raises(PlacementError, match="needing 4 CPU .*gave up after 0.2s .*--stage-cpus"):
+        placement.wait_for_stage_nodes(short, poll=0.01, nodes=lambda: [{"CPU": 2.0}])
     assert time.perf_counter() - start < 5
+
+
+def test_stage_tasks_no_node_can_hold_end_the_run_after_the_placement_timeout(ray_cluster, tiny_checkpoint,
+                                                                             tmp_path):
+    """--stage-cpus 64 on a 2-CPU Ray: one line once --placement-timeout passes. Catches: a run whose
+    read/decode tasks pend for ever."""
+    from headclip.errors import PlacementError
+
+    write_images(tmp_path / "images", 2)
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint, stage_cpus=64.0,
+                 placement_timeout=2.0)
+    start = time.perf_counter()
+    with pytest.raises(PlacementError, match="read, decode or publish task needing 64 CPU .*gave up after 2s"):
+        execute(prepare(config), config)
+    assert time.perf_counter() - start < 60
 
 
 # -- 13 (the same class). actors whose model cannot load ----------------------------------------

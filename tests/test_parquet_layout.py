@@ -19,7 +19,8 @@ from scipy import ndimage
 from headclip.data.datasets import load_dataset
 from headclip.model.assets import DEMO_CHECKPOINT_URI
 from headclip.scoring.masks import decode_heatmap, encode_rle, encode_heatmap
-from headclip.scoring.scorer import ScoringOptions, ImageScorer, ShardTask
+from headclip.scoring.scorer import ScoringOptions, ImageScorer
+from headclip.scoring.stages import publish_shard
 from headclip.storage.schema import result_schema, rows_to_table, table_to_parquet_bytes
 from jobs.demo import generate
 
@@ -150,7 +151,7 @@ def test_bytes_per_image_under_2kb_on_demo_images(tmp_path):
     shard = tmp_path / "run_id=demo" / "shard-00000.parquet"
     options = ScoringOptions(batch_size=32, io_threads=2)
     with ImageScorer("demo", DEMO_CHECKPOINT_URI, options, extra_fields=extras) as scorer:
-        result = scorer.score_shard(ShardTask(0, str(shard), labelled))
+        result = publish_shard(0, str(shard), scorer.score_table(labelled), None)
     assert result.images == 64 and result.errors == 0
     per_image = shard.stat().st_size / 64
     maps = pq.read_table(shard, columns=["anomaly_map"])["anomaly_map"].to_pylist()

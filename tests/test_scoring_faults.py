@@ -164,30 +164,6 @@ def test_bad_input_zoo_yields_one_row_each(ray_cluster, tiny_checkpoint, tmp_pat
     assert abs(float(reference.joint_score[0]) - rotated["score"]) < 2e-5
 
 
-def test_killed_actor_shards_are_retried(ray_cluster, tiny_checkpoint, tmp_path):
-    import ray
-
-    write_images(tmp_path / "images", 24)
-    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint, shard_size=2, actors=2,
-                 cpus_per_actor=1)
-    killed = []
-
-    def on_event(name, value):
-        if name == "actors":
-            on_event.names = value
-        elif name == "shard_done" and not killed:
-            victim = ray.get_actor(on_event.names[0])
-            ray.kill(victim, no_restart=True)
-            killed.append(on_event.names[0])
-
-    plan, summary = run_job(config, on_event=on_event)
-    assert killed and summary.actor_restarts >= 1
-    frame = results.read_run(run_uri(config.output, plan.run_id))
-    assert len(frame) == 24 and frame["image_id"].is_unique
-    assert (frame["status"] == "ok").all()
-    assert summary.images == 24 and summary.shards_scored == 12
-
-
 def _score_command(input_dir, output_dir, checkpoint, ray_address):
     return [sys.executable, "-m", "jobs.score", "--input", str(input_dir), "--output", str(output_dir),
             "--checkpoint", checkpoint, "--shard-size", "2", "--batch-size", "2", "--actors", "1",
@@ -296,8 +272,9 @@ def _cli_in_process(capsys, *args) -> tuple[int, str]:
     (["--input", "x", "--output", "y", "--storage-options", "{oops"], "not valid JSON"),
     (["--input", "x", "--output", "y", "--actor-resources", '{"accelerator": 0}'], "positive amounts"),
     (["--input", "x", "--output", "y", "--actor-resources", "[1]"], "positive amounts"),
-    (["--input", "x", "--output", "y", "--cpu-stages", "gpu"], "invalid choice: 'gpu'"),
-    (["--input", "x", "--output", "y", "--cpu-stages", "tasks", "--device-decode"], "cannot be used with --cpu-stages"),
+    (["--input", "x", "--output", "y", "--engine", "core"], "--engine was removed: every job runs on Ray Data"),
+    (["--input", "x", "--output", "y", "--cpu-stages", "tasks"], "--cpu-stages was removed: images are always read"),
+    (["--input", "x", "--output", "y", "--engine"], "--engine was removed"),
 ])
 def test_bad_flags_get_one_line(args, message):
     result = _cli(*args)

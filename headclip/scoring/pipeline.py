@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -38,12 +39,13 @@ import pyarrow as pa
 from ..errors import JobError, PlacementError, cause_line
 from ..evaluation.metrics import MetricsByClass
 from ..model.checkpoint import read_checkpoint
+from ..redact import redact_text
 from ..ray import METRIC_STATE_COLUMN, HeadCLIPScorer, decode_images
 from ..storage.fs import filesystem
 from ..storage.schema import result_schema
 from .config import JobConfig
-from .placement import (ActorSize, check_placement, cpus_per_gpu, describe_need, pool_bounds, actor_layout,
-                        wait_for_stage_nodes)
+from .placement import (ActorSize, actor_layout, cpus_per_gpu, describe_need, largest_node, live_nodes, pool_bounds,
+                        wait_for_node, wait_for_stage_nodes)
 from .plan import RunPlan
 from .progress import Progress
 from .shards import BrokenShard, shard_result
@@ -122,8 +124,12 @@ def publish_shards(table: pa.Table, plan: RunPlan, schema: pa.Schema, storage_op
         expected = plan.shard_rows(shard)
         if rows.num_rows != expected:  # the pipeline keeps shards whole; never publish part of one
             raise JobError(f"shard {shard} reached the publish step with {rows.num_rows} of its {expected} rows")
-        result = _with_attempts(attempts, f"publishing shard {shard}",
-                                lambda: _publish(plan, schema, shard, rows, storage_options))
+        try:
+            result = _with_attempts(attempts, f"publishing shard {shard}",
+                                    lambda: _publish(plan, schema, shard, rows, storage_options))
+        except Exception as err:  # noqa: BLE001 - its cause in one line, for the driver to say
+            raise JobError(f"shard {shard} failed {attempts} times: {type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:300]} (writing {redact_text(plan.shard_uri(shard))})") from None
         result.node, result.decode_node, result.encode_node = _first(rows, MODEL_NODE), _first(rows, DECODE_NODE), node
         results.append(result)
     return pa.Table.from_pylist([_result_row(r) for r in results], schema=RESULT_TYPES)
@@ -219,7 +225,8 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
 
     size = actor_size(config, len(pending))
     low, high = pool_bounds(config, size, len(pending))
-    check_placement(size.cpus, size.gpus, resources=size.resources, timeout=config.placement_timeout)
+    wait_for_node(size.cpus, size.gpus, size.resources, config.placement_timeout, "a scoring actor",
+                  "lower --cpus-per-actor/--gpus-per-actor or add nodes")
     wait_for_stage_nodes(config)
     context = DataContext.get_current()
     context.target_max_block_size = None  # a shard's rows stay in one block from stage to stage
@@ -229,8 +236,11 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
              plan.num_images, plan.num_shards, describe_need(size.need()), low, high)
     results = build(plan, config, pending, size, low, high)
     started = time.monotonic()
+    quiet = _QuietPlacementTimeout()
+    logging.getLogger("ray.data.exceptions").addFilter(quiet)
+    rows = iter(results.iter_rows())
     try:
-        for row in results.iter_rows():
+        for row in rows:
             result = _shard_result(row)
             if progress.is_done(result.index):
                 continue  # a step run again after a failure: the shard is counted once
@@ -248,10 +258,27 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
         raise
     except Exception as err:  # noqa: BLE001 - a step failed for good: one line
         raise _one_line(err, size, config, time.monotonic() - started) from None
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:  # stops the executor now (Ctrl-C, a failure), so its last log lines come first
+            close()
+        logging.getLogger("ray.data.exceptions").removeFilter(quiet)
     missing = [shard for shard in pending if not progress.is_done(shard)]
     if missing:
         raise JobError(f"{len(missing)} shards ended without a result (first: {missing[0]}); run the job again "
                        f"to score them")
+
+
+class _QuietPlacementTimeout(logging.Filter):
+    """Drops Ray Data's console report of its pool's start timing out (with its traceback, an invitation
+    to report a Ray bug): the run ends with its own line for it, naming --placement-timeout."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import ray
+
+        if record.exc_info and isinstance(record.exc_info[1], ray.exceptions.GetTimeoutError):
+            return False
+        return not str(record.msg).startswith("Exception occurred in Ray Data or Ray Core internal code")
 
 
 def _one_line(err: BaseException, size: ActorSize, config: JobConfig, seconds: float) -> Exception:
@@ -259,16 +286,37 @@ def _one_line(err: BaseException, size: ActorSize, config: JobConfig, seconds: f
     import ray
 
     if _caused_by(err, ray.exceptions.GetTimeoutError):  # the pool's minimum did not start in time
-        return PlacementError(f"no scoring actor needing {describe_need(size.need())} started within "
-                              f"{config.placement_timeout:g}s (--placement-timeout); lower --cpus-per-actor/"
-                              f"--gpus-per-actor or add nodes")
+        return PlacementError(f"no node can hold a scoring actor needing {describe_need(size.need())} "
+                              f"({largest_node(live_nodes())}); gave up after {config.placement_timeout:g}s "
+                              f"(--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
     cause = _root_cause(err)
     if _caused_by(err, ray.exceptions.OutOfMemoryError) or isinstance(cause, ray.exceptions.OutOfMemoryError):
         return JobError(f"a scoring step ran out of memory and was killed by Ray ({cause_line(cause)[:200]}); give "
                         f"it more memory per node, or lower --batch-size or --shard-size")
+    name, message = remote_cause(err)
     if getattr(cause, "actor_init_failed", False):
         return JobError(f"scoring actors cannot start: {cause_line(cause)}")
-    return JobError(f"scoring failed after {seconds:.0f}s: {cause_line(cause)}")
+    if name in ("JobError", "PlacementError"):  # a stage's own one line
+        return (PlacementError if name == "PlacementError" else JobError)(message)
+    what = f"{name}: {message}" if name else cause_line(cause)
+    return JobError(f"scoring failed after {seconds:.0f}s: {what}")
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def remote_cause(err: BaseException) -> tuple[str, str]:
+    """(type name, message) of the innermost exception a Ray task or actor reported, read from the remote
+    traceback Ray attaches (Ray Data's UserCodeException keeps the user's exception as text only);
+    ("", "") when there is none. A stage's own JobError or PlacementError wins over the errors before it."""
+    found = []
+    for line in _ANSI.sub("", str(err)).splitlines():
+        match = _EXCEPTION_LINE.match(line)
+        if match and not line.startswith("ray."):
+            found.append((match.group(1), " ".join(match.group(2).split())[:500]))
+    own = [item for item in found if item[0] in ("JobError", "PlacementError")]
+    return (own or found or [("", "")])[0]
 
 
 def _root_cause(err: BaseException) -> BaseException:

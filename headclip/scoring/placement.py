@@ -104,7 +104,7 @@ def check_placement(cpus: float, gpus: float, resources: Optional[dict] = None, 
     need = _need(cpus, gpus, resources)
     if any(_fits(node, need) for node in nodes()):
         return True
-    have = _largest(nodes())
+    have = largest_node(nodes())
     autoscaler = _autoscaler_can_add(need)
     if autoscaler is False:
         raise PlacementError(f"no node can hold {what} needing {describe_need(need)} ({have}), and no "
@@ -118,30 +118,38 @@ def check_placement(cpus: float, gpus: float, resources: Optional[dict] = None, 
     return False
 
 
-def wait_for_stage_nodes(config: JobConfig, poll: float = 1.0, nodes: Callable[[], list[dict]] = live_nodes) -> None:
-    """Return once a live node can hold a read/decode or publish task, or an autoscaler can add one (its
-    pending tasks are the demand it acts on); PlacementError after ``--placement-timeout`` otherwise."""
-    what = "a read, decode or publish task"
-    if check_placement(config.stage_cpus, 0.0, config.stage_resources, config.placement_timeout, nodes, what):
+def wait_for_node(cpus: float, gpus: float, resources: Optional[dict], timeout: float, what: str, advice: str,
+                  poll: float = 1.0, nodes: Callable[[], list[dict]] = live_nodes) -> None:
+    """Return once a live node can hold ``what``, or an autoscaler can add one (the pending work is the
+    demand it acts on); PlacementError at once when the autoscaler has no node type for it, and after
+    ``timeout`` seconds when the cluster has no autoscaler and no such node joined."""
+    if check_placement(cpus, gpus, resources, timeout, nodes, what):
         return
-    need = _need(config.stage_cpus, 0.0, config.stage_resources)
+    need = _need(cpus, gpus, resources)
     if _autoscaler_can_add(need):
         return
-    deadline = time.monotonic() + config.placement_timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
         if any(_fits(node, need) for node in nodes()):
+            log.info("a node that can hold %s has joined", what)
             return
-    raise PlacementError(f"no node can hold {what} needing {describe_need(need)} ({_largest(nodes())}); gave up "
-                         f"after {config.placement_timeout:g}s (--placement-timeout); lower --stage-cpus or "
-                         f"--stage-resources, or add nodes")
+    raise PlacementError(f"no node can hold {what} needing {describe_need(need)} ({largest_node(nodes())}); gave up "
+                         f"after {timeout:g}s (--placement-timeout); {advice}")
+
+
+def wait_for_stage_nodes(config: JobConfig, poll: float = 1.0, nodes: Callable[[], list[dict]] = live_nodes) -> None:
+    """:func:`wait_for_node` for a read/decode or publish task."""
+    wait_for_node(config.stage_cpus, 0.0, config.stage_resources, config.placement_timeout,
+                  "a read, decode or publish task", "lower --stage-cpus or --stage-resources, or add nodes", poll, nodes)
 
 
 def _need(cpus: float, gpus: float, resources: Optional[dict]) -> dict[str, float]:
     return {"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in (resources or {}).items()}}
 
 
-def _largest(nodes: list[dict]) -> str:
+def largest_node(nodes: list[dict]) -> str:
+    """'the largest node has N CPU and M GPU', of live ``nodes``."""
     largest = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
     return f"the largest node has {largest.get('CPU', 0.0):g} CPU and {largest.get('GPU', 0.0):g} GPU"
 

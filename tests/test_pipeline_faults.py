@@ -1,6 +1,6 @@
-"""The pipeline on Ray Data's streaming executor (``--engine data``) keeps the run's contract.
+"""The scoring pipeline keeps the run's contract when actors die, cannot start or cannot be placed.
 
-Rows equal to the core engine's are checked in test_cpu_stages; which node runs each
+Rows equal to in-process scoring are checked in test_pipeline_stages; which node runs each
 stage, a node that joins and a node that dies, in test_cluster_scale.
 """
 
@@ -32,7 +32,7 @@ def test_killed_actor_leaves_every_image_once_and_a_rerun_skips_them(ray_cluster
     rerun that scores published shards again."""
     checkpoint = slow_checkpoint(tmp_path)
     write_images(tmp_path / "images", 12)
-    config = job(str(tmp_path / "images"), str(tmp_path / "out"), checkpoint, shard_size=1, engine="data",
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), checkpoint, shard_size=1,
                  cpus_per_actor=1)
     killed = {}
 
@@ -59,8 +59,8 @@ def test_actors_that_cannot_start_end_the_run_with_one_line(ray_cluster, tiny_ch
     from headclip.scoring.scorer import ScoringOptions
 
     write_images(tmp_path / "images", 2)
-    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint, engine="data",
-                 cpu_stages="tasks", scoring=ScoringOptions(batch_size=2, io_threads=1, device="cuda"))
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint,
+                 scoring=ScoringOptions(batch_size=2, io_threads=1, device="cuda"))
     with pytest.raises(JobError) as failure:
         run_job(config)
     message = str(failure.value)
@@ -72,7 +72,7 @@ def test_no_node_for_the_actors_ends_the_run_after_the_placement_timeout(ray_clu
     """Actors that ask for a resource no node has: PlacementError once --placement-timeout passes.
     Catches: a run that pends for ever."""
     write_images(tmp_path / "images", 2)
-    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint, engine="data",
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), tiny_checkpoint,
                  actor_resources={"no_such_accelerator": 1.0}, placement_timeout=3.0)
     with pytest.raises(PlacementError, match="no_such_accelerator|placement-timeout"):
         run_job(config)
@@ -92,8 +92,8 @@ def test_s3_in_and_out_on_ray_data_writes_no_secret_to_rays_logs(ray_cluster, ti
     fs = fsspec.filesystem("s3", **options)
     for path in write_images(tmp_path / "images", 4):
         fs.pipe(f"{bucket[5:]}/in/{path.name}", path.read_bytes())
-    config = job(f"{bucket}/in/", f"{bucket}/out", tiny_checkpoint, shard_size=2, engine="data",
-                 cpu_stages="tasks", storage_options=options)
+    config = job(f"{bucket}/in/", f"{bucket}/out", tiny_checkpoint, shard_size=2,
+                 storage_options=options)
     plan, summary = run_job(config)
     assert summary.images == 4 and summary.errors == 0
     assert len(fs.glob(f"{bucket[5:]}/out/run_id={plan.run_id}/shard-*.parquet")) == 2
