@@ -101,7 +101,7 @@ def read_coco(doc: dict, index: ReviewIndex, source: str, reviewer: Optional[str
         height, width = record["height"], record["width"]
         if (image.get("width"), image.get("height")) not in ((width, height), (None, None)):
             index.problem(f"{source}: image {record['image_id']} is {image.get('width')}x{image.get('height')} in "
-                          f"the review, {width}x{height} in the export")
+                          f"the review, {width}x{height} in the export", record)
             continue
         mask = np.zeros((height, width), bool)
         names = set()
@@ -110,7 +110,7 @@ def read_coco(doc: dict, index: ReviewIndex, source: str, reviewer: Optional[str
             size = (ann.get("segmentation") or {}).get("size") if isinstance(ann.get("segmentation"), dict) else None
             if size is not None and [int(v) for v in size] != [height, width]:
                 index.problem(f"{source}: mask of {record['image_id']} (annotation {ann.get('id')}) is "
-                              f"{size[1]}x{size[0]}, the image is {width}x{height}")
+                              f"{size[1]}x{size[0]}, the image is {width}x{height}", record)
                 bad = True
                 continue
             mask |= _region(ann, height, width)

@@ -143,7 +143,7 @@ def read_label_studio(doc, index: ReviewIndex, source: str, reviewer: Optional[s
             continue  # not reviewed: found by ReviewIndex.missing
         if len(done) > 1:
             index.problem(f"{source}: image {record['image_id']} has {len(done)} annotations in task {item.get('id')}"
-                          f"; keep one")
+                          f"; keep one", record)
             continue
         _annotation(done[0], record, index, source, reviewer)
 
@@ -160,20 +160,21 @@ def _annotation(annotation: dict, record: dict, index: ReviewIndex, source: str,
             size = (result.get("original_width"), result.get("original_height"))
             if size != (width, height):
                 index.problem(f"{source}: mask of {record['image_id']} is {size[0]}x{size[1]}, the image is "
-                              f"{width}x{height}")
+                              f"{width}x{height}", record)
                 return
             try:
                 mask |= decode_brush(value["rle"], width, height)
             except ValueError as err:
-                index.problem(f"{source}: mask of {record['image_id']}: {err}")
+                index.problem(f"{source}: mask of {record['image_id']}: {err}", record)
                 return
     if len(set(verdicts)) > 1 or (verdicts and verdicts[0] not in (DEFECT, NORMAL)):
         index.problem(f"{source}: image {record['image_id']} has verdict {verdicts}; expected one of "
-                      f"{DEFECT!r}, {NORMAL!r}")
+                      f"{DEFECT!r}, {NORMAL!r}", record)
         return
     label = int(verdicts[0] == DEFECT) if verdicts else int(mask.any())
     if label == 0 and mask.any():
-        index.problem(f"{source}: image {record['image_id']} is marked {NORMAL!r} but has a painted defect region")
+        index.problem(f"{source}: image {record['image_id']} is marked {NORMAL!r} but has a painted defect region",
+                      record)
         return
     index.add(Review(record=record, label=label, mask=mask if mask.any() else None,
                      reviewer=_reviewer(annotation) or reviewer,

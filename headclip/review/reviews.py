@@ -41,6 +41,7 @@ class ReviewIndex:
                 self.keys.setdefault(str(key), i)
         self.reviews: dict[int, Review] = {}
         self.problems: list[str] = []
+        self.faulted: set[int] = set()  # images whose review has a fault (reported once, not as missing too)
 
     def find(self, *keys) -> Optional[dict]:
         """The record that the first known key names, or None."""
@@ -49,8 +50,10 @@ class ReviewIndex:
                 return self.records[self.keys[str(key)]]
         return None
 
-    def problem(self, line: str) -> None:
+    def problem(self, line: str, record: Optional[dict] = None) -> None:
         self.problems.append(" ".join(line.split()))
+        if record is not None:
+            self.faulted.add(self.keys[str(record["image_id"])])
 
     def add(self, review: Review) -> None:
         i = self.keys[str(review.record["image_id"])]
@@ -60,5 +63,5 @@ class ReviewIndex:
         self.reviews[i] = review
 
     def missing(self) -> list[dict]:
-        """The exported records that no review names."""
-        return [r for i, r in enumerate(self.records) if i not in self.reviews]
+        """The exported records that no review names (faulty reviews aside)."""
+        return [r for i, r in enumerate(self.records) if i not in self.reviews and i not in self.faulted]
