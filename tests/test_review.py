@@ -436,8 +436,13 @@ def test_bad_review_files_give_one_line_each_and_import_nothing(scored, exported
     brush_task["annotations"][0]["result"][1]["original_width"] = 65
     ls[-1]["data"]["image_id"] = "no/such/image"
     ls[-1]["data"]["image_uri"] = ls[-1]["data"]["image"] = "/no/such.png"
+    kept = next(t for t in ls[1:] if len(t["annotations"][0]["result"]) == 2 and t is not brush_task)
+    kept["annotations"][0]["result"][0]["value"]["choices"] = ["normal"]  # rejected, but the region left in
+    ls[-2]["annotations"][0]["result"][0]["value"]["choices"] = ["defect"]  # a defect, nothing painted
     cases["label-studio"] = (ls, ["has 2 annotations in task 1", "is 65x64, the image is 64x64",
-                                  "names image 'no/such/image', not in the export", "have no review"])
+                                  "names image 'no/such/image', not in the export", "have no review",
+                                  "is marked 'normal' but has a painted defect region",
+                                  f"image {ls[-2]['data']['image_id']} is marked defect with no region painted"])
     for name, (review, expected) in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(review))
