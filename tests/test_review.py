@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from sklearn.metrics import average_precision_score, roc_auc_score
 
