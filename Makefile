@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # second worker uses the other core. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-multinode demo benchmark demo-assets clean
+.PHONY: install test test-multinode test-review-tools demo benchmark demo-assets clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 test-multinode: $(STAMP)
 	$(PY) -m pytest $(XDIST) -m multinode $(PYTEST_ARGS)
+
+# The review export checked by Label Studio's own SDK (the optional 'review' extra, about 0.5 GB
+# with its dependencies); without it tests/test_review.py checks the documented schema only.
+test-review-tools: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,review]' -c constraints.txt
+	$(PY) -m pytest tests/test_review.py $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

@@ -75,3 +75,11 @@ def cause_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
     return " ".join((named[-1] if named else lines[0] if lines else type(err).__name__).split())[:300]
+
+
+class ReviewError(HeadCLIPError):
+    """A review file that cannot be imported as it is; ``problems`` holds one line per fault found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
