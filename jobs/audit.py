@@ -201,6 +201,8 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
     """Score the day's new images, compare, report; the caller holds the day's lock."""
     from headclip.redact import redact_text
     from headclip.reporting import audit
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
+    from headclip.reporting.groups import ALL_IMAGES
     from headclip.reporting.html import audit_report
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
@@ -243,7 +245,10 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
         thresholds=None if calibrated is None else calibrated.summary() + (
             f" (group {args.threshold_group})" if args.threshold_group else ""))
     report = audit_report(summary, day_rows, baseline, audit.trend(args.history, day, 30, options),
-                          thresholds.rate_increase, args.top_n, options)
+                          thresholds.rate_increase, args.top_n, options,
+                          group_column=calibrated.group_column if calibrated is not None else None,
+                          checkpoint=redact_text(args.checkpoint or DEMO_CHECKPOINT_URI),
+                          single_name=args.threshold_group or ALL_IMAGES)
     write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), report.html().encode(), options)
     document = summary.to_dict()
     write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(document, indent=2).encode(), options)
