@@ -231,10 +231,10 @@ def test_audit_uses_a_lines_thresholds(calibrated, tiny_checkpoint, tmp_path, ca
     tiles = calibrated["thresholds"].groups["tiles"]
     rows = results.read_run(str(next((tmp_path / "h" / "scores" / "date=2026-11-23").glob("run_id=*"))))
     assert len(rows) == 6 and (rows["threshold"] == np.float32(tiles.threshold)).all()
-    summary = json.loads((tmp_path / "h" / "reports" / "date=2026-11-23" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "h" / "_reports" / "date=2026-11-23" / "summary.json").read_text())
     assert summary["thresholds"].startswith("calibrated (quantile rule, target false-alarm rate 0.1")
     assert summary["thresholds"].endswith(f"score > {tiles.threshold:.4g} (group tiles)")
-    page = (tmp_path / "h" / "reports" / "date=2026-11-23" / "report.html").read_text()
+    page = (tmp_path / "h" / "_reports" / "date=2026-11-23" / "report.html").read_text()
     assert f"image score &gt; {np.float32(tiles.threshold):.4g}" in page and "alarm thresholds from" in page
 
 

@@ -111,6 +111,27 @@ class AuditSummary:
             return f"AUDIT ALERT {self.date}: " + "; ".join(self.reasons) + f" ({head}; report {self.report})"
         return f"AUDIT OK {self.date}: {head}; report {self.report}"
 
+    @property
+    def text(self) -> str:
+        """A few lines for a person (a chat message): what alerted, the figures, the report."""
+        head = f"HeadCLIP audit {self.date}: " + ("ALERT" if self.alert else "no alert")
+        lines = [head] + [f"- {reason}" for reason in self.reasons]
+        figures = self.figures
+        day = (f"{figures.images} images ({self.new_images} new), {figures.errors} errors, {figures.anomalous} "
+               f"flagged" + ("" if figures.anomaly_rate is None else f", anomaly rate {num(figures.anomaly_rate)}"))
+        lines.append(f"Day: {day}")
+        comparison = self.comparison
+        if comparison.baseline_anomaly_rate is not None:
+            lines.append(f"Baseline ({len(comparison.baseline_days)} days): {comparison.baseline_images} images, "
+                         f"anomaly rate {num(comparison.baseline_anomaly_rate)}; change "
+                         f"{signed(comparison.rate_change)}, KS p = {num(comparison.ks_p_value)}")
+        else:
+            lines.append("Baseline: none in the trailing days")
+        if self.note:
+            lines.append(self.note)
+        lines.append(f"Report: {self.report}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "message": self.message}
 
