@@ -73,7 +73,7 @@ def test_the_audit_lock_is_exclusive_on_s3(s3_bucket):
     from headclip.storage.history import AuditLock
 
     bucket, options = s3_bucket
-    uri = f"{bucket}/history/locks/date={DAY}.lock"
+    uri = f"{bucket}/history/_locks/date={DAY}.lock"
     first, second = AuditLock(uri, options), AuditLock(uri, options)
     first.acquire()
     with pytest.raises(LockedError, match="another audit of this day is running"):

@@ -3,7 +3,7 @@
 The history is a table of scoring rows partitioned by day:
 ``HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/shard-*.parquet`` (the scoring
 job's own output, one output location per day). Reports go to
-``HISTORY/reports/date=YYYY-MM-DD/``. Images are identified by their URI, so
+``HISTORY/_reports/date=YYYY-MM-DD/``. Images are identified by their URI, so
 an audit re-run adds no rows.
 """
 
