@@ -173,8 +173,10 @@ def test_report_shows_the_thresholds(calibrated, tmp_path):
         assert report_job.main(["--run", str(run_dir), "--output", str(tmp_path / "r.html"), "--top-n", "1"]) == 0
     page = (tmp_path / "r.html").read_text()
     wood = calibrated["thresholds"].groups["wood"]
-    assert "2 calibrated pairs (image score / mask pixels)" in page
-    assert f"&gt; {np.float32(wood.threshold):.4g} / &gt; {np.float32(wood.mask_threshold):.4g} (20 images)" in page
+    # jobs.report finds the run's group column in its config and reports each line by name
+    assert "2 groups by line (image score / mask pixels)" in page
+    assert f"wood &gt; {np.float32(wood.threshold):.4g} / &gt; {np.float32(wood.mask_threshold):.4g}" in page
+    assert "<tr data-group='wood'>" in page and "<svg class='histogram'" in page and "data-group='wood'" in page
 
 
 @pytest.fixture()

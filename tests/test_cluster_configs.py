@@ -260,7 +260,8 @@ def test_kuberay_manifests_carry_token_auth():
             containers = _ray_cluster_containers(spec)
         elif doc["kind"] in ("RayJob", "RayCronJob"):
             job = spec if doc["kind"] == "RayJob" else spec["jobTemplate"]
-            containers = _ray_cluster_containers(job["rayClusterSpec"]) + job["submitterPodTemplate"]["spec"]["containers"]
+            submitter = job["submitterPodTemplate"]["spec"]["containers"]
+            containers = _ray_cluster_containers(job["rayClusterSpec"]) + submitter
         else:
             containers = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"]
             assert "ray job submit" in cronjob_command(doc)

@@ -199,7 +199,8 @@ def top_table_html(rows: pd.DataFrame, groups: Optional[pd.Series] = None) -> st
         body.append(f"<tr>{''.join(cells)}</tr>")
     if not body:
         return "<p>No scored images.</p>"
-    return f"<div class='wide'><table class='top'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    return (f"<div class='wide'><table class='top'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+            f"</table></div>")
 
 
 def score_figures(rows: pd.DataFrame, grouping: Optional[Grouping] = None) -> dict[str, str]:
@@ -339,7 +340,8 @@ def audit_report(summary, day_rows: pd.DataFrame, baseline: pd.DataFrame, trend_
         low, high = comparison.rate_change_ci95
         report.figures["baseline"] = (f"{', '.join(comparison.baseline_days)}: {comparison.baseline_images} images, "
                                       f"anomaly rate {num(comparison.baseline_anomaly_rate)}")
-        report.figures["change in anomaly rate"] = f"{signed(comparison.rate_change)} (95% CI {signed(low)} to {signed(high)})"
+        report.figures["change in anomaly rate"] = (f"{signed(comparison.rate_change)} "
+                                                    f"(95% CI {signed(low)} to {signed(high)})")
         report.figures["KS test of scores"] = f"D = {num(comparison.ks_statistic)}, p = {num(comparison.ks_p_value)}"
         references = [("baseline", comparison.baseline_anomaly_rate, SERIES_COLORS[2]),
                       ("alert at", min(1.0, comparison.baseline_anomaly_rate + rate_increase), SERIES_COLORS[0])]
