@@ -171,7 +171,7 @@ def test_report_shows_the_thresholds(calibrated, tmp_path):
     run_dir = next((calibrated["root"] / "scores").glob("run_id=*"))
     with contextlib.redirect_stdout(io.StringIO()):
         assert report_job.main(["--run", str(run_dir), "--output", str(tmp_path / "r.html"), "--top-n", "1"]) == 0
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text().replace("\u00a0", " ")  # no-break spaces inside each pair
     wood = calibrated["thresholds"].groups["wood"]
     # jobs.report finds the run's group column in its config and reports each line by name
     assert "2 groups by line (image score / mask pixels)" in page

@@ -288,7 +288,7 @@ def test_report_line_names_the_thresholds():
     assert threshold_figure(Grouping.of(one)) == "image score > 0.5, mask pixels > 0.5"
     many = pd.DataFrame({"threshold": [0.61, 0.61, 0.734], "mask_threshold": [0.4, 0.4, 0.52],
                          "is_anomalous": [True, False, True], "line": ["a", "a", "b"]})
-    assert threshold_figure(Grouping.of(many, "line")) == (
+    assert threshold_figure(Grouping.of(many, "line")).replace("\u00a0", " ") == (
         "2 groups by line (image score / mask pixels): a > 0.61 / > 0.4; b > 0.734 / > 0.52")
-    assert threshold_figure(Grouping.of(many)) == (
+    assert threshold_figure(Grouping.of(many)).replace("\u00a0", " ") == (
         "2 groups by threshold pair (image score / mask pixels): > 0.61 / > 0.4; > 0.734 / > 0.52")

@@ -299,7 +299,7 @@ def _check_groups(found: dict, rows: pd.DataFrame) -> None:
     assert set(bars) == set(expected)
     for name, (_, mask_threshold) in expected.items():
         assert bars[name]["name"] == name and bars[name]["label"] == f"mask threshold {mask_threshold:.4g}"
-    page = " ".join(f"{k} {v}" for k, v in groups["figures"])
+    page = " ".join(f"{k} {v}" for k, v in groups["figures"]).replace("\u00a0", " ")
     for name, (threshold, mask_threshold) in expected.items():  # the same rounding in the figures
         assert f"{name} > {threshold:.4g} / > {mask_threshold:.4g}" in page, page
     assert "demo model" in page and "headclip:demo.safetensors" in page, page

@@ -28,6 +28,7 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1280px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 table.figures td, table.figures th { padding: 2px 12px; text-align: left; vertical-align: top; }
+table.figures th { white-space: nowrap; }
 table.groups { border-collapse: collapse; } table.groups td, table.groups th { padding: 2px 12px; text-align: left; }
 table.groups td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plots { display: flex; flex-wrap: wrap; gap: 0 12px; } .plots figure { margin: 0.4em 0; }
@@ -226,8 +227,9 @@ def threshold_figure(grouping: Grouping) -> str:
         group = grouping.groups[0]
         return f"image score > {num(group.threshold)}, mask pixels > {num(group.mask_threshold)}"
     by = f"by {grouping.column}" if grouping.column else "by threshold pair"
-    shown = "; ".join(f"{g.name + ' ' if grouping.column else ''}> {num(g.threshold)} / > {num(g.mask_threshold)}"
-                      for g in grouping.groups)
+    pairs = [f"{g.name + ' ' if grouping.column else ''}> {num(g.threshold)} / > {num(g.mask_threshold)}"
+             for g in grouping.groups]
+    shown = "; ".join(p.replace(" ", "\u00a0") for p in pairs)  # a pair stays on one line when the row wraps
     return f"{len(grouping.groups)} groups {by} (image score / mask pixels): {shown}"
 
 
