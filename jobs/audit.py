@@ -8,15 +8,15 @@ in anomaly rate with a 95% confidence interval and a two-sample
 Kolmogorov-Smirnov test of the scores. Writes summary.json and report.html
 (score histogram against the baseline, anomaly rate over 30 days, a table of
 the top-N images, and image strips of the flagged ones) to
-HISTORY/reports/date=<day>/.
+HISTORY/_reports/date=<day>/.
 
 An image is scored again when its latest row is an error (unless
 --no-rescore-errors) or its file changed (ETag, or size and modification
 time); only its newest row stays in the day. A day whose input does not
 exist is an error unless --allow-missing-day says an empty day is expected.
-One audit of a history and day runs at a time (a lock under HISTORY/locks/).
+One audit of a history and day runs at a time (a lock under HISTORY/_locks/).
 
-Finding what is new reads per-day indexes (HISTORY/index/date=<day>.parquet),
+Finding what is new reads per-day indexes (HISTORY/_index/date=<day>.arrow),
 not the history's shard files. With --prefix-template each day's images live
 under that day's own prefix, so only the audited day's index is read and a
 night costs what its images cost; with --input every day's index is read
@@ -28,7 +28,10 @@ and report say why; --alert-exit-code changes it). The last line printed is
 "AUDIT ALERT <day>: <reasons> ..." or "AUDIT OK <day>: ...", so a scheduler's
 status message (Ray's job status keeps the log's tail) tells an alert from a
 failure; summary.json has the same line ("message") and "alert". --webhook
-POSTs summary.json to a URL when the audit alerts (or on every run).
+POSTs a message (what alerted, the figures, the report) to a URL when the audit
+alerts (or on every run): as Slack-style {"text": ...}, or summary.json with the
+message as "text"; credentials in the URL go as an Authorization header, and the
+delivery ends within --webhook-timeout seconds, never changing the exit code.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def build_parser() -> Parser:
     p.add_argument("--history", required=True, help="history location (local or s3://)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
     p.add_argument("--report", default=None, help="where summary.json and report.html go "
-                                                  "(default: HISTORY/reports/date=<day>/)")
+                                                  "(default: HISTORY/_reports/date=<day>/)")
     p.add_argument("--baseline-days", type=positive_int, default=7, help="trailing days compared (default 7)")
     p.add_argument("--top-n", type=positive_int, default=12, help="images in the gallery (default 12)")
     p.add_argument("--alert-rate-increase", type=unit_float, default=0.05,
@@ -85,6 +88,12 @@ def build_parser() -> Parser:
                         f"(default: ${WEBHOOK_ENV}, which keeps it off command lines; never printed or stored)")
     p.add_argument("--webhook-on", choices=["alert", "always"], default="alert",
                    help="POST on alerts only (default) or after every audit")
+    p.add_argument("--webhook-format", choices=["auto", "slack", "json"], default="auto",
+                   help="slack: {\"text\": message} (Slack, Mattermost, Teams); json: summary.json with the message "
+                        "as \"text\"; auto (default): slack for hooks.slack.com, *.webhook.office.com and /hooks/ "
+                        "paths, json otherwise")
+    p.add_argument("--webhook-timeout", type=positive_float, default=30.0,
+                   help="seconds the whole delivery may take, retries included (default 30)")
     p.add_argument("--allow-missing-day", action="store_true",
                    help="a day whose input does not exist is an empty day, not an error (exit 2)")
     p.add_argument("--no-rescore-errors", action="store_true",
@@ -201,6 +210,8 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
     """Score the day's new images, compare, report; the caller holds the day's lock."""
     from headclip.redact import redact_text
     from headclip.reporting import audit
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
+    from headclip.reporting.groups import ALL_IMAGES
     from headclip.reporting.html import audit_report
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
@@ -211,8 +222,10 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
     options = args.storage_options
     todo, note = new_images(input_uri, args.history, options, args.allow_missing_day, not args.no_rescore_errors,
                             day, lookup_days(args, day))
-    log.info(redact_text(note))
-    if todo is not None:
+    if todo is None:
+        log.info(redact_text(note))
+    else:
+        log.info("scoring %d images: %s", todo.num_rows, redact_text(note.removeprefix("scored ")))
         config = JobConfig(input=input_uri, output=layout.day_output(args.history, day), checkpoint=args.checkpoint,
                            shard_size=args.shard_size, **pool_settings(args),
                            storage_options=options, placement_timeout=args.placement_timeout,
@@ -225,6 +238,7 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
         execute(plan, config)
         drop_superseded(args.history, day, options)
         build_day_index(args.history, day, storage_options=options)
+        log.info(redact_text(note))  # "scored N new", once they are
 
     day_rows = audit.read_day(args.history, day, options)
     baseline, used = audit.baseline_rows(args.history, day, args.baseline_days, options)
@@ -243,16 +257,20 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
         thresholds=None if calibrated is None else calibrated.summary() + (
             f" (group {args.threshold_group})" if args.threshold_group else ""))
     report = audit_report(summary, day_rows, baseline, audit.trend(args.history, day, 30, options),
-                          thresholds.rate_increase, args.top_n, options)
+                          thresholds.rate_increase, args.top_n, options,
+                          group_column=calibrated.group_column if calibrated is not None else None,
+                          checkpoint=redact_text(args.checkpoint or DEMO_CHECKPOINT_URI),
+                          single_name=args.threshold_group or ALL_IMAGES)
     write_bytes_atomic(join(report_dir, layout.AUDIT_REPORT_FILE), report.html().encode(), options)
     document = summary.to_dict()
     write_bytes_atomic(join(report_dir, layout.AUDIT_SUMMARY_FILE), json.dumps(document, indent=2).encode(), options)
     for reason in reasons:
         print(f"ALERT: {reason}")
     if args.webhook and (summary.alert or args.webhook_on == "always"):
-        from headclip.reporting.notify import post_json
+        from headclip.reporting.notify import post_alert
 
-        delivered, outcome = post_json(args.webhook, document)
+        delivered, outcome = post_alert(args.webhook, summary.text, document, args.webhook_format,
+                                        args.webhook_timeout)
         print(f"webhook {outcome}", file=sys.stdout if delivered else sys.stderr)
     print(summary.message, flush=True)  # the last line: what a scheduler's status message shows
     return args.alert_exit_code if reasons else 0

@@ -236,13 +236,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report(args.output, plan.run_id)
     compare_thresholds(args.output, plan.run_id, thresholds)
     from headclip import results
+    from headclip.redact import redact_text
     from headclip.reporting.html import run_report
     from headclip.storage.layout import run_uri
 
     # "_" keeps the report out of the Parquet tree for pandas, pyarrow and Ray Data readers
     report_path = Path(args.output) / "_report.html"
     rows = results.read_run(run_uri(args.output, plan.run_id))
-    report_path.write_text(run_report(rows, f"Demo run {plan.run_id}").html())
+    report_path.write_text(run_report(rows, f"Demo run {plan.run_id}", group_column=thresholds.group_column,
+                                      checkpoint=redact_text(config.checkpoint_uri)).html())
     print(f"\nreport with the worst images, their heat maps, masks and ground truth: {report_path} "
           f"(open it in a browser)")
     if summary.metrics is not None:

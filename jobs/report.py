@@ -28,9 +28,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.storage.fs import write_bytes_atomic
     from headclip.storage.layout import run_report_uri
 
+    from headclip.redact import redact_text
+    from headclip.storage.results import run_config
+
     rows = read_run_arg(args)
     output = args.output or run_report_uri(args.run)
-    report = run_report(rows, f"Scoring run {args.run}", args.top_n, args.storage_options)
+    config = run_config(args.run, args.storage_options)
+    report = run_report(rows, f"Scoring run {args.run}", args.top_n, args.storage_options,
+                        group_column=config.get("group_column"),
+                        checkpoint=redact_text(str(config.get("checkpoint", ""))))
     write_bytes_atomic(output, report.html().encode(), args.storage_options)
     print(f"wrote {output}")
     return 0

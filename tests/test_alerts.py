@@ -6,10 +6,14 @@ token in its path, which must never be printed or stored.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
+import logging
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import pytest
 from PIL import Image
 
 from headclip.data.synthetic import make_sample
-from headclip.reporting.notify import post_json, redacted
+from headclip.reporting.notify import body_format, post_json, redacted
 from jobs import audit as audit_job
 
 SECRET = "T0KEN-s3cr3t-4f9a"
@@ -26,7 +30,7 @@ SECRET = "T0KEN-s3cr3t-4f9a"
 class Receiver:
     """An HTTP server on 127.0.0.1 that records POSTs and answers with the given status codes in turn."""
 
-    def __init__(self, statuses=(200,)):
+    def __init__(self, statuses=(200,), path: str = "hooks"):
         self.posts: list[dict] = []
         self.statuses = list(statuses)
         receiver = self
@@ -34,7 +38,8 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server API
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts.append({"path": self.path, "type": self.headers["Content-Type"], "body": body})
+                receiver.posts.append({"path": self.path, "type": self.headers["Content-Type"], "body": body,
+                                       "authorization": self.headers.get("Authorization")})
                 status = receiver.statuses.pop(0) if len(receiver.statuses) > 1 else receiver.statuses[0]
                 self.send_response(status)
                 self.end_headers()
@@ -43,7 +48,8 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/{SECRET}"
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/{path}/{SECRET}"  # /hooks/...: a Slack-style target
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> "Receiver":
@@ -92,7 +98,7 @@ def alerted(ray_cluster, tiny_checkpoint, tmp_path_factory):
     _day(root / "archive" / f"date={DAY}", good=3, broken=1)
     with Receiver() as receiver:
         code, out, err = _audit(root, tiny_checkpoint, "--webhook", receiver.url)
-    reports = root / "history" / "reports" / f"date={DAY}"
+    reports = root / "history" / "_reports" / f"date={DAY}"
     return (root, code, out, err, receiver.posts, (reports / "summary.json").read_text(),
             (reports / "report.html").read_text())
 
@@ -105,7 +111,13 @@ def test_alert_posts_the_summary_and_ends_with_an_alert_line(alerted):
     assert _last_line(out) == summary["message"] and summary["message"].startswith(f"AUDIT ALERT {DAY}: ")
     assert len(posts) == 1
     assert posts[0]["path"] == f"/hooks/{SECRET}" and posts[0]["type"] == "application/json"
-    assert json.loads(posts[0]["body"]) == summary
+    body = json.loads(posts[0]["body"])  # Slack-style: one "text" field, what Slack, Mattermost and Teams show
+    assert list(body) == ["text"]
+    lines = body["text"].splitlines()
+    assert lines[0] == f"HeadCLIP audit {DAY}: ALERT"
+    assert [f"- {r}" for r in summary["reasons"]] == lines[1:1 + len(summary["reasons"])]
+    assert f"Day: 4 images (4 new), 1 errors, {summary['figures']['anomalous']} flagged" in body["text"]
+    assert lines[-1] == f"Report: {summary['report']}"
     assert "webhook delivered to http://127.0.0.1:" in out
     for text in (out, err, summary_text, report_text):
         assert SECRET not in text
@@ -131,7 +143,8 @@ def test_quiet_audit_posts_only_when_asked(alerted, tiny_checkpoint, monkeypatch
         monkeypatch.setenv(audit_job.WEBHOOK_ENV, receiver.url)  # the URL from the environment this time
         code, out, _ = _audit(root, tiny_checkpoint, "--webhook-on", "always", *quiet)
     assert code == 0 and _last_line(out).startswith(f"AUDIT OK {DAY}: 4 images (0 new), 1 errors")
-    assert len(receiver.posts) == 1 and json.loads(receiver.posts[0]["body"])["alert"] is False
+    assert len(receiver.posts) == 1
+    assert json.loads(receiver.posts[0]["body"])["text"].startswith(f"HeadCLIP audit {DAY}: no alert\nDay: 4 images")
 
 
 def test_bad_webhook_url_is_one_line_without_the_url(capsys):
@@ -149,3 +162,104 @@ def test_post_retries_server_errors_then_delivers():
     with Receiver(statuses=(404,)) as receiver:  # a client error is not retried
         delivered, outcome = post_json(receiver.url, {}, attempts=3, backoff=0.01)
     assert not delivered and len(receiver.posts) == 1 and "HTTP 404" in outcome
+
+
+def test_generic_json_target_gets_the_summary_and_the_message(alerted, tiny_checkpoint):
+    root, summary_text = alerted[0], alerted[5]
+    with Receiver(path="notify") as receiver:
+        code, out, err = _audit(root, tiny_checkpoint, "--webhook", receiver.url)
+    assert code == audit_job.EXIT_ALERT and len(receiver.posts) == 1
+    body = json.loads(receiver.posts[0]["body"])
+    summary = json.loads((root / "history" / "_reports" / f"date={DAY}" / "summary.json").read_text())
+    assert {k: v for k, v in body.items() if k != "text"} == summary  # the JSON, and the message beside it
+    assert body["text"].startswith(f"HeadCLIP audit {DAY}: ALERT\n- error rate") and summary["report"] in body["text"]
+    assert SECRET not in out + err
+
+
+def test_body_format_by_service():
+    assert body_format("https://hooks.slack.com/services/T/B/X") == "slack"
+    assert body_format("https://acme.webhook.office.com/webhookb2/x") == "slack"
+    assert body_format("https://chat.example.com/hooks/abc") == "slack"  # Mattermost
+    assert body_format("https://example.com/alerts") == "json"
+    assert body_format("https://hooks.slack.com/services/T/B/X", "json") == "json"
+
+
+PASSWORD = "pa55-W0rd-91c2"
+
+
+def test_userinfo_goes_as_a_header_and_is_never_printed(alerted, tiny_checkpoint):
+    root = alerted[0]
+    with Receiver(path="notify") as receiver:
+        url = f"http://alerts:{PASSWORD}@127.0.0.1:{receiver.port}/notify/{SECRET}"
+        code, out, err = _audit(root, tiny_checkpoint, "--webhook", url)
+    assert code == audit_job.EXIT_ALERT and len(receiver.posts) == 1
+    assert receiver.posts[0]["authorization"] == "Basic " + base64.b64encode(f"alerts:{PASSWORD}".encode()).decode()
+    assert "webhook delivered to http://127.0.0.1:" in out
+    for bad in (f"http://alerts:{PASSWORD}@nowhere.invalid/hook",  # no port, a host that does not resolve
+                f"http://alerts:{PASSWORD}@127.0.0.1:1/hook"):  # nothing listens
+        code, out, err = _audit(root, tiny_checkpoint, "--webhook", bad, "--webhook-timeout", "5")
+        assert code == audit_job.EXIT_ALERT, err  # the documented alert code, not a crash's 1
+        assert "webhook not delivered to http://" in err and "Traceback" not in err
+        assert PASSWORD not in out + err and "alerts:" not in out + err
+
+
+class Trickler:
+    """A server on 127.0.0.1 that reads a request, then answers one byte every 0.2 s for a minute."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow/{SECRET}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(65536)
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n" + b"x" * 400
+                for byte in answer:
+                    if self.stop.wait(0.2):
+                        return
+                    try:
+                        client.sendall(bytes([byte]))
+                    except OSError:
+                        break
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def test_trickling_webhook_ends_at_the_deadline(alerted, tiny_checkpoint):
+    root = alerted[0]
+    trickler = Trickler()
+    try:
+        started = time.monotonic()
+        delivered, outcome = post_json(trickler.url, {"alert": True}, timeout=2.0, backoff=0.01)
+        took = time.monotonic() - started
+        assert not delivered and "within the deadline" in outcome and took < 4, (outcome, took)
+        started = time.monotonic()
+        code, out, err = _audit(root, tiny_checkpoint, "--webhook", trickler.url, "--webhook-timeout", "3")
+        took = time.monotonic() - started
+    finally:
+        trickler.close()
+    assert code == audit_job.EXIT_ALERT and "no answer within the deadline" in err and SECRET not in out + err
+    assert took < 60, took  # the server would trickle for 80 s a request
+
+
+def test_scored_count_is_logged_once_the_images_are_scored(ray_cluster, tiny_checkpoint, tmp_path, caplog):
+    _day(tmp_path / "archive" / f"date={DAY}", good=2, broken=0)
+    with caplog.at_level(logging.INFO, logger="jobs.audit"):
+        _audit(tmp_path, tiny_checkpoint)
+    lines = [(r.created, r.getMessage()) for r in caplog.records if r.name == "jobs.audit"]
+    scored = [at for at, message in lines if message.startswith("scored 2 new")]
+    shards = list((tmp_path / "history" / "scores").glob("date=*/run_id=*/shard-*.parquet"))
+    assert len(scored) == 1 and shards, lines
+    assert scored[0] >= max(p.stat().st_mtime for p in shards), lines  # after the rows exist, not before
+    assert any(message.startswith("scoring 2 images: 2 new") for _, message in lines), lines

@@ -75,7 +75,7 @@ def _args(archive, history, checkpoint, day, *extra):
 
 
 def _summary(history: Path, day: str) -> dict:
-    return json.loads((history / "reports" / f"date={day}" / "summary.json").read_text())
+    return json.loads((history / "_reports" / f"date={day}" / "summary.json").read_text())
 
 
 def _wilson(k: int, n: int, z: float) -> tuple[float, float]:
@@ -167,7 +167,7 @@ def test_ks_test_and_alert_flags(audited, tmp_path):
     code, reasons = audit(*rate_off, *ks_off)
     assert (code, reasons) == (0, [])
     code, reasons = audit("--alert-rate-increase", "0.5", *ks_off)  # at least 0.5: alert
-    assert code == audit_job.EXIT_ALERT and len(reasons) == 1 and reasons[0].startswith("anomaly rate rose by +0.500")
+    assert code == audit_job.EXIT_ALERT and len(reasons) == 1 and reasons[0].startswith("anomaly rate rose by +0.5 ")
     code, reasons = audit(*rate_off, "--alert-p-value", repr(third["ks_p_value"] * 1.001))
     assert code == audit_job.EXIT_ALERT and len(reasons) == 1 and reasons[0].startswith("score distribution shifted")
 
@@ -186,7 +186,7 @@ def test_error_rate_alert(audited, tiny_checkpoint, tmp_path):
     code = audit_job.main(_args(tmp_path / "archive", history, tiny_checkpoint, day))
     summary = _summary(history, day)
     assert summary["figures"]["images"] == 20 and summary["figures"]["errors"] == 2
-    assert code == audit_job.EXIT_ALERT and summary["reasons"] == ["error rate 0.100 exceeds 0.05"]
+    assert code == audit_job.EXIT_ALERT and summary["reasons"] == ["error rate 0.1 exceeds 0.05"]
     code = audit_job.main(_args(tmp_path / "archive", history, tiny_checkpoint, day, "--alert-error-rate", "0.1"))
     assert (code, _summary(history, day)["reasons"]) == (0, [])
 
@@ -215,7 +215,7 @@ def test_alert_is_exit_code_3_of_the_process(audited, tmp_path):
     history = _copy_history(audited, tmp_path)
     result = _audit_process(*_args(archive, history, "unused", DAYS[2]))
     assert result.returncode == audit_job.EXIT_ALERT == 3, result.stderr[-2000:]
-    assert "ALERT: anomaly rate rose by +0.500" in result.stdout
+    assert "ALERT: anomaly rate rose by +0.5 " in result.stdout
 
 
 def test_rerun_adds_no_rows(audited, tiny_checkpoint, tmp_path):
@@ -237,7 +237,7 @@ def test_day_without_images_says_so(audited, tiny_checkpoint, tmp_path):
     assert code == 0
     summary = _summary(history, "2026-11-24")
     assert summary["new_images"] == 0 and summary["figures"]["images"] == 0
-    page = (history / "reports" / "date=2026-11-24" / "report.html").read_text()
+    page = (history / "_reports" / "date=2026-11-24" / "report.html").read_text()
     assert "No images for 2026-11-24" in page
 
 
@@ -265,7 +265,7 @@ class _Page(HTMLParser):
 def test_report_has_plots_and_gallery(audited):
     history, _, _ = audited
     page = _Page()
-    page.feed((history / "reports" / f"date={DAYS[2]}" / "report.html").read_text())
+    page.feed((history / "_reports" / f"date={DAYS[2]}" / "report.html").read_text())
     assert {"histogram", "trend"} <= set(page.svgs)
     assert page.verdict.startswith("ALERT")
     assert len(page.images) == 6 * 3  # a strip per flagged image: image, heat map, prediction
@@ -273,7 +273,7 @@ def test_report_has_plots_and_gallery(audited):
         assert src.startswith("data:image/jpeg;base64,")
         picture = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         assert picture.size == (64, 64)
-    trend = re.findall(r"<circle [^>]*><title>([0-9-]+): ", (history / "reports" / f"date={DAYS[2]}" /
+    trend = re.findall(r"<circle [^>]*><title>([0-9-]+): ", (history / "_reports" / f"date={DAYS[2]}" /
                                                             "report.html").read_text())
     assert trend == DAYS
 
@@ -286,7 +286,7 @@ def test_report_renders_in_headless_chromium(audited, tmp_path):
             pytest.fail("CI=true but chromium is not installed: the report rendering test cannot run")
         pytest.skip("Debian's chromium is not installed here")
     history, _, _ = audited
-    report = history / "reports" / f"date={DAYS[2]}" / "report.html"
+    report = history / "_reports" / f"date={DAYS[2]}" / "report.html"
     result = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -342,11 +342,12 @@ def test_each_audited_day_has_an_index_of_its_latest_rows(audited):
     """The index a night's audit reads equals the day's shard files (latest row per image), read
     independently with pandas. Catches: an index not written after scoring, a stale index, rows of
     other days in it, versions lost."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     history, _, _ = audited
     for day in DAYS:
-        index = pq.read_table(history / "index" / f"date={day}.parquet").to_pandas()
+        with pa.memory_map(str(history / "_index" / f"date={day}.arrow")) as source:
+            index = pa.ipc.open_file(source).read_all().to_pandas()
         shards = pd.concat([pd.read_parquet(p, columns=["image_uri", "status", "scored_at"])
                             for p in sorted((history / "scores" / f"date={day}").glob("run_id=*/shard-*.parquet"))])
         latest = shards.sort_values("scored_at").groupby("image_uri").tail(1).sort_values("image_uri")
@@ -362,7 +363,7 @@ def test_a_night_with_a_prefix_template_reads_only_its_own_days_index(audited, t
 
     history = _copy_history(audited, tmp_path)
     _, _, archive = audited
-    (history / "index" / f"date={DAYS[0]}.parquet").write_bytes(b"not parquet")
+    (history / "_index" / f"date={DAYS[0]}.arrow").write_bytes(b"not an index")
     assert audit_job.main(_args(archive, history, tiny_checkpoint, DAYS[2], "--alert-exit-code", "0")) == 0
     assert _summary(history, DAYS[2])["new_images"] == 0
     day_one = sorted(str(p) for p in (archive / f"date={DAYS[0]}").glob("*.png"))

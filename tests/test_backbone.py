@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import open_clip
 import pytest
@@ -90,3 +91,15 @@ def test_weight_file_for_another_backbone_fails_clearly(tmp_path):
 def test_backbone_is_frozen_and_in_eval_mode(tiny_model):
     assert not any(p.requires_grad for p in tiny_model.clip.parameters())
     assert not tiny_model.clip.training
+
+
+def test_model_load_keeps_open_clip_info_off_the_log(caplog):
+    """open_clip logs each load step at INFO on the root logger; none of it reaches the user's log,
+    while the library's own line does."""
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
+
+    with caplog.at_level(logging.DEBUG):
+        headclip.create_model(checkpoint=DEMO_CHECKPOINT_URI)
+    from_open_clip = [r.getMessage() for r in caplog.records if "open_clip" in r.pathname]
+    assert from_open_clip == [], from_open_clip
+    assert any(r.name == "headclip.model.backbone" and r.getMessage().startswith("backbone ") for r in caplog.records)

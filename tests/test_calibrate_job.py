@@ -171,10 +171,12 @@ def test_report_shows_the_thresholds(calibrated, tmp_path):
     run_dir = next((calibrated["root"] / "scores").glob("run_id=*"))
     with contextlib.redirect_stdout(io.StringIO()):
         assert report_job.main(["--run", str(run_dir), "--output", str(tmp_path / "r.html"), "--top-n", "1"]) == 0
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text().replace("\u00a0", " ")  # no-break spaces inside each pair
     wood = calibrated["thresholds"].groups["wood"]
-    assert "2 calibrated pairs (image score / mask pixels)" in page
-    assert f"&gt; {np.float32(wood.threshold):.4g} / &gt; {np.float32(wood.mask_threshold):.4g} (20 images)" in page
+    # jobs.report finds the run's group column in its config and reports each line by name
+    assert "2 groups by line (image score / mask pixels)" in page
+    assert f"wood &gt; {np.float32(wood.threshold):.4g} / &gt; {np.float32(wood.mask_threshold):.4g}" in page
+    assert "<tr data-group='wood'>" in page and "<svg class='histogram'" in page and "data-group='wood'" in page
 
 
 @pytest.fixture()
@@ -231,10 +233,10 @@ def test_audit_uses_a_lines_thresholds(calibrated, tiny_checkpoint, tmp_path, ca
     tiles = calibrated["thresholds"].groups["tiles"]
     rows = results.read_run(str(next((tmp_path / "h" / "scores" / "date=2026-11-23").glob("run_id=*"))))
     assert len(rows) == 6 and (rows["threshold"] == np.float32(tiles.threshold)).all()
-    summary = json.loads((tmp_path / "h" / "reports" / "date=2026-11-23" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "h" / "_reports" / "date=2026-11-23" / "summary.json").read_text())
     assert summary["thresholds"].startswith("calibrated (quantile rule, target false-alarm rate 0.1")
     assert summary["thresholds"].endswith(f"score > {tiles.threshold:.4g} (group tiles)")
-    page = (tmp_path / "h" / "reports" / "date=2026-11-23" / "report.html").read_text()
+    page = (tmp_path / "h" / "_reports" / "date=2026-11-23" / "report.html").read_text()
     assert f"image score &gt; {np.float32(tiles.threshold):.4g}" in page and "alarm thresholds from" in page
 
 

@@ -18,6 +18,7 @@ from headclip.errors import ThresholdsError
 from headclip.evaluation import calibration as cal
 from headclip.evaluation.metrics import MetricsByClass, ranking_metrics, score_bins
 from headclip.evaluation.thresholds import Thresholds, calibrate
+from headclip.reporting.groups import Grouping
 from headclip.reporting.html import threshold_figure
 from headclip.scoring.runner import JobConfig
 from headclip.scoring.scorer import ScoringOptions
@@ -283,8 +284,11 @@ def test_recorded_command_hides_secrets():
 
 
 def test_report_line_names_the_thresholds():
-    one = pd.DataFrame({"threshold": [0.5, 0.5], "mask_threshold": [0.5, 0.5]})
-    assert threshold_figure(one) == "image score > 0.5, mask pixels > 0.5"
-    many = pd.DataFrame({"threshold": [0.61, 0.61, 0.734], "mask_threshold": [0.4, 0.4, 0.52]})
-    assert threshold_figure(many) == ("2 calibrated pairs (image score / mask pixels): > 0.61 / > 0.4 (2 images); "
-                                      "> 0.734 / > 0.52 (1 images)")
+    one = pd.DataFrame({"threshold": [0.5, 0.5], "mask_threshold": [0.5, 0.5], "is_anomalous": [True, False]})
+    assert threshold_figure(Grouping.of(one)) == "image score > 0.5, mask pixels > 0.5"
+    many = pd.DataFrame({"threshold": [0.61, 0.61, 0.734], "mask_threshold": [0.4, 0.4, 0.52],
+                         "is_anomalous": [True, False, True], "line": ["a", "a", "b"]})
+    assert threshold_figure(Grouping.of(many, "line")).replace("\u00a0", " ") == (
+        "2 groups by line (image score / mask pixels): a > 0.61 / > 0.4; b > 0.734 / > 0.52")
+    assert threshold_figure(Grouping.of(many)).replace("\u00a0", " ") == (
+        "2 groups by threshold pair (image score / mask pixels): > 0.61 / > 0.4; > 0.734 / > 0.52")

@@ -224,6 +224,48 @@ def test_raycronjob_alternative_if_present():
         check_ray_cluster_spec(template["rayClusterSpec"], path.name)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping with a key twice (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        assert len(keys) == len(set(keys)), f"duplicate keys at line {node.start_mark.line + 1}: {keys}"
+        return super().construct_mapping(node, deep)
+
+
+def _has_token_auth(container: dict) -> bool:
+    env = {e["name"]: e for e in container.get("env", [])}
+    token = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    return (env.get("RAY_AUTH_MODE", {}).get("value") == "token"
+            and (token.get("name"), token.get("key")) == ("headclip-ray-auth", "auth_token"))
+
+
+def _ray_cluster_containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_kuberay_manifests_carry_token_auth():
+    """Ray 2.60 with RAY_AUTH_MODE=token on the cluster refuses unauthenticated `ray job submit`:
+    every Ray container and every submitter (KubeRay's, the CronJob's) has the mode and the token
+    from one Secret."""
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        doc = load_one(path)
+        assert "kubectl create secret generic headclip-ray-auth" in path.read_text(), path.name
+        spec = doc["spec"]
+        if doc["kind"] == "RayCluster":
+            containers = _ray_cluster_containers(spec)
+        elif doc["kind"] in ("RayJob", "RayCronJob"):
+            job = spec if doc["kind"] == "RayJob" else spec["jobTemplate"]
+            submitter = job["submitterPodTemplate"]["spec"]["containers"]
+            containers = _ray_cluster_containers(job["rayClusterSpec"]) + submitter
+        else:
+            containers = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+            assert "ray job submit" in cronjob_command(doc)
+        assert containers and all(_has_token_auth(c) for c in containers), (path.name, containers)
+
+
 # --- runtime_env.yaml ------------------------------------------------------------------------
 
 def gitignore_style_excluded(relpath: str, patterns: list[str]) -> bool:

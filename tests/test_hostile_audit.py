@@ -31,7 +31,7 @@ def _args(prefix: str, history: Path, checkpoint: str, day: str = DAY, *extra) -
 
 
 def _summary(history: Path, day: str = DAY) -> dict:
-    return json.loads((history / "reports" / f"date={day}" / "summary.json").read_text())
+    return json.loads((history / "_reports" / f"date={day}" / "summary.json").read_text())
 
 
 def _day_rows(history: Path, day: str = DAY):
@@ -48,7 +48,7 @@ def test_a_missing_day_is_an_error_unless_an_empty_day_is_expected(tiny_checkpoi
     prefix = f"{archive}/date={{date}}/"
     with pytest.raises(UsageError, match="the day's input .*date=2026-11-24 does not exist .*--allow-missing-day"):
         audit_job.main(_args(prefix, history, tiny_checkpoint, "2026-11-24"))
-    assert not (history / "reports" / "date=2026-11-24").exists()
+    assert not (history / "_reports" / "date=2026-11-24").exists()
     # a typo in the template is the same error
     with pytest.raises(UsageError, match="does not exist"):
         audit_job.main(_args(f"{archive}/dat={{date}}/", history, tiny_checkpoint))
@@ -73,7 +73,7 @@ def test_the_audit_lock_is_exclusive_on_s3(s3_bucket):
     from headclip.storage.history import AuditLock
 
     bucket, options = s3_bucket
-    uri = f"{bucket}/history/locks/date={DAY}.lock"
+    uri = f"{bucket}/history/_locks/date={DAY}.lock"
     first, second = AuditLock(uri, options), AuditLock(uri, options)
     first.acquire()
     with pytest.raises(LockedError, match="another audit of this day is running"):
@@ -97,7 +97,7 @@ def test_a_live_lock_refuses_a_second_audit_and_a_stale_one_is_taken_over(tiny_c
 
     archive, history = tmp_path / "archive", tmp_path / "history"
     write_images(archive / f"date={DAY}", 2)
-    lock = history / "locks" / f"date={DAY}.lock"
+    lock = history / "_locks" / f"date={DAY}.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                                 "token": "other"}))
@@ -120,7 +120,7 @@ def test_two_audits_of_one_day_do_not_both_write(ray_cluster, tiny_checkpoint, t
 
     archive, history = tmp_path / "archive", tmp_path / "history"
     write_images(archive / "day", 8)
-    lock = history / "locks" / f"date={DAY}.lock"
+    lock = history / "_locks" / f"date={DAY}.lock"
     base = ["--date", DAY, "--history", str(history), "--checkpoint", tiny_checkpoint, "--shard-size", "4",
             "--batch-size", "4"]
     other = subprocess.Popen([sys.executable, "-m", "jobs.audit", "--input", str(archive / "day"), *base,

@@ -104,7 +104,8 @@ def head(tmp_path):
             elif command.startswith("ray get-auth-token"):
                 subprocess.run(shlex.split(command), env=env, check=True, capture_output=True, timeout=60)
             elif command.startswith("ray start"):
-                argv = shlex.split(command.replace("6379", str(gcs)).replace("8265", str(dashboard)))
+                assert command.endswith("&") and "--block" in command, command  # a head `kill` stops
+                argv = shlex.split(command.rstrip("&").replace("6379", str(gcs)).replace("8265", str(dashboard)))
                 argv += [f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                          "--num-cpus=2", f"--ray-client-server-port={_free_port()}",
                          f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]
@@ -113,12 +114,24 @@ def head(tmp_path):
                     started = subprocess.Popen(argv, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
                                                start_new_session=True)
                 group = started.pid
-                started.wait(timeout=120)
-                output = log.read_text()
-                assert started.returncode == 0, output[-3000:]
-                assert "Ray runtime started" in output, output[-3000:]
+                deadline = time.time() + 120
+                while "Ray runtime started" not in log.read_text():
+                    assert started.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.5)
+            elif command.startswith("kill "):
+                assert command == "kill $RAY_HEAD" and "RAY_HEAD=$!" in commands, command
+
+        def stop() -> list[int]:
+            """README's `kill $RAY_HEAD`: SIGTERM to `ray start --block`; the head's processes still alive after."""
+            started.send_signal(signal.SIGTERM)
+            started.wait(timeout=120)
+            deadline = time.time() + 60
+            while _own_processes(str(base)) and time.time() < deadline:
+                time.sleep(0.5)
+            return _own_processes(str(base))
+
         token = (home / ".ray" / "auth_token").read_text().strip()
-        yield env, f"http://127.0.0.1:{dashboard}", token, f"127.0.0.1:{gcs}", base
+        yield env, f"http://127.0.0.1:{dashboard}", token, f"127.0.0.1:{gcs}", base, stop
     finally:
         if group is not None:
             _stop_head(group, str(base))
@@ -143,7 +156,7 @@ def test_readme_head_runs_a_scoring_job_through_the_job_api(head, tmp_path):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    env, url, token, gcs, base = head
+    env, url, token, gcs, base, stop = head
     client = _job_api(url, token)
     with pytest.raises(AuthenticationError):  # token authentication is on: no token, no job API
         JobSubmissionClient(url, headers={"Authorization": "Bearer not-the-token"}).list_jobs()
@@ -187,3 +200,6 @@ def test_readme_head_runs_a_scoring_job_through_the_job_api(head, tmp_path):
     address = re.search(r"^GCS (\S+)$", stdout, re.M)
     assert address, stdout[-2000:] + stderr[-2000:]
     assert not address.group(1).endswith(f":{port}")
+
+    # README's `kill $RAY_HEAD` stops this head, all of it (its processes are the ones naming its directory)
+    assert _own_processes(str(base)) and stop() == []

@@ -141,6 +141,37 @@ def test_every_reader_reads_an_audit_history(outputs):
     _check_same_rows(expected, history / "scores", f"{history}/scores/*/*/*.parquet", ["date", "run_id"])
 
 
+def test_every_reader_reads_an_audit_history_root(outputs):
+    """The history root itself reads like an output root: reports, locks and day indexes sit in
+    ``_`` folders, and the indexes are not ``.parquet`` files, so ``HISTORY/**/*.parquet`` finds shards only."""
+    _, _, history = outputs
+    assert (history / "_reports").is_dir() and (history / "_index").is_dir()
+    assert all(p.relative_to(history).parts[0] == "scores" for p in history.glob("**/*.parquet"))
+    expected = pd.concat([audit_lib.read_day(str(history), dt.date.fromisoformat(d)) for d in DAYS],
+                         ignore_index=True)
+    _check_same_rows(expected, history, f"{history}/**/*.parquet", ["date", "run_id"])
+
+
+def test_bbox_reads_back_as_integers(tmp_path):
+    """A shard with a box and an empty mask's null box: every reader gives the box as integers."""
+    from headclip.storage.schema import result_schema, rows_to_table, table_to_parquet_bytes
+
+    base = {"image_uri": "u", "shard": 0, "status": "ok", "threshold": 0.5, "mask_threshold": 0.5,
+            "checkpoint_id": "c", "scored_at": dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)}
+    rows = [{**base, "image_id": "a", "bbox": {"x0": 1, "y0": 2, "x1": 30, "y1": 40}}, {**base, "image_id": "b"}]
+    path = tmp_path / "shard-00000.parquet"
+    path.write_bytes(table_to_parquet_bytes(rows_to_table(rows, result_schema())))
+    boxes = {
+        "pandas": pd.read_parquet(path)["bbox"].tolist(),
+        "duckdb": duckdb.sql(f"SELECT bbox FROM read_parquet('{path}') ORDER BY image_id").df()["bbox"].tolist(),
+        "polars": pl.read_parquet(path)["bbox"].to_list(),
+    }
+    for name, (box, empty) in boxes.items():
+        assert box == {"x0": 1, "y0": 2, "x1": 30, "y1": 40}, name
+        assert all(type(v) is int for v in box.values()), (name, box)
+        assert empty is None or pd.isna(empty), (name, empty)
+
+
 def test_run_id_lives_in_the_path_and_the_file_metadata(outputs):
     import pyarrow.parquet as pq
 

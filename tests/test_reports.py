@@ -9,6 +9,7 @@ the page's DOM for ticks, thresholds, strips and the table's sorting.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import deque
 from pathlib import Path
@@ -79,10 +80,11 @@ def test_rate_axis_stops_at_one():
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """(demo rows with ground truth, baseline rows of normal fabric), scored by the demo model in-process."""
+    """(demo rows with ground truth, baseline rows of normal fabric), scored by the demo model in-process
+    with per-texture thresholds (as ``make demo`` scores with calibrated ones)."""
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("reports")
-    manifest = generate(root / "demo-data", 12, 128)
+    manifest = generate(root / "demo-data", 16, 128)
     fabric = root / "fabric"
     fabric.mkdir()
     for i in range(10):
@@ -90,12 +92,20 @@ def scored(tmp_path_factory):
             fabric / f"good-{i:02d}.png")
     labelled = load_dataset(str(manifest))
     extras = [f for f in labelled.schema if f.name not in ("image_id", "image_uri")]  # label, mask_uri, ...
-    options = ScoringOptions(batch_size=12, io_threads=2)
-    with ImageScorer("demo", DEMO_CHECKPOINT_URI, options, extra_fields=extras) as scorer:
+    options = ScoringOptions(batch_size=16, io_threads=2)
+    with ImageScorer("probe", DEMO_CHECKPOINT_URI, options, extra_fields=extras) as scorer:
+        probe = scorer.score_table(labelled).to_pandas()
+    # each texture its own pair: the image threshold at its median score (so each flags some, not all)
+    medians = probe.groupby("class_name")["score"].median()
+    thresholds = {name: (float(medians[name]), 0.3 + 0.15 * k) for k, name in enumerate(sorted(medians.index))}
+    grouped = dataclasses.replace(options, group_column="class_name", group_thresholds=thresholds)
+    with ImageScorer("demo", DEMO_CHECKPOINT_URI, grouped, extra_fields=extras) as scorer:
         demo = scorer.score_table(labelled).to_pandas()
     uris = sorted(str(p) for p in fabric.glob("*.png"))
-    with ImageScorer("baseline", DEMO_CHECKPOINT_URI, options) as scorer:
-        baseline = scorer.score_table(pa.table({"image_id": uris, "image_uri": uris})).to_pandas()
+    with ImageScorer("baseline", DEMO_CHECKPOINT_URI, grouped, extra_fields=[pa.field("class_name", pa.string())]) \
+            as scorer:
+        baseline = scorer.score_table(pa.table({"image_id": uris, "image_uri": uris,
+                                                "class_name": ["fabric"] * len(uris)})).to_pandas()
     return root, demo, baseline
 
 
@@ -104,8 +114,9 @@ def pages(scored):
     """(demo report path, audit report path, demo rows, audit day rows)."""
     root, demo, baseline = scored
     demo_html = root / "demo-report.html"
-    demo_html.write_text(run_report(demo, "Demo run", top_n=TOP_N).html())
-    day = demo.drop(columns=[c for c in ("label", "mask_uri", "has_masks", "class_name") if c in demo])  # no truth
+    demo_html.write_text(run_report(demo, "Demo run", top_n=TOP_N, group_column="class_name",
+                                    checkpoint=DEMO_CHECKPOINT_URI).html())
+    day = demo.drop(columns=[c for c in ("label", "mask_uri", "has_masks") if c in demo])  # no truth
     days = ["2026-11-21", "2026-11-22"]
     figures = audit_lib.day_figures(day)
     comparison = audit_lib.compare(day, baseline, days)
@@ -116,7 +127,8 @@ def pages(scored):
     base_rate = float(baseline["is_anomalous"].mean())
     trend = [(days[0], base_rate), (days[1], base_rate), ("2026-11-23", figures.anomaly_rate)]
     audit_html = root / "audit-report.html"
-    audit_html.write_text(audit_report(summary, day, baseline, trend, 0.05, TOP_N).html())
+    audit_html.write_text(audit_report(summary, day, baseline, trend, 0.05, TOP_N, group_column="class_name",
+                                       checkpoint=DEMO_CHECKPOINT_URI).html())
     return demo_html, audit_html, demo, day
 
 
@@ -153,6 +165,46 @@ STRIPS = """Array.from(document.querySelectorAll('figure.strip')).map(function (
                     x: b.left + window.scrollX, y: b.top + window.scrollY, w: b.width, h: b.height};
           })};
 })"""
+GROUPS = """(function () {
+  function texts(root, sel) { return Array.from(root.querySelectorAll(sel)).map(function (t) { return t.textContent; }); }
+  var count = document.getElementById('anomalous-count');
+  return {headline: count && parseInt(count.getAttribute('data-value')), headline_text: count && count.textContent,
+    rate: count && count.parentElement.textContent,
+    figures: Array.from(document.querySelectorAll('table.figures tr')).map(function (r) {
+      return [r.cells[0].textContent, r.cells[1].textContent]; }),
+    table: Array.from(document.querySelectorAll('table.groups tbody tr')).map(function (r) {
+      return {group: r.getAttribute('data-group'), name: r.querySelector('th').textContent,
+              threshold: r.querySelector('td.threshold').textContent,
+              mask: r.querySelector('td.mask-threshold').textContent,
+              flagged: parseInt(r.querySelector('td.flagged').textContent)}; }),
+    histograms: Array.from(document.querySelectorAll('svg.histogram')).map(function (s) {
+      return {group: s.getAttribute('data-group'), legend: texts(s, '.legend-label'),
+              thresholds: texts(s, '.threshold-label')}; }),
+    colorbar: Array.from(document.querySelectorAll('svg.colorbar g.threshold')).map(function (g) {
+      return {group: g.getAttribute('data-group'), name: g.querySelector('.group-label').textContent,
+              label: g.querySelector('.threshold-label').textContent}; }),
+    labelled: document.querySelectorAll('table.top td.anomalous').length};
+})()"""
+# Every text of every plot: inside its picture, and clear of the plot's other texts.
+LAYOUT = """(function () {
+  var problems = [];
+  document.querySelectorAll('svg[role=img]').forEach(function (s, k) {
+    var box = s.getBoundingClientRect(), name = s.getAttribute('class') + ' ' + k;
+    var rects = Array.from(s.querySelectorAll('text')).map(function (t) {
+      var b = t.getBoundingClientRect(); return {text: t.textContent, l: b.left, r: b.right, t: b.top, b: b.bottom}; });
+    rects.forEach(function (a, i) {
+      if (a.l < box.left - 0.5 || a.r > box.right + 0.5 || a.t < box.top - 0.5 || a.b > box.bottom + 0.5)
+        problems.push(name + ': clipped: ' + a.text);
+      rects.slice(i + 1).forEach(function (b) {
+        if (a.l < b.r - 1 && b.l < a.r - 1 && a.t < b.b - 1 && b.t < a.b - 1)
+          problems.push(name + ': overlap: ' + a.text + ' / ' + b.text);
+      });
+    });
+  });
+  if (document.documentElement.scrollWidth > window.innerWidth) problems.push('page wider than the window: ' +
+      document.documentElement.scrollWidth);
+  return problems;
+})()"""
 TABLE_SCORES = "Array.from(document.querySelectorAll('table.top tbody tr')).map(r => parseFloat(r.cells[1].textContent))"
 
 
@@ -160,12 +212,13 @@ def _rgb(css: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in css.strip("rgba() ").split(",")[:3])
 
 
-def _render(url: str, shot: Path, profile: Path) -> dict:
-    with Browser(profile) as browser:
+def _render(url: str, shot: Path, profile: Path, width: int = 1280) -> dict:
+    with Browser(profile, width=width) as browser:
         browser.open(url)
         browser.screenshot(shot)
         found = {name: browser.js(script) for name, script in
                  [("legends", LEGENDS), ("series", SERIES), ("plots", PLOTS), ("strips", STRIPS),
+                  ("groups", GROUPS), ("layout", LAYOUT),
                   ("loaded", "document.body.getAttribute('data-images-loaded')")]}
         found["sorted"] = []
         for _ in range(2):  # first click: descending, second: ascending
@@ -205,16 +258,52 @@ def _line_is_drawn(pixels: np.ndarray, rect: dict) -> bool:
 
 def _check_axes(found: dict, expected: dict[str, list[str]]) -> None:
     pixels = found["pixels"]
-    by_class = {p["plot"].split()[-1]: p for p in found["plots"]}
     for name, thresholds in expected.items():
-        plot = by_class[name]
-        assert len(plot["x"]) >= 3, plot
-        if name != "colorbar":
-            assert len(plot["y"]) >= 3 and float(plot["y"][0]) == 0, plot
-            assert len(plot["titles"]) == 2, plot
-            assert _line_is_drawn(pixels, plot["yline"]) and _line_is_drawn(pixels, plot["xline"]), plot
-        for prefix in thresholds:
-            assert any(t.startswith(prefix) for t in plot["thresholds"]), (name, plot["thresholds"])
+        plots = [p for p in found["plots"] if p["plot"].split()[-1] == name]
+        assert plots, name
+        for plot in plots:
+            assert len(plot["x"]) >= 3, plot
+            if name != "colorbar":
+                assert len(plot["y"]) >= 2 and float(plot["y"][0]) == 0, plot
+                assert len(plot["titles"]) == 2, plot
+                assert _line_is_drawn(pixels, plot["yline"]) and _line_is_drawn(pixels, plot["xline"]), plot
+            for prefix in thresholds:
+                assert any(t.startswith(prefix) for t in plot["thresholds"]), (name, plot["thresholds"])
+
+
+def _check_groups(found: dict, rows: pd.DataFrame) -> None:
+    """The headline counts what scoring applied, and every group's thresholds are named in the table,
+    in its own histogram and on the colour scale, printed with one rounding."""
+    groups = found["groups"]
+    ok = rows[rows["status"] == "ok"]
+    applied = sum(1 for score, threshold in zip(ok["score"], ok["threshold"]) if score > threshold)  # a plain loop
+    assert groups["headline"] == int(ok["is_anomalous"].sum()) == applied, groups
+    assert groups["headline"] == sum(g["flagged"] for g in groups["table"]), groups["table"]
+    assert "above their group's threshold" in groups["rate"], groups["rate"]
+    expected = {name: (float(part["threshold"].iloc[0]), float(part["mask_threshold"].iloc[0]))
+                for name, part in ok.groupby("class_name")}
+    assert len(expected) > 1 and len({t for t, _ in expected.values()}) == len(expected)
+    assert {g["group"] for g in groups["table"]} == set(expected)
+    for row in groups["table"]:
+        threshold, mask_threshold = expected[row["group"]]
+        assert row["name"] == row["group"]
+        assert row["threshold"] == f"{threshold:.4g}" and row["mask"] == f"{mask_threshold:.4g}", row
+        flagged = int((ok["class_name"] == row["group"]).mul(ok["is_anomalous"]).sum())
+        assert row["flagged"] == flagged, row
+    by_group = {h["group"]: h for h in groups["histograms"]}
+    assert set(by_group) == set(expected), by_group
+    for name, (threshold, mask_threshold) in expected.items():
+        assert by_group[name]["thresholds"] == [f"threshold {threshold:.4g}"], by_group[name]
+        assert by_group[name]["legend"][0].startswith(f"{name} (n=") or by_group[name]["legend"][0].startswith("20")
+    bars = {c["group"]: c for c in groups["colorbar"]}
+    assert set(bars) == set(expected)
+    for name, (_, mask_threshold) in expected.items():
+        assert bars[name]["name"] == name and bars[name]["label"] == f"mask threshold {mask_threshold:.4g}"
+    page = " ".join(f"{k} {v}" for k, v in groups["figures"]).replace("\u00a0", " ")
+    for name, (threshold, mask_threshold) in expected.items():  # the same rounding in the figures
+        assert f"{name} > {threshold:.4g} / > {mask_threshold:.4g}" in page, page
+    assert "demo model" in page and "headclip:demo.safetensors" in page, page
+    assert found["layout"] == [], found["layout"]
 
 
 def _near(region: np.ndarray, color: tuple[int, int, int], tolerance: int = 40) -> int:
@@ -225,13 +314,13 @@ def _check_strips(found: dict, rows: pd.DataFrame, panels: list[str]) -> None:
     flagged = rows[rows["is_anomalous"]].sort_values("score", ascending=False).head(TOP_N)
     strips = found["strips"]
     assert [s["id"] for s in strips] == flagged["image_id"].tolist()  # only flagged images, worst first
-    threshold = float(rows["threshold"].iloc[0])
     pixels = found["pixels"]
     for strip, (_, row) in zip(strips, flagged.iterrows()):
         assert [p["name"] for p in strip["panels"]] == panels and all(p["loaded"] for p in strip["panels"])
-        assert strip["score"] > threshold
+        assert strip["score"] > float(row["threshold"])  # its own group's threshold
         caption = strip["caption"]
-        assert f"score {row['score']:.3f}" in caption and "anomalous" in caption and row["image_uri"] in caption
+        assert f"{row['class_name']}: threshold {row['threshold']:.4g}" in caption, caption
+        assert f"score {row['score']:.4g}" in caption and "anomalous" in caption and row["image_uri"] in caption
         assert ("ground truth:" in caption) == ("ground truth" in panels)
         crops = {p["name"]: pixels[int(p["y"]):int(p["y"] + p["h"]), int(p["x"]):int(p["x"] + p["w"])]
                  for p in strip["panels"]}
@@ -247,30 +336,42 @@ def _check_strips(found: dict, rows: pd.DataFrame, panels: list[str]) -> None:
 
 
 def _check_table(found: dict, rows: pd.DataFrame) -> None:
-    top = rows.sort_values("score", ascending=False).head(TOP_N)["score"].astype(float).round(3).tolist()
+    top = [float(f"{v:.4g}") for v in rows.sort_values("score", ascending=False).head(TOP_N)["score"]]
     descending, ascending = found["sorted"]
     assert descending == sorted(top, reverse=True) and ascending == sorted(top)
 
 
+WIDTHS = (1400, 800)  # a laptop's browser, and a narrow window
+
+
 @needs_chromium
-def test_demo_report_in_chromium(pages, tmp_path):
+@pytest.mark.parametrize("width", WIDTHS)
+def test_demo_report_in_chromium(pages, tmp_path, width):
     demo_html, _, demo, _ = pages
-    found = _render(demo_html.as_uri(), tmp_path / "demo-report.png", tmp_path / "profile")
-    print(f"screenshot: {tmp_path / 'demo-report.png'}")
+    shot = tmp_path / f"demo-report-{width}.png"
+    found = _render(demo_html.as_uri(), shot, tmp_path / "profile", width)
+    print(f"screenshot: {shot}")
     _check_legends(found, {"histogram"})
-    _check_axes(found, {"histogram": ["threshold 0.5"], "colorbar": ["mask threshold 0.5"]})
+    _check_axes(found, {"histogram": ["threshold "], "colorbar": ["mask threshold "]})
+    _check_groups(found, demo)
     _check_strips(found, demo, ["image", "heat map", "prediction", "ground truth"])
     _check_table(found, demo)
 
 
 @needs_chromium
-def test_audit_report_in_chromium(pages, tmp_path):
+@pytest.mark.parametrize("width", WIDTHS)
+def test_audit_report_in_chromium(pages, tmp_path, width):
     _, audit_html, _, day = pages
-    found = _render(audit_html.as_uri(), tmp_path / "audit-report.png", tmp_path / "profile")
-    print(f"screenshot: {tmp_path / 'audit-report.png'}")
+    shot = tmp_path / f"audit-report-{width}.png"
+    found = _render(audit_html.as_uri(), shot, tmp_path / "profile", width)
+    print(f"screenshot: {shot}")
     _check_legends(found, {"histogram", "trend"})
-    _check_axes(found, {"histogram": ["threshold 0.5"], "trend": ["baseline", "alert at"],
+    _check_axes(found, {"histogram": ["threshold "], "trend": ["baseline", "alert at"],
                         "colorbar": ["mask threshold"]})
+    _check_groups(found, day)
+    legends = [e["label"] for entries in found["legends"] for e in entries]
+    assert not any(label.startswith("baseline (n=0)") for label in legends), legends
+    assert sum(label.startswith("baseline (n=10)") for label in legends) == 1, legends  # fabric's own baseline
     trend = next(p for p in found["plots"] if "trend" in p["plot"])
     assert max(float(t) for t in trend["y"]) <= 1.0
     _check_strips(found, day, ["image", "heat map", "prediction"])

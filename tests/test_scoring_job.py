@@ -175,11 +175,13 @@ def _readme_type(text: str) -> pa.DataType:
                 parts.append(body[start:i].strip())
                 start = i + 1
         fields, untyped = [], []
-        for part in parts:  # "a, b: int32" gives both names the type
+        for part in parts:  # "a, b: int32" gives both names the type; "int32 not null": fields never null
             name, _, kind = part.partition(":")
             untyped.append(name.strip())
             if kind:
-                fields += [pa.field(n, _readme_type(kind)) for n in untyped]
+                required = kind.strip().endswith(" not null")
+                kind = kind.strip().removesuffix(" not null")
+                fields += [pa.field(n, _readme_type(kind), nullable=not required) for n in untyped]
                 untyped = []
         assert not untyped, text
         return pa.struct(fields)

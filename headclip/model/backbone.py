@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ def load_backbone(config: HeadCLIPConfig, storage_options: Optional[dict] = None
             )
     quick_gelu = needs_quick_gelu(name, pretrained, openai_layout, digest, config.quick_gelu)
 
-    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(config.init_seed)
         if pretrained is not None and state is None:
             clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
@@ -168,21 +169,28 @@ def load_backbone(config: HeadCLIPConfig, storage_options: Optional[dict] = None
     preprocess = open_clip.get_model_preprocess_cfg(clip)
     mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
-    tokenizer = open_clip.get_tokenizer(name)
+    with _quiet_open_clip():
+        tokenizer = open_clip.get_tokenizer(name)
     log.info("backbone %s (weights %s, quick_gelu=%s)", name, pretrained or "random", quick_gelu)
     return Backbone(clip, tokenizer, mean, std, quick_gelu, digest)
 
 
-class _DropRandomInitWarning(logging.Filter):
+class _QuietOpenClip(logging.Filter):
+    """Drops open_clip's INFO lines (it logs them on the root logger) and its random-init warning."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        from_open_clip = f"{os.sep}open_clip{os.sep}" in record.pathname
+        if from_open_clip and record.levelno <= logging.INFO:
+            return False
         return not record.getMessage().startswith("No pretrained weights loaded")
 
 
 @contextlib.contextmanager
-def _quiet_random_init_warning():
-    """open_clip warns of random init even when weights are loaded from a file right after."""
+def _quiet_open_clip():
+    """open_clip logs each step of a model load at INFO on the root logger, and warns of random
+    init even when weights are loaded from a file right after: neither reaches the user's log."""
     root = logging.getLogger()
-    dropper = _DropRandomInitWarning()
+    dropper = _QuietOpenClip()
     root.addFilter(dropper)
     try:
         yield

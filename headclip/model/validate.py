@@ -57,11 +57,11 @@ def _meta_model(config: HeadCLIPConfig, source: str):
     import open_clip
     import torch
 
-    from .backbone import _quiet_random_init_warning
+    from .backbone import _quiet_open_clip
     from .headclip import HeadCLIP
 
     try:
-        with _quiet_random_init_warning():
+        with _quiet_open_clip():
             clip = open_clip.create_model(config.backbone, pretrained=None, device="meta",
                                           force_quick_gelu=bool(config.quick_gelu))
         tokenizer = open_clip.get_tokenizer(config.backbone)

@@ -3,7 +3,7 @@
 The history is a table of scoring rows partitioned by day:
 ``HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/shard-*.parquet`` (the scoring
 job's own output, one output location per day). Reports go to
-``HISTORY/reports/date=YYYY-MM-DD/``. Images are identified by their URI, so
+``HISTORY/_reports/date=YYYY-MM-DD/``. Images are identified by their URI, so
 an audit re-run adds no rows.
 """
 
@@ -22,6 +22,7 @@ from ..storage.fs import filesystem
 from ..storage.results import BrokenShard, read_shard_table
 from ..storage.schema import PARTITION_KEYS, STATUS_OK
 from ..storage.layout import day_of_partition, day_output, day_shard_glob, history_scores, partition_value
+from .groups import num, signed
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,33 @@ class AuditSummary:
     @property
     def message(self) -> str:
         """One line a scheduler or a person reads: ``AUDIT ALERT <day>: ...`` or ``AUDIT OK <day>: ...``."""
-        rate = "n/a" if self.figures.anomaly_rate is None else f"{self.figures.anomaly_rate:.3f}"
+        rate = "n/a" if self.figures.anomaly_rate is None else num(self.figures.anomaly_rate)
         head = (f"{self.figures.images} images ({self.new_images} new), {self.figures.errors} errors, "
                 f"anomaly rate {rate}")
         if self.alert:
             return f"AUDIT ALERT {self.date}: " + "; ".join(self.reasons) + f" ({head}; report {self.report})"
         return f"AUDIT OK {self.date}: {head}; report {self.report}"
+
+    @property
+    def text(self) -> str:
+        """A few lines for a person (a chat message): what alerted, the figures, the report."""
+        head = f"HeadCLIP audit {self.date}: " + ("ALERT" if self.alert else "no alert")
+        lines = [head] + [f"- {reason}" for reason in self.reasons]
+        figures = self.figures
+        day = (f"{figures.images} images ({self.new_images} new), {figures.errors} errors, {figures.anomalous} "
+               f"flagged" + ("" if figures.anomaly_rate is None else f", anomaly rate {num(figures.anomaly_rate)}"))
+        lines.append(f"Day: {day}")
+        comparison = self.comparison
+        if comparison.baseline_anomaly_rate is not None:
+            lines.append(f"Baseline ({len(comparison.baseline_days)} days): {comparison.baseline_images} images, "
+                         f"anomaly rate {num(comparison.baseline_anomaly_rate)}; change "
+                         f"{signed(comparison.rate_change)}, KS p = {num(comparison.ks_p_value)}")
+        else:
+            lines.append("Baseline: none in the trailing days")
+        if self.note:
+            lines.append(self.note)
+        lines.append(f"Report: {self.report}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "message": self.message}
@@ -161,16 +183,16 @@ def alert_reasons(figures: DayFigures, comparison: Comparison, thresholds: Thres
     """Why the day alerts; empty when it does not."""
     reasons = []
     if figures.images and figures.errors / figures.images > thresholds.error_rate:
-        reasons.append(f"error rate {figures.errors / figures.images:.3f} exceeds {thresholds.error_rate}")
+        reasons.append(f"error rate {num(figures.errors / figures.images)} exceeds {num(thresholds.error_rate)}")
     if comparison.rate_change is not None:
         low = comparison.rate_change_ci95[0]
         if comparison.rate_change >= thresholds.rate_increase and low > 0:
-            reasons.append(f"anomaly rate rose by {comparison.rate_change:+.3f} (95% CI {low:+.3f} to "
-                           f"{comparison.rate_change_ci95[1]:+.3f}) against the baseline's "
-                           f"{comparison.baseline_anomaly_rate:.3f}; threshold {thresholds.rate_increase}")
+            reasons.append(f"anomaly rate rose by {signed(comparison.rate_change)} (95% CI {signed(low)} to "
+                           f"{signed(comparison.rate_change_ci95[1])}) against the baseline's "
+                           f"{num(comparison.baseline_anomaly_rate)}; threshold {num(thresholds.rate_increase)}")
     if comparison.ks_p_value is not None and comparison.ks_p_value < thresholds.p_value:
-        reasons.append(f"score distribution shifted (KS statistic {comparison.ks_statistic:.3f}, "
-                       f"p = {comparison.ks_p_value:.2g} < {thresholds.p_value})")
+        reasons.append(f"score distribution shifted (KS statistic {num(comparison.ks_statistic)}, "
+                       f"p = {num(comparison.ks_p_value)} < {num(thresholds.p_value)})")
     return reasons
 
 

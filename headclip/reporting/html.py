@@ -1,7 +1,10 @@
 """HTML reports a person reads in a minute: figures, plots, a sortable table and image strips.
 
 One self-contained file: plots are inline SVG (:mod:`.plots`) and pictures are
-PNG data URIs, so the report opens from anywhere (a bucket, a mail, a laptop).
+JPEG data URIs, so the report opens from anywhere (a bucket, a mail, a laptop).
+Rows scored with per-group thresholds are reported per group (:mod:`.groups`):
+each image counts against its own group's threshold, each group gets its own
+histogram and its own mask threshold on the colour scale.
 Each image the model flags gets a strip: the image, its heat map, its predicted
 mask (one box per connected region) and its ground truth when the rows carry
 one (``mask_uri``, or ``label`` 0 for a known normal image).
@@ -17,28 +20,36 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from ..storage.schema import STATUS_OK
+from .groups import ALL_IMAGES, Grouping, checkpoint_figure, group_keys, num, signed
 from .overlay import HEAT_COLORS, jpeg_bytes, panels, region_boxes, row_mask
 from .plots import SERIES_COLORS, colorbar_svg, histogram_svg, line_svg
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1280px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
-table.figures td, table.figures th { padding: 2px 12px; text-align: left; }
+table.figures td, table.figures th { padding: 2px 12px; text-align: left; vertical-align: top; }
+table.figures th { white-space: nowrap; }
+table.groups { border-collapse: collapse; } table.groups td, table.groups th { padding: 2px 12px; text-align: left; }
+table.groups td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.plots { display: flex; flex-wrap: wrap; gap: 0 12px; } .plots figure { margin: 0.4em 0; }
+.plots figcaption { font-weight: bold; font-size: 0.9em; }
 .alert { background: #fde2e1; border-left: 5px solid #d33; padding: 0.6em 1em; }
 .ok { background: #e3f6e5; border-left: 5px solid #2a2; padding: 0.6em 1em; }
 svg[role=img] { display: block; margin: 0.4em 0; }
-svg .tick, svg .legend-label, svg .axis-title, svg .threshold-label { font-size: 12px; }
+svg .tick, svg .legend-label, svg .axis-title, svg .threshold-label, svg .group-label { font-size: 12px; }
 table.top { border-collapse: collapse; font-size: 0.9em; }
 table.top th, table.top td { border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: left; }
 table.top th { cursor: pointer; background: #f3f3f3; user-select: none; }
 table.top th[aria-sort=ascending]::after { content: " \\25B2"; }
 table.top th[aria-sort=descending]::after { content: " \\25BC"; }
 table.top td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.top td.uri { min-width: 16em; } table.errors td { overflow-wrap: anywhere; }
 .strip { margin: 0 0 1.2em 0; padding: 0.5em; border: 1px solid #ddd; }
 .strip .panels { display: flex; gap: 8px; flex-wrap: wrap; }
 .strip .panel { margin: 0; font-size: 0.8em; color: #555; text-align: center; }
 .strip .panel img { display: block; border: 1px solid #ccc; }
-.strip figcaption { font-size: 0.85em; margin-top: 0.3em; word-break: break-all; }
+.strip figcaption { font-size: 0.85em; margin-top: 0.3em; } .uri { overflow-wrap: anywhere; }
+.wide { overflow-x: auto; }
 .anomalous { color: #b00; font-weight: bold; } .normal { color: #070; font-weight: bold; }
 """
 
@@ -71,6 +82,14 @@ document.querySelectorAll('table.top').forEach(function (table) {
 """
 
 
+class Html(str):
+    """Markup a report places as it is (its parts escaped by whoever built it)."""
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, Html) else html.escape(str(value))
+
+
 @dataclass
 class Section:
     title: str
@@ -81,17 +100,18 @@ class Section:
 class Report:
     title: str
     banner: Optional[tuple[str, str]] = None  # (css class, text)
-    figures: dict[str, str] = field(default_factory=dict)
+    figures: dict[str, str] = field(default_factory=dict)  # values are text, or Html
     sections: list[Section] = field(default_factory=list)
 
     def html(self) -> str:
-        parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
+        parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
+                 f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+                 f"<title>{html.escape(self.title)}</title>",
                  f"<style>{STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>"]
         if self.banner:
             parts.append(f"<div class='{self.banner[0]}' id='verdict'>{html.escape(self.banner[1])}</div>")
         if self.figures:
-            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                           for k, v in self.figures.items())
+            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_cell(v)}</td></tr>" for k, v in self.figures.items())
             parts.append(f"<table class='figures'>{rows}</table>")
         for section in self.sections:
             parts.append(f"<h2>{html.escape(section.title)}</h2>{section.body}")
@@ -100,16 +120,10 @@ class Report:
 
 
 def image_threshold(rows: pd.DataFrame) -> Optional[float]:
-    """The image threshold of the rows (the most common one when runs differ), or None."""
+    """The image threshold of rows that share one (the most common one otherwise), or None."""
     if "threshold" not in rows or rows["threshold"].dropna().empty:
         return None
     return float(rows["threshold"].dropna().mode().iloc[0])
-
-
-def _mask_threshold(rows: pd.DataFrame) -> Optional[float]:
-    if "mask_threshold" not in rows or rows["mask_threshold"].dropna().empty:
-        return None
-    return float(rows["mask_threshold"].dropna().mode().iloc[0])
 
 
 def _known(value) -> bool:
@@ -132,11 +146,12 @@ def _data_uri(picture) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(picture)).decode()
 
 
-def strips_html(rows: pd.DataFrame, storage_options: Optional[dict] = None, max_side: int = 200) -> str:
+def strips_html(rows: pd.DataFrame, storage_options: Optional[dict] = None, max_side: int = 200,
+                groups: Optional[pd.Series] = None) -> str:
     """One strip per row: image, heat map, predicted mask, ground truth (when known), and a caption
-    with rank, score, label, ground truth and URI."""
+    with rank, score, label, the thresholds applied (and the row's group), ground truth and URI."""
     strips = []
-    for rank, (_, row) in enumerate(rows.iterrows(), start=1):
+    for rank, (index, row) in enumerate(rows.iterrows(), start=1):
         record = row.to_dict()
         pictures = panels(record, storage_options, max_side)
         cells = "".join(f"<figure class='panel' data-panel='{html.escape(name)}'>"
@@ -148,106 +163,163 @@ def strips_html(rows: pd.DataFrame, storage_options: Optional[dict] = None, max_
         mask = row_mask(record)
         regions = 0 if mask is None else len(region_boxes(mask))
         share = 0.0 if mask is None else float(mask.mean()) * 100
-        caption = (f"<b>#{rank}</b> · score <b>{record['score']:.3f}</b> (global {record['global_score']:.3f}, "
-                   f"map max {record['pixel_max']:.3f}) · <span class='{label}'>{label}</span>"
+        group = "" if groups is None else f"{html.escape(str(groups.loc[index]))}: "
+        caption = (f"<b>#{rank}</b> · score <b>{num(record['score'])}</b> (global {num(record['global_score'])}, "
+                   f"map max {num(record['pixel_max'])}) · <span class='{label}'>{label}</span>"
+                   f" · {group}threshold {num(record['threshold'])}, mask threshold {num(record['mask_threshold'])}"
                    + (f" · ground truth: <span class='{truth}'>{truth}</span>" if truth else "")
-                   + f" · mask {share:.1f}% of the image in {regions} region{'s' if regions != 1 else ''}"
-                   + f"<br/>{html.escape(str(record['image_uri']))}")
+                   + f" · mask {num(share)}% of the image in {regions} region{'s' if regions != 1 else ''}"
+                   + f"<br/><span class='uri'>{html.escape(str(record['image_uri']))}</span>")
         strips.append(f"<figure class='strip' data-image-id='{html.escape(str(record['image_id']))}' "
-                      f"data-score='{record['score']:.6f}'><div class='panels'>{cells}</div>"
-                      f"<figcaption>{caption}</figcaption></figure>")
+                      f"data-score='{record['score']:.6f}' data-threshold='{float(record['threshold']):.6f}'>"
+                      f"<div class='panels'>{cells}</div><figcaption>{caption}</figcaption></figure>")
     return "".join(strips)
 
 
-def top_table_html(rows: pd.DataFrame) -> str:
-    """A table of rows (rank, scores, mask share, label, ground truth, URI); headers sort on click."""
+def top_table_html(rows: pd.DataFrame, groups: Optional[pd.Series] = None) -> str:
+    """A table of rows (rank, scores, mask share, label, group, ground truth, URI); headers sort on click."""
     with_truth = "label" in rows
-    headers = ["rank", "score", "global", "map max", "mask %", "label"] + (["ground truth"] if with_truth else [])
+    headers = (["rank", "score", "global", "map max", "mask %", "label"] + (["group"] if groups is not None else [])
+               + (["ground truth"] if with_truth else []))
     head = "".join(f"<th scope='col'>{h}</th>" for h in headers + ["image"])
     body = []
-    for rank, (_, row) in enumerate(rows.iterrows(), start=1):
+    for rank, (index, row) in enumerate(rows.iterrows(), start=1):
         record = row.to_dict()
         area = (record.get("mask_area") or 0) / max(1, int(record.get("width") or 1) * int(record.get("height") or 1))
         cells = [f"<td class='num' data-value='{rank}'>{rank}</td>"]
         for key in ("score", "global_score", "pixel_max"):
-            cells.append(f"<td class='num' data-value='{record[key]:.6f}'>{record[key]:.3f}</td>")
-        cells.append(f"<td class='num' data-value='{area * 100:.4f}'>{area * 100:.1f}</td>")
+            cells.append(f"<td class='num' data-value='{record[key]:.6f}'>{num(record[key])}</td>")
+        cells.append(f"<td class='num' data-value='{area * 100:.4f}'>{num(area * 100)}</td>")
         cells.append(f"<td class='{_label(record)}'>{_label(record)}</td>")
+        if groups is not None:
+            cells.append(f"<td>{html.escape(str(groups.loc[index]))}</td>")
         if with_truth:
             truth = _truth(record) or ""
             cells.append(f"<td class='{truth}'>{truth}</td>")
-        cells.append(f"<td>{html.escape(str(record['image_uri']))}</td>")
+        cells.append(f"<td class='uri'>{html.escape(str(record['image_uri']))}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     if not body:
         return "<p>No scored images.</p>"
-    return f"<table class='top'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f"<div class='wide'><table class='top'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+            f"</table></div>")
 
 
-def score_figures(rows: pd.DataFrame) -> dict[str, str]:
-    """The headline numbers of a set of output rows."""
+def score_figures(rows: pd.DataFrame, grouping: Optional[Grouping] = None) -> dict[str, str]:
+    """The headline numbers of a set of output rows; flagged images counted against their own thresholds."""
+    grouping = grouping or Grouping.of(rows)
     ok = rows[rows["status"] == STATUS_OK]
     figures = {"images": str(len(rows)), "errors": str(int((rows["status"] != STATUS_OK).sum()))}
     if len(ok):
         q = ok["score"].quantile([0.5, 0.9, 0.99])
-        threshold = image_threshold(ok)
-        figures.update({
-            "anomaly rate": f"{ok['is_anomalous'].mean():.3f} ({int(ok['is_anomalous'].sum())} of {len(ok)}"
-                            + (f" above the threshold {threshold:g})" if threshold is not None else ")"),
-            "score p50 / p90 / p99": f"{q.iloc[0]:.3f} / {q.iloc[1]:.3f} / {q.iloc[2]:.3f}",
-        })
-    if len(rows) and {"threshold", "mask_threshold"} <= set(rows.columns):
-        figures["thresholds"] = threshold_figure(rows)
+        flagged = int(ok["is_anomalous"].astype(bool).sum())
+        figures["anomaly rate"] = Html(
+            f"{num(flagged / len(ok))} (<span id='anomalous-count' data-value='{flagged}'>{flagged}</span> of "
+            f"{len(ok)} scored images above {html.escape(grouping.above())})")
+        figures["score p50 / p90 / p99"] = " / ".join(num(v) for v in q)
+    if grouping.groups:
+        figures["thresholds"] = threshold_figure(grouping)
     return figures
 
 
-def threshold_figure(rows: pd.DataFrame, listed: int = 6) -> str:
-    """The image and mask thresholds the rows record: one pair, or each pair with its image count."""
-    pairs = rows.groupby(["threshold", "mask_threshold"]).size().sort_index()
-    if len(pairs) == 1:
-        (threshold, mask_threshold), = pairs.index
-        return f"image score > {threshold:.4g}, mask pixels > {mask_threshold:.4g}"
-    shown = "; ".join(f"> {t:.4g} / > {m:.4g} ({n} images)" for (t, m), n in list(pairs.items())[:listed])
-    more = f"; {len(pairs) - listed} more" if len(pairs) > listed else ""
-    return f"{len(pairs)} calibrated pairs (image score / mask pixels): {shown}{more}"
+def threshold_figure(grouping: Grouping) -> str:
+    """The image and mask thresholds applied, in one line: one pair, or each group's."""
+    if not grouping.several:
+        group = grouping.groups[0]
+        return f"image score > {num(group.threshold)}, mask pixels > {num(group.mask_threshold)}"
+    by = f"by {grouping.column}" if grouping.column else "by threshold pair"
+    pairs = [f"{g.name + ' ' if grouping.column else ''}> {num(g.threshold)} / > {num(g.mask_threshold)}"
+             for g in grouping.groups]
+    shown = "; ".join(p.replace(" ", "\u00a0") for p in pairs)  # a pair stays on one line when the row wraps
+    return f"{len(grouping.groups)} groups {by} (image score / mask pixels): {shown}"
 
 
-def image_sections(rows: pd.DataFrame, top_n: int, storage_options: Optional[dict] = None) -> list[Section]:
+def groups_table_html(grouping: Grouping) -> str:
+    """One row per group: its name, image and mask thresholds, images, flagged images and rate."""
+    head = "".join(f"<th scope='col'>{h}</th>" for h in
+                   (grouping.column or "group", "image threshold", "mask threshold", "images", "flagged",
+                    "anomaly rate"))
+    body = "".join(
+        f"<tr data-group='{html.escape(g.name)}'><th scope='row' class='group'>{html.escape(g.name)}</th>"
+        f"<td class='num threshold'>{num(g.threshold)}</td><td class='num mask-threshold'>{num(g.mask_threshold)}"
+        f"</td><td class='num'>{g.images}</td><td class='num flagged'>{g.flagged}</td>"
+        f"<td class='num'>{num(g.flagged / g.images) if g.images else ''}</td></tr>" for g in grouping.groups)
+    return f"<table class='groups'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def histograms_html(series_of, grouping: Grouping) -> str:
+    """The score histogram with the image threshold: one plot, or one small plot per group.
+
+    ``series_of(group_name or None)``: the {series name: scores} to draw (None: every row).
+    """
+    if not grouping.several:
+        group = grouping.groups[0] if grouping.groups else None
+        return histogram_svg(series_of(None), group.threshold if group else None,
+                             group=group.name if group else None)
+    plots = "".join(f"<figure class='plot'><figcaption>{html.escape(g.name)}: image threshold {num(g.threshold)}"
+                    f"</figcaption>{histogram_svg(series_of(g.name), g.threshold, width=350, height=200, group=g.name)}"
+                    f"</figure>" for g in grouping.groups)
+    return f"<div class='plots'>{plots}</div>"
+
+
+def image_sections(rows: pd.DataFrame, top_n: int, storage_options: Optional[dict] = None,
+                   grouping: Optional[Grouping] = None) -> list[Section]:
     """The table of the top ``top_n`` images by score, and strips of the flagged ones among them."""
+    grouping = grouping or Grouping.of(rows)
     ok = rows[rows["status"] == STATUS_OK].sort_values("score", ascending=False, kind="stable")
+    keys = grouping.keys(ok) if grouping.several else None
     top = ok.head(top_n)
     flagged = ok[ok["is_anomalous"].astype(bool)].head(top_n)
-    threshold = image_threshold(ok)
-    above = f"score above the threshold {threshold:g}" if threshold is not None else "flagged"
+    above = f"score above {grouping.above()}"
     if len(flagged):
-        strips = (colorbar_svg(HEAT_COLORS, _mask_threshold(ok))
+        markers = [(g.name, g.mask_threshold) for g in grouping.groups]
+        strips = (colorbar_svg(HEAT_COLORS, markers)
                   + "<p>image · heat map · predicted mask (red; one box per region)"
                   + (" · ground truth (green)" if "label" in ok or "mask_uri" in ok else "") + "</p>"
-                  + strips_html(flagged, storage_options))
+                  + strips_html(flagged, storage_options, groups=keys))
     else:
         strips = f"<p>No image has a {above}.</p>"
-    return [Section(f"Top {len(top)} images by score (click a header to sort)", top_table_html(top)),
+    return [Section(f"Top {len(top)} images by score (click a header to sort)", top_table_html(top, keys)),
             Section(f"Flagged images ({above}): {len(flagged)} of "
                     f"{int(ok['is_anomalous'].astype(bool).sum())} shown", strips)]
 
 
-def run_report(rows: pd.DataFrame, title: str, top_n: int = 12, storage_options: Optional[dict] = None) -> Report:
-    """A report of one scoring run: figures, score histogram, top table, strips, errors."""
+def run_report(rows: pd.DataFrame, title: str, top_n: int = 12, storage_options: Optional[dict] = None,
+               group_column: Optional[str] = None, checkpoint: Optional[str] = None) -> Report:
+    """A report of one scoring run: figures, thresholds by group, score histograms, top table, strips, errors.
+
+    ``group_column``: the column the run's thresholds were calibrated by (the run config's
+    ``group_column``); ``checkpoint``: the checkpoint as the run named it.
+    """
     ok = rows[rows["status"] == STATUS_OK]
-    report = Report(title=title, figures=score_figures(rows))
-    report.sections.append(Section("Score distribution",
-                                   histogram_svg({"scores": ok["score"].tolist()}, image_threshold(ok))))
-    report.sections.extend(image_sections(rows, top_n, storage_options))
+    grouping = Grouping.of(rows, group_column)
+    report = Report(title=title, figures=score_figures(rows, grouping))
+    named = checkpoint_figure(rows, checkpoint)
+    if named:
+        report.figures["checkpoint"] = named
+    if grouping.several:
+        report.sections.append(Section("Thresholds by group", groups_table_html(grouping)))
+    keys = grouping.keys(ok) if grouping.several else None
+
+    def series_of(name):
+        scores = ok["score"] if name is None else ok.loc[keys == name, "score"]
+        return {"scores" if name is None else name: scores.tolist()}
+
+    report.sections.append(Section("Score distribution", histograms_html(series_of, grouping)))
+    report.sections.extend(image_sections(rows, top_n, storage_options, grouping))
     report.sections.append(Section("Errors", errors_html(rows)))
     return report
 
 
 def audit_report(summary, day_rows: pd.DataFrame, baseline: pd.DataFrame, trend_points: Sequence[tuple[str, float]],
-                 rate_increase: float, top_n: int, storage_options: Optional[dict] = None) -> Report:
+                 rate_increase: float, top_n: int, storage_options: Optional[dict] = None,
+                 group_column: Optional[str] = None, checkpoint: Optional[str] = None,
+                 single_name: str = ALL_IMAGES) -> Report:
     """The nightly audit's report: verdict, figures, the day against its baseline, 30-day trend,
     top table and strips of the day's flagged images, errors.
 
     ``summary`` is a :class:`headclip.reporting.audit.AuditSummary`; ``rate_increase``
-    the alert's rise of the anomaly rate, drawn above the baseline rate.
+    the alert's rise of the anomaly rate, drawn above the baseline rate; ``single_name``
+    names the one group of a day scored with one threshold (e.g. ``--threshold-group``).
     """
     comparison = summary.comparison
     if summary.alert:
@@ -257,30 +329,47 @@ def audit_report(summary, day_rows: pd.DataFrame, baseline: pd.DataFrame, trend_
     else:
         banner = ("ok", "No alert." + (f" {summary.note}." if summary.note else ""))
     report = Report(title=f"Anomaly audit {summary.date}", banner=banner)
-    report.figures = ({"new images scored": str(summary.new_images), **score_figures(day_rows)}
+    grouping = Grouping.of(day_rows, group_column, single_name) if len(day_rows) else Grouping(None, [])
+    report.figures = ({"new images scored": str(summary.new_images), **score_figures(day_rows, grouping)}
                       if len(day_rows) else {"new images scored": "0"})
+    named = checkpoint_figure(day_rows, checkpoint) if len(day_rows) else None
+    if named:
+        report.figures["checkpoint"] = named
     if getattr(summary, "thresholds", None):
         report.figures["alarm thresholds from"] = summary.thresholds
     references = []
     if comparison.rate_change is not None:
         low, high = comparison.rate_change_ci95
         report.figures["baseline"] = (f"{', '.join(comparison.baseline_days)}: {comparison.baseline_images} images, "
-                                      f"anomaly rate {comparison.baseline_anomaly_rate:.3f}")
-        report.figures["change in anomaly rate"] = f"{comparison.rate_change:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
-        report.figures["KS test of scores"] = f"D = {comparison.ks_statistic:.3f}, p = {comparison.ks_p_value:.2g}"
+                                      f"anomaly rate {num(comparison.baseline_anomaly_rate)}")
+        report.figures["change in anomaly rate"] = (f"{signed(comparison.rate_change)} "
+                                                    f"(95% CI {signed(low)} to {signed(high)})")
+        report.figures["KS test of scores"] = f"D = {num(comparison.ks_statistic)}, p = {num(comparison.ks_p_value)}"
         references = [("baseline", comparison.baseline_anomaly_rate, SERIES_COLORS[2]),
                       ("alert at", min(1.0, comparison.baseline_anomaly_rate + rate_increase), SERIES_COLORS[0])]
     else:
         report.figures["baseline"] = "none in the trailing days"
+    if grouping.several:
+        report.sections.append(Section("Thresholds by group", groups_table_html(grouping)))
     ok_day = day_rows[day_rows["status"] == STATUS_OK] if len(day_rows) else day_rows
-    ok_base = baseline[baseline["status"] == STATUS_OK]["score"].tolist() if len(baseline) else []
-    threshold = image_threshold(ok_day) if len(ok_day) else None
-    report.sections.append(Section("Scores against the baseline",
-                                   histogram_svg({summary.date: ok_day["score"].tolist() if len(ok_day) else [],
-                                                  "baseline": ok_base}, threshold)))
+    ok_base = baseline[baseline["status"] == STATUS_OK] if len(baseline) else baseline
+    day_keys = grouping.keys(ok_day) if grouping.several else None
+    base_keys = group_keys(ok_base, grouping.column) if grouping.several and len(ok_base) else None
+
+    def series_of(name):
+        day = ok_day["score"] if name is None or day_keys is None else ok_day.loc[day_keys == name, "score"]
+        series = {summary.date: day.tolist() if len(ok_day) else []}
+        base = ok_base["score"] if len(ok_base) and (name is None or base_keys is None) else (
+            ok_base.loc[base_keys == name, "score"] if base_keys is not None else [])
+        if len(base):  # no baseline: no empty series in the legend
+            series["baseline"] = list(base)
+        return series
+
+    report.sections.append(Section("Scores against the baseline" if len(ok_base) else
+                                   "Scores (no baseline in the trailing days)", histograms_html(series_of, grouping)))
     report.sections.append(Section("Anomaly rate, last 30 days", line_svg(trend_points, references)))
     if len(day_rows):
-        report.sections.extend(image_sections(day_rows, top_n, storage_options))
+        report.sections.extend(image_sections(day_rows, top_n, storage_options, grouping))
         report.sections.append(Section("Errors", errors_html(day_rows)))
     return report
 

@@ -2,7 +2,7 @@
 
 - :func:`scored_images_for`: the latest row of each image of a night's listing,
   with the version (ETag, or size and mtime) its file had when its run was
-  planned, read from per-day indexes (``HISTORY/index/date=<day>.parquet``), one day
+  planned, read from per-day indexes (``HISTORY/_index/date=<day>.arrow``), one day
   at a time and only the days asked for, so a night costs what its images
   and the days it looks at cost, not the whole history's shard files.
   :func:`build_day_index` writes a day's index after the day is scored; a
@@ -10,7 +10,7 @@
 - :func:`images_to_score`: of a day's listing, the images never scored, those
   whose latest row is an error (a repaired file), and those whose file changed.
 - :class:`AuditLock`: an audit of one history and day holds
-  ``HISTORY/locks/date=<day>.lock``, created atomically (O_EXCL locally, a
+  ``HISTORY/_locks/date=<day>.lock``, created atomically (O_EXCL locally, a
   conditional PUT on S3) with its pid, host and start time; a second audit
   refuses to start. A lock is stale, and taken over, when its process is gone
   (same host) or it is older than ``stale_after`` seconds.
@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 
 from ..errors import LockedError
 from .fs import as_uri, create_exclusive, delete, filesystem, join, read_bytes, write_bytes_atomic
-from .layout import (INDEX_DIR, PLAN_DIR, PLAN_IMAGES_FILE, PLAN_PIECE_GLOB, VERSION_COLUMN, day_index_uri,
-                     day_output, day_shard_glob, history_scores)
+from .layout import (INDEX_DIR, LEGACY_INDEX_DIR, PLAN_DIR, PLAN_IMAGES_FILE, PLAN_PIECE_GLOB, VERSION_COLUMN,
+                     day_index_uri, day_output, day_shard_glob, history_scores)
 from .results import BrokenShard, read_shard_table
 from .schema import STATUS_OK, table_to_parquet_bytes
 
@@ -109,19 +109,23 @@ def build_day_index(history: str, day: dt.date, table: Optional[pa.Table] = None
     if table is None:
         table = _day_latest(history, day, storage_options)
     table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
-    write_bytes_atomic(day_index_uri(history, day), table_to_parquet_bytes(table), storage_options)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, INDEX_SCHEMA) as writer:
+        writer.write_table(table)
+    write_bytes_atomic(day_index_uri(history, day), sink.getvalue().to_pybytes(), storage_options)
     return table
 
 
 def history_days(history: str, storage_options: Optional[dict] = None) -> list[dt.date]:
     """The days the history holds scores or an index for, oldest first."""
     days = set()
-    for uri, pattern in ((history_scores(history), "date="), (join(history, INDEX_DIR), "date=")):
+    for uri, pattern in ((history_scores(history), "date="), (join(history, INDEX_DIR), "date="),
+                         (join(history, LEGACY_INDEX_DIR), "date=")):
         fs, root = filesystem(uri, storage_options)
         if not fs.exists(root):
             continue
         for path in fs.ls(root, detail=False):
-            name = posixpath.basename(path.rstrip("/")).removesuffix(".parquet")
+            name = posixpath.basename(path.rstrip("/")).removesuffix(".parquet").removesuffix(".arrow")
             if name.startswith(pattern):
                 try:
                     days.add(dt.date.fromisoformat(name[len(pattern):]))
@@ -135,9 +139,11 @@ def _day_index(history: str, day: dt.date, storage_options: Optional[dict] = Non
     fs, path = filesystem(uri, storage_options)
     if fs.exists(path):
         try:
-            return read_shard_table(fs, path, INDEX_SCHEMA.names)
-        except BrokenShard as err:
-            log.warning("the index of %s is unreadable and is built again: %s", day.isoformat(), err)
+            with fs.open(path, "rb") as handle:
+                return pa.ipc.open_file(pa.BufferReader(handle.read())).read_all().select(INDEX_SCHEMA.names)
+        except Exception as err:  # noqa: BLE001 - truncated, foreign or of another schema: built again
+            log.warning("the index of %s is unreadable and is built again: %s: %s", day.isoformat(),
+                        type(err).__name__, " ".join(str(err).split())[:200])
     return build_day_index(history, day, storage_options=storage_options)
 
 

@@ -16,12 +16,19 @@ A scoring run (``OUTPUT`` is the job's ``--output``)::
         _summary.json              the run summary
         _report.html               the run report (jobs.report's default)
 
-An audit history::
+An audit history reads like an output location: its Parquet files are the scoring rows
+under ``scores/``, and the rest lies under ``_`` folders, the day indexes as Arrow IPC files
+(not ``.parquet``, so a ``HISTORY/**/*.parquet`` glob finds shards only)::
 
     HISTORY/scores/date=YYYY-MM-DD/run_id=<id>/...   a scoring output per day
-    HISTORY/reports/date=YYYY-MM-DD/summary.json, report.html
-    HISTORY/locks/date=YYYY-MM-DD.lock               held while an audit of the day runs
-    HISTORY/index/date=YYYY-MM-DD.parquet            the day's images: uri, status, version, scored_at
+    HISTORY/_reports/date=YYYY-MM-DD/summary.json, report.html
+    HISTORY/_locks/date=YYYY-MM-DD.lock              held while an audit of the day runs
+    HISTORY/_index/date=YYYY-MM-DD.arrow             the day's images: uri, status, version, scored_at
+
+Histories written before kept ``reports/``, ``locks/`` and ``index/date=...parquet``: audits of
+them work (a day without an ``_index`` file is indexed again from its shards), and moving
+those three folders out of the history (or deleting ``index/`` and ``locks/``) makes the root
+readable as a whole.
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ SUMMARY_FILE = "_summary.json"
 RUN_REPORT_FILE = "_report.html"
 SHARD_GLOB = "shard-*.parquet"
 AUDIT_SUMMARY_FILE = "summary.json"
-INDEX_DIR = "index"
+INDEX_DIR = "_index"
+LEGACY_INDEX_DIR = "index"  # histories written before: date=YYYY-MM-DD.parquet, no longer read
+REPORTS_DIR = "_reports"
+LOCKS_DIR = "_locks"
 AUDIT_REPORT_FILE = "report.html"
 
 
@@ -108,13 +118,13 @@ def day_output(history: str, day: dt.date) -> str:
 
 
 def day_report_dir(history: str, day: dt.date) -> str:
-    """Where a day's summary.json and report.html go: ``HISTORY/reports/date=<day>``."""
-    return join(history, "reports", f"date={day.isoformat()}")
+    """Where a day's summary.json and report.html go: ``HISTORY/_reports/date=<day>``."""
+    return join(history, REPORTS_DIR, f"date={day.isoformat()}")
 
 
 def day_index_uri(history: str, day: dt.date) -> str:
-    """A day's image index (latest row per image scored that day): ``HISTORY/index/date=<day>.parquet``."""
-    return join(history, INDEX_DIR, f"date={day.isoformat()}.parquet")
+    """A day's image index (latest row per image scored that day): ``HISTORY/_index/date=<day>.arrow``."""
+    return join(history, INDEX_DIR, f"date={day.isoformat()}.arrow")
 
 
 def day_shard_glob(day_path: str) -> str:
@@ -141,5 +151,5 @@ def day_of_partition(name: str):
 
 
 def audit_lock_uri(history: str, day: dt.date) -> str:
-    """The lock an audit of ``day`` holds while it runs: ``HISTORY/locks/date=<day>.lock``."""
-    return join(history, "locks", f"date={day.isoformat()}.lock")
+    """The lock an audit of ``day`` holds while it runs: ``HISTORY/_locks/date=<day>.lock``."""
+    return join(history, LOCKS_DIR, f"date={day.isoformat()}.lock")

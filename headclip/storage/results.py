@@ -6,6 +6,7 @@ skipped with a warning, never a crash.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Optional
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 from ..scoring.masks import decode_heatmap, decode_rle
 from .fs import as_uri, filesystem
 from .layout import partition_value, shard_glob
-from .schema import PARTITION_KEYS
+from .schema import METADATA_RUN_CONFIG, PARTITION_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,20 @@ def read_run(run: str, storage_options: Optional[dict] = None, columns: Optional
     if (columns is None or "run_id" in columns) and "run_id" not in frame:  # older outputs hold the column
         frame.insert(0, "run_id", partition_value(run, "run_id"))
     return frame.sort_values("image_uri", kind="stable").reset_index(drop=True)
+
+
+def run_config(run: str, storage_options: Optional[dict] = None) -> dict:
+    """The run config a run's first readable shard records (``headclip.run_config``: input, checkpoint as
+    named, ``group_column``...); empty when no shard says."""
+    fs, _ = filesystem(run, storage_options)
+    for uri in shard_files(run, storage_options):
+        try:
+            with fs.open(filesystem(uri, storage_options)[1], "rb") as handle:
+                metadata = pq.read_schema(handle).metadata or {}
+            return json.loads(metadata.get(METADATA_RUN_CONFIG, b"{}"))
+        except Exception as err:  # noqa: BLE001 - a broken shard says nothing; try the next
+            log.debug("no run config in %s: %s", uri, err)
+    return {}
 
 
 def mask(row) -> Optional[np.ndarray]:

@@ -18,7 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MASK_RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
-BBOX_TYPE = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())])
+# The box's fields are never null (the box itself is, for an empty mask): pandas then reads them as
+# integers; fields that may be null come back as floats wherever one box is null.
+BBOX_TYPE = pa.struct([pa.field(name, pa.int32(), nullable=False) for name in ("x0", "y0", "x1", "y1")])
 
 RESULT_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
