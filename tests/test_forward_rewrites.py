@@ -274,3 +274,24 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path, capsys):
     flops = [s["flops_per_image"] for s in result["steps"]]
     assert flops[2] < flops[1]  # the class token alone in the last layer
     assert "original forward" in capsys.readouterr().out
+
+
+def test_score_flags_reach_the_scorer_that_loads_the_model():
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
+    from headclip.scoring.scorer import ShardScorer
+    from jobs import score
+    from jobs.cli import job_config
+
+    base = ["--input", "in/", "--output", "out/"]
+    defaults = job_config(score.build_parser().parse_args(base)).scoring
+    assert (defaults.precision, defaults.compile) == ("auto", False)
+    options = job_config(score.build_parser().parse_args(base + ["--precision", "bf16", "--compile",
+                                                                 "--batch-size", "4"])).scoring
+    assert (options.precision, options.compile, options.batch_size) == ("bf16", True, 4)
+    with pytest.raises(SystemExit) as exit_:
+        score.build_parser().parse_args(base + ["--precision", "fp8"])
+    assert exit_.value.code == 2
+    with mock.patch("headclip.model.inference.compile_model") as compile_:
+        with ShardScorer("r", DEMO_CHECKPOINT_URI, options) as scorer:
+            assert scorer.model.vision.dtype == torch.bfloat16
+    compile_.assert_called_once_with(scorer.model, 4)
