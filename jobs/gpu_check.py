@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from .cli import Parser, positive_int, run
+from .cli import Parser, UsageError, positive_int, run
 
 EXAMPLE = """examples:
   python -m jobs.gpu_check                       # ViT-L-14-336, 518 px, batch 32, bf16 steps, on the GPU
@@ -42,6 +42,8 @@ def build_parser() -> Parser:
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--repeats", type=positive_int, default=10, help="batches per round and step (default 10)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the torch.compile step")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="on a shared CPU: one thread, timed by this process's CPU seconds instead of wall time")
     p.add_argument("--smoke", action="store_true", help="the tiny backbone at 64 px, batch 2, on the CPU")
     p.add_argument("--output", default=None, help="also write the table as JSON to this file")
     return p
@@ -80,6 +82,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         peak_bf16_tflops
 
     device = resolve_device(args.device)
+    clock = time.perf_counter
+    if args.cpu_time:
+        if device.type != "cpu":
+            raise UsageError("--cpu-time times CPU forwards; give --device cpu")
+        torch.set_num_threads(1)
+        clock = time.process_time
     config = architecture_config(args.backbone, args.pretrained_arch, args.image_size)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
@@ -118,9 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.append(dict(step=step[0], flops_per_image=flops, best_images_per_second=0.0,
                             max_abs_diff_score=float((out.joint_score - reference.joint_score).abs().max()),
                             max_abs_diff_map=float((out.anomaly_map - reference.anomaly_map).abs().max())))
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for step, result in zip(plan, results):
-            rate = images_per_second(model_for(step), images, args.repeats, warmup=1)
+            rate = images_per_second(model_for(step), images, args.repeats, warmup=int(round_ == 0), clock=clock)
             result["best_images_per_second"] = max(result["best_images_per_second"], rate)
 
     name = device_name(device)
@@ -128,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base_rate = results[0]["best_images_per_second"]
     print(f"\ngpu_check: {args.backbone} (architecture of {args.pretrained_arch} weights, "
           f"quick_gelu={models['auto'].config.quick_gelu}) at {args.image_size} px, batch {args.batch_size}, "
-          f"{name}, torch {torch.__version__}, best of {args.rounds} rounds of {args.repeats} batches")
+          f"{name}, torch {torch.__version__}, best of {args.rounds} rounds of {args.repeats} batches"
+          f"{', CPU time of one thread' if args.cpu_time else ''}")
     print(f"{'step':40s} {'GFLOP/img':>9s} {'images/s':>9s} {'x orig':>6s} {'TFLOP/s':>8s} {'% peak':>6s} "
           f"{'|d score|':>9s} {'|d map|':>8s}")
     for result in results:
@@ -136,12 +145,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result.update(tflops=tflops, percent_of_peak=None if peak is None else 100 * tflops / peak,
                       speedup=result["best_images_per_second"] / base_rate)
         percent = "-" if peak is None else f"{result['percent_of_peak']:.1f}"
-        print(f"{result['step']:40s} {result['flops_per_image'] / 1e9:9.2f} {result['best_images_per_second']:9.2f} "
+        print(f"{result['step']:40s} {result['flops_per_image'] / 1e9:9.3f} {result['best_images_per_second']:9.2f} "
               f"{result['speedup']:6.2f} {tflops:8.3f} {percent:>6s} {result['max_abs_diff_score']:9.2e} "
               f"{result['max_abs_diff_map']:8.2e}")
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump(dict(device=name, peak_tflops=peak, backbone=args.backbone, image_size=args.image_size,
+            json.dump(dict(device=name, peak_tflops=peak, cpu_time=args.cpu_time, backbone=args.backbone, image_size=args.image_size,
                            batch_size=args.batch_size, torch=torch.__version__, time=time.time(), steps=results),
                       handle, indent=1)
     return 0

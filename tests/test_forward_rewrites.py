@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -147,12 +148,16 @@ def test_bf16_tower_is_within_the_stated_tolerance_of_fp32():
     assert model.clip.visual.conv1.weight.dtype == torch.bfloat16 and model.vision.dtype == torch.bfloat16
     assert model.vision.head_weights.dtype == torch.float32  # learned state stays fp32
     bf16 = model.score(images)
+    on_cuda = mock.Mock(device=torch.device("cuda"))
+    assert isinstance(model._autocast(on_cuda), contextlib.nullcontext)  # a bf16 tower runs without autocast
     assert bf16.anomaly_map.dtype == torch.float32
     assert float((bf16.joint_score - fp32.joint_score).abs().max()) <= BF16_SCORE_TOL
     assert float((bf16.global_score - fp32.global_score).abs().max()) <= BF16_SCORE_TOL
     assert float((bf16.anomaly_map - fp32.anomaly_map).abs().max()) <= BF16_MAP_TOL
     assert not torch.equal(bf16.anomaly_map, fp32.anomaly_map)  # it did run in bf16
     set_precision(model, "auto")
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        assert isinstance(model._autocast(on_cuda), torch.autocast)  # fp32 weights: autocast on CUDA, as before
     torch.testing.assert_close(model.score(images).anomaly_map, fp32.anomaly_map, rtol=0, atol=1e-2)
     with pytest.raises(ValueError, match="precision must be one of"):
         set_precision(model, "fp8")
@@ -261,11 +266,11 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path, capsys):
 
     from jobs import gpu_check
 
-    assert gpu_check.main(["--smoke", "--no-compile", "--output", str(tmp_path / "check.json")]) == 0
+    assert gpu_check.main(["--smoke", "--no-compile", "--cpu-time", "--output", str(tmp_path / "check.json")]) == 0
     result = json.loads((tmp_path / "check.json").read_text())
     names = [s["step"] for s in result["steps"]]
     assert names == [s[0] for s in gpu_check.steps() if not s[3]]
-    assert result["backbone"] == "HeadCLIP-Tiny" and result["peak_tflops"] is None
+    assert result["backbone"] == "HeadCLIP-Tiny" and result["peak_tflops"] is None and result["cpu_time"]
     for step in result["steps"]:
         assert step["best_images_per_second"] > 0 and step["flops_per_image"] > 0
     fp32_steps = [s for s in result["steps"] if "bf16" not in s["step"] and "cuDNN" not in s["step"]]
@@ -295,3 +300,11 @@ def test_score_flags_reach_the_scorer_that_loads_the_model():
         with ShardScorer("r", DEMO_CHECKPOINT_URI, options) as scorer:
             assert scorer.model.vision.dtype == torch.bfloat16
     compile_.assert_called_once_with(scorer.model, 4)
+
+
+def test_gpu_check_refuses_cpu_time_on_a_gpu():
+    from jobs import gpu_check
+    from jobs.cli import UsageError
+
+    with pytest.raises(UsageError, match="--cpu-time"):
+        gpu_check.main(["--cpu-time", "--device", "cuda"])
