@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # second worker uses the other core. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-multinode test-review-tools demo benchmark demo-assets clean
+.PHONY: install test test-multinode test-review-tools demo benchmark gpu-check demo-assets clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) -m jobs.benchmark
+
+# each forward-pass rewrite on ViT-L-14-336 at 518 px, batch 32, on the GPU (GPU_CHECK_ARGS=--smoke: tiny, CPU)
+gpu-check: $(STAMP)
+	$(PY) -m jobs.gpu_check --output gpu_check.json $(GPU_CHECK_ARGS)
 
 # Rebuild the packaged demo model from scratch (the README's provenance): pre-train the
 # tiny backbone on generated surfaces, then fit prompts and head weights with jobs.train

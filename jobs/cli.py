@@ -216,6 +216,10 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-decode", action="store_true",
                    help="decode JPEGs on the model's device (nvjpeg on a GPU); images it cannot decode are "
                         "decoded on the host")
+    p.add_argument("--precision", choices=("auto", "bf16"), default="auto",
+                   help="vision tower precision: auto (fp32 weights, bf16 autocast on a GPU) or bf16 (bf16 weights)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward in each actor (compile time is logged; eager if it fails)")
     p.add_argument("--progress-interval", type=positive_float, default=5.0, help="seconds between progress lines")
     p.add_argument("--read-timeout", type=positive_float, default=300.0,
                    help="seconds one image may take to read before it becomes an error row (default 300)")
@@ -230,7 +234,7 @@ def job_config(args):
     scoring = ScoringOptions(threshold=_or_default(args.threshold), mask_threshold=_or_default(args.mask_threshold),
                              mask_max_side=args.mask_max_side, batch_size=args.batch_size, device=args.device,
                              reduced_decode=args.reduced_decode, device_decode=args.device_decode,
-                             read_timeout=args.read_timeout)
+                             read_timeout=args.read_timeout, precision=args.precision, compile=args.compile)
     if args.max_pixels:
         scoring.max_pixels = args.max_pixels
     extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())

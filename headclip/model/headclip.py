@@ -140,7 +140,8 @@ class HeadCLIP(nn.Module):
         return HeadCLIPLogits(global_logits, patch_logits)
 
     def _autocast(self, images: torch.Tensor):
-        if images.device.type == "cuda":
+        """Autocast on CUDA for an fp32 tower; a tower with bf16 weights runs as it is."""
+        if images.device.type == "cuda" and self.vision.dtype == torch.float32:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()

@@ -8,11 +8,18 @@ second path starts from the hidden state entering the first adapted layer and
 adds each adapted layer's V-V attention output to it; patch features are read
 from it. Each head's V-V output is scaled by a learnable weight before the
 out-projection (HeadCLIP); weights of 1 give AnomalyCLIP's DPAM exactly.
+
+:class:`ForwardOptions` selects rewrites of this forward that compute the same
+thing with less work; all off is the original forward, kept as the reference
+(tests/test_forward_rewrites.py checks each against it). The tower runs in the
+dtype of its weights (see :func:`headclip.model.inference.set_precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -32,6 +39,41 @@ class VisionFeatures(NamedTuple):
 
     class_token: torch.Tensor
     patch_tokens: list[torch.Tensor]
+
+
+@dataclass
+class ForwardOptions:
+    """Rewrites of the vision forward; each is exact in fp32 (up to summation order).
+
+    split_sdpa: the V-V block's two attentions as two SDPA calls on the qkv
+        views, instead of one call on ``torch.cat`` copies of them.
+    class_token_last: the last block's query, out-projection and MLP of the
+        original path run on the class token only (nothing else is read).
+    fold_head_weights: head weights scale the out-projection's columns instead
+        of the (B, heads, N, head_dim) activations.
+    cudnn_attention: on CUDA, SDPA prefers cuDNN's fused attention kernel.
+    """
+
+    split_sdpa: bool = True
+    class_token_last: bool = True
+    fold_head_weights: bool = True
+    cudnn_attention: bool = False
+
+    @classmethod
+    def reference(cls) -> "ForwardOptions":
+        """The original forward: every rewrite off."""
+        return cls(split_sdpa=False, class_token_last=False, fold_head_weights=False, cudnn_attention=False)
+
+
+def attention_backends(device: torch.device, prefer_cudnn: bool):
+    """A context in which SDPA on CUDA tries cuDNN attention first; a no-op elsewhere."""
+    if not prefer_cudnn or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def interpolate_pos_embedding(pos: torch.Tensor, grid: int, mode: str = "bilinear") -> torch.Tensor:
@@ -104,10 +146,16 @@ class DualPathVisionEncoder(nn.Module):
             persistent=False,
         )
         self.head_weights = nn.Parameter(torch.ones(self.depth - start + 1, self.heads))
+        self.options = ForwardOptions()
 
     @property
     def visual(self) -> nn.Module:
         return self._visual[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the tower computes in: that of its weights."""
+        return self.visual.conv1.weight.dtype
 
     @property
     def pos_embedding(self) -> torch.Tensor:
@@ -118,7 +166,7 @@ class DualPathVisionEncoder(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding, class token, positions, ln_pre; (B, 1 + grid*grid, width)."""
         visual = self.visual
-        x = visual.conv1(images)
+        x = visual.conv1(images.to(self.dtype))
         batch, width = x.shape[:2]
         if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
             raise ValueError(
@@ -129,41 +177,67 @@ class DualPathVisionEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embedding.to(x.dtype)
         return visual.ln_pre(x)
 
-    def _qkv(self, attn: nn.MultiheadAttention, x: torch.Tensor):
+    def _qkv(self, attn: nn.MultiheadAttention, x: torch.Tensor, class_only: bool = False):
+        """3 x (B, heads, N, head_dim) views of the projections; ``class_only``: q of the class token alone."""
         batch, tokens, _ = x.shape
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        qkv = qkv.view(batch, tokens, 3, self.heads, self.width // self.heads)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        head_dim = self.width // self.heads
+        if not class_only:
+            qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+            qkv = qkv.view(batch, tokens, 3, self.heads, head_dim)
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        width = self.width
+        q = F.linear(x[:, :1], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+        kv = F.linear(x, attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+        k, v = kv.view(batch, tokens, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q.view(batch, 1, self.heads, head_dim).transpose(1, 2), k, v
 
     def _merge(self, attn: nn.MultiheadAttention, heads_out: torch.Tensor, weights: Optional[torch.Tensor]):
+        """(B, heads, N, head_dim) -> out-projection (B, N, width), each head scaled by ``weights``."""
+        out_weight = attn.out_proj.weight
         if weights is not None:
-            heads_out = heads_out * weights.to(heads_out.dtype).view(1, -1, 1, 1)
+            if self.options.fold_head_weights:  # W diag(w) x: the weights scale W's columns
+                columns = weights.to(out_weight.dtype).repeat_interleave(self.width // self.heads)
+                out_weight = out_weight * columns
+            else:
+                heads_out = heads_out * weights.to(heads_out.dtype).view(1, -1, 1, 1)
         batch, _, tokens, _ = heads_out.shape
         merged = heads_out.transpose(1, 2).reshape(batch, tokens, self.width)
-        return attn.out_proj(merged)
+        return F.linear(merged, out_weight, attn.out_proj.bias)
 
     def block_forward(self, block: nn.Module, x: torch.Tensor, x_vv: Optional[torch.Tensor],
-                      weights: Optional[torch.Tensor]):
+                      weights: Optional[torch.Tensor], class_only: bool = False):
         """One block of both paths. ``x_vv`` None: original path only.
 
+        ``class_only``: only the class token of the original path is wanted
+        after this block; the returned ``x`` is then (B, 1, width).
         Returns (x, x_vv) after the block.
         """
         attn = block.attn
-        q, k, v = self._qkv(attn, block.ln_1(x))
+        q, k, v = self._qkv(attn, block.ln_1(x), class_only)
         original_weights = weights if self.head_weights_on_original else None
+        out_vv = None
         if x_vv is None:
             out = F.scaled_dot_product_attention(q, k, v)
-            x = x + block.ls_1(self._merge(attn, out, original_weights))
+        elif self.options.split_sdpa or class_only:
+            out = F.scaled_dot_product_attention(q, k, v)
+            out_vv = F.scaled_dot_product_attention(v, v, v)
         else:
             both = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
             out, out_vv = both.chunk(2)
-            x = x + block.ls_1(self._merge(attn, out, original_weights))
+        if class_only:
+            x = x[:, :1]
+        x = x + block.ls_1(self._merge(attn, out, original_weights))
+        if out_vv is not None:
             x_vv = x_vv + block.ls_1(self._merge(attn, out_vv, weights))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x, x_vv
 
     def forward(self, images: torch.Tensor) -> VisionFeatures:
         """images: (B, 3, S, S) normalised; S = image_size."""
+        with attention_backends(images.device, self.options.cudnn_attention):
+            return self._forward(images)
+
+    def _forward(self, images: torch.Tensor) -> VisionFeatures:
         x = self.embed(images)
         x_vv = None
         patch_tokens = {}
@@ -178,7 +252,8 @@ class DualPathVisionEncoder(nn.Module):
                 x_vv = x if x_vv is None else x_vv
             else:
                 x_vv = None
-            x, x_vv = self.block_forward(block, x, x_vv, weights)
+            class_only = self.options.class_token_last and layer == self.depth
+            x, x_vv = self.block_forward(block, x, x_vv, weights, class_only)
             if layer in self.map_layers:
                 patch_tokens[layer] = x_vv[:, 1:]
         return VisionFeatures(class_token=x[:, 0], patch_tokens=[patch_tokens[l] for l in self.map_layers])

@@ -20,6 +20,7 @@ import torch
 
 from ..evaluation.metrics import MetricsByClass, add_scored_batch
 from ..model.factory import create_model, resolve_device
+from ..model.inference import prepare_for_inference
 from ..storage.schema import STATUS_ERROR, STATUS_OK, result_schema, rows_to_table
 from .device_batch import DeviceFeeder
 from .masks import MapBatch, encode_maps
@@ -46,6 +47,7 @@ class ImageScorer:
         if model is None:  # a model built elsewhere (in-process use) is used as it is
             model = create_model(checkpoint=checkpoint, device=self.device, storage_options=storage_options,
                                  **(model_overrides or {}))
+            prepare_for_inference(model, options.precision, options.compile, options.batch_size)
         self.model = model
         self.feeder = DeviceFeeder(self.device, model.image_size, options.max_pixels)
         self.model.eval()

@@ -24,6 +24,8 @@ class ScoringOptions:
     device_decode: bool = False  # JPEGs decode on the model's device (nvjpeg on CUDA), else on the host
     metric_bins: int = 1000  # pixel-metric histogram bins, for labelled inputs
     read_timeout: float = 300.0  # seconds one image may take to read and decode before it is an error row
+    precision: str = "auto"  # vision tower: "auto" (fp32 weights, autocast on CUDA) or "bf16" (bf16 weights)
+    compile: bool = False  # torch.compile the model's forward when the scorer loads it (eager if that fails)
     # Calibrated per-group thresholds: an image whose ``group_column`` value is a key of
     # ``group_thresholds`` gets that (threshold, mask_threshold); any other image the two above.
     group_column: Optional[str] = None
