@@ -42,7 +42,7 @@ import sys
 from typing import Optional, Sequence
 
 from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, check_storage_options,
-                  init_ray, load_thresholds_arg, pool_settings, positive_float, positive_int, prepare_or_exit, run,
+                  days_int, init_ray, load_thresholds_arg, pool_settings, prepare_or_exit, run, seconds_float, top_int,
                   unit_float, warn_uncalibrated)
 
 EXIT_ALERT = 3
@@ -67,8 +67,8 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
     p.add_argument("--report", default=None, help="where summary.json and report.html go "
                                                   "(default: HISTORY/reports/date=<day>/)")
-    p.add_argument("--baseline-days", type=positive_int, default=7, help="trailing days compared (default 7)")
-    p.add_argument("--top-n", type=positive_int, default=12, help="images in the gallery (default 12)")
+    p.add_argument("--baseline-days", type=days_int, default=7, help="trailing days compared (default 7)")
+    p.add_argument("--top-n", type=top_int, default=12, help="images in the gallery (default 12)")
     p.add_argument("--alert-rate-increase", type=unit_float, default=0.05,
                    help="alert when the anomaly rate rose by this much, CI above 0 (default 0.05)")
     p.add_argument("--alert-p-value", type=unit_float, default=0.001,
@@ -89,10 +89,10 @@ def build_parser() -> Parser:
                    help="a day whose input does not exist is an empty day, not an error (exit 2)")
     p.add_argument("--no-rescore-errors", action="store_true",
                    help="keep error rows as they are (default: images whose latest row is an error are scored again)")
-    p.add_argument("--lookback-days", type=positive_int, default=None,
+    p.add_argument("--lookback-days", type=days_int, default=None,
                    help="with --input: look for earlier scores of the day's images only in the N days before it "
                         "(default: every day of the history; with --prefix-template only the audited day)")
-    p.add_argument("--lock-stale-after", type=positive_float, default=6 * 3600.0,
+    p.add_argument("--lock-stale-after", type=seconds_float, default=6 * 3600.0,
                    help="seconds after which another audit's lock of the day counts as abandoned (default 21600)")
     add_cluster_flags(p)
     return p

@@ -23,8 +23,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .cli import (Parser, UsageError, add_cluster_flags, init_ray, load_dataset_arg, open_unit_float, positive_int,
-                  pool_settings, prepare_or_exit, redact, redacted_command, run, unit_float)
+from .cli import (Parser, UsageError, add_cluster_flags, bins_int, init_ray, load_dataset_arg,
+                  open_unit_float, pool_settings, prepare_or_exit, rate_float, redacted_command, run, unit_float)
 
 PROG = "python -m jobs.calibrate"
 EXAMPLE = """examples:
@@ -59,13 +59,13 @@ def build_parser() -> Parser:
                    help="column whose values are calibrated apart (lines, cameras, classes); default: one group")
     p.add_argument("--label-column", default=None,
                    help="manifest column of 0 (good) / 1 (defect) labels: defects give detection rates")
-    p.add_argument("--target-fpr", type=open_unit_float, default=0.01,
+    p.add_argument("--target-fpr", type=rate_float, default=0.01,
                    help="false-alarm rate on good images to aim for (default 0.01)")
     p.add_argument("--target-pixel-fpr", type=unit_float, default=0.001,
                    help="share of normal pixels the mask may mark (default 0.001)")
     p.add_argument("--confidence", type=open_unit_float, default=0.95, help="confidence of intervals (default 0.95)")
     p.add_argument("--rule", choices=RULES, default="quantile", help=RULE_HELP)
-    p.add_argument("--pixel-bins", type=positive_int, default=10_000,
+    p.add_argument("--pixel-bins", type=bins_int, default=10_000,
                    help="bins of the normal-pixel histogram, the mask threshold's resolution (default 10000)")
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions of a prefix or glob --input (default: %(default)s)")
@@ -173,6 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     command = redacted_command(PROG, sys.argv[1:] if argv is None else list(argv))
     from headclip.evaluation.thresholds import calibrate, write_thresholds
+    from headclip.redact import redact_text
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
 
@@ -201,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         thresholds = calibrate(summaries[0].metrics, summaries[1].metrics if len(summaries) > 1 else None,
                                summaries[0].checkpoint_id, args.group_column, args.rule, args.target_fpr,
-                               args.target_pixel_fpr, args.confidence, checkpoint=redact(config.checkpoint_uri),
+                               args.target_pixel_fpr, args.confidence, checkpoint=redact_text(config.checkpoint_uri),
                                command=command)
     except ValueError as err:
         raise UsageError(str(err)) from None

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 from typing import Callable, Optional, Sequence
@@ -67,39 +66,60 @@ def _parse(text: str, cast, what: str):
         raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    value = _parse(text, int, "an integer")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+class Number:
+    """An argparse type: a finite number of ``kind`` (int or float) within [low, high].
+
+    Every numeric flag of every job is one of these, so each is range-checked at
+    parse time (one line, exit 2, before Ray starts): values past what the job
+    can use (a timeout that overflows a clock, days before year 1, a histogram
+    that cannot be allocated) are refused like negative ones. ``low_open``:
+    ``low`` itself is excluded; ``unit`` names what the value counts.
+    """
+
+    def __init__(self, kind, low, high, low_open: bool = False, high_open: bool = False, unit: str = ""):
+        self.kind, self.low, self.high, self.low_open, self.high_open, self.unit = (
+            kind, low, high, low_open, high_open, unit)
+        self.__name__ = kind.__name__  # argparse names the type in some messages
+
+    def range_text(self) -> str:
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"in {left}{self.low:g}, {self.high:g}{right}{unit}"
+
+    def __call__(self, text: str):
+        value = _parse(text, self.kind, "an integer" if self.kind is int else "a number")
+        below = value <= self.low if self.low_open else value < self.low
+        above = value >= self.high if self.high_open else value > self.high
+        if value != value or below or above:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if self.kind is int else 'a number'} "
+                                             f"{self.range_text()}, got {text}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Number({self.kind.__name__}, {self.range_text()})"
 
 
-def positive_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+MAX_COUNT = 2**31 - 1  # images, pixels, actors: what an int32 column or a Ray resource can hold
+MAX_SECONDS = 1e7  # about 115 days: well inside every clock and timeout the jobs hand seconds to
+MAX_DAYS = 3660  # ten years of daily audits
+MAX_BINS = 1_000_000  # histogram bins (each class keeps a few arrays of this many float64s)
 
-
-def non_negative_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def open_unit_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
-    return value
+positive_int = Number(int, 1, MAX_COUNT)
+top_int = Number(int, 1, 10_000, unit="images")  # images rendered in a gallery
+side_int = Number(int, 1, 16_384, unit="pixels")  # a side of an image, model input or picture
+batch_int = Number(int, 1, 65_536, unit="images")  # images in one forward call
+layer_int = Number(int, 0, 1_000)  # a transformer layer index
+non_negative_int = Number(int, 0, MAX_COUNT)
+seed_int = Number(int, 0, 2**32 - 1)
+days_int = Number(int, 1, MAX_DAYS, unit="days")
+bins_int = Number(int, 1, MAX_BINS, unit="bins")
+positive_float = Number(float, 0.0, 1e9, low_open=True)
+non_negative_float = Number(float, 0.0, 1e9)
+seconds_float = Number(float, 0.001, MAX_SECONDS, unit="seconds")
+cpus_float = Number(float, 0.0001, 1e6, unit="CPUs")  # Ray counts resources in steps of 0.0001
+unit_float = Number(float, 0.0, 1.0)
+open_unit_float = Number(float, 0.0, 1.0, low_open=True, high_open=True)
+rate_float = Number(float, 1e-9, 1.0, high_open=True)  # a target rate that rank arithmetic can reach
 
 
 def resources_arg(text: str) -> dict:
@@ -107,7 +127,8 @@ def resources_arg(text: str) -> dict:
         value = json.loads(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not valid JSON") from None
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                              and not isinstance(v, bool) and 0 < v <= 1e9
                                               for k, v in value.items()):
         raise argparse.ArgumentTypeError("must be a JSON object of resource names to positive amounts")
     return {k: float(v) for k, v in value.items()}
@@ -132,7 +153,7 @@ def add_storage_flag(p: argparse.ArgumentParser) -> None:
 
 def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_size: int = 256) -> None:
     """Flags of every job that scores on the actor pool, plus --storage-options and --ray-address."""
-    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+    p.add_argument("--batch-size", type=batch_int, default=batch_size,
                    help=f"images per forward call (default: {batch_size})")
     p.add_argument("--shard-size", type=positive_int, default=shard_size,
                    help=f"images per shard and output file (default: {shard_size})")
@@ -159,7 +180,7 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
                    help="where images are decoded and results encoded: 'actor' (default) in each scoring actor, "
                         "on its node's CPUs; 'tasks' as Ray tasks on any node, so CPU-only nodes decode and encode "
                         "while GPU nodes run the model")
-    p.add_argument("--stage-cpus", type=positive_float, default=1.0,
+    p.add_argument("--stage-cpus", type=cpus_float, default=1.0,
                    help="CPUs each decode or encode task reserves, with --cpu-stages tasks (default 1)")
     p.add_argument("--stage-resources", type=resources_arg, default=None,
                    help="custom Ray resources each decode or encode task reserves, as JSON, e.g. "
@@ -171,7 +192,7 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join: host:port, or 'auto' for the one `ray start` runs on this machine "
                         "(default: RAY_ADDRESS, else a private local Ray is started, even if one is running)")
-    p.add_argument("--placement-timeout", type=positive_float, default=300.0,
+    p.add_argument("--placement-timeout", type=seconds_float, default=300.0,
                    help="seconds to wait for a node that can hold a scoring actor before giving up (default 300)")
 
 
@@ -185,12 +206,12 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="HeadCLIP checkpoint (default: the packaged demo model)")
     p.add_argument("--run-id", default=None,
                    help="run id (default: derived from input, listing, checkpoint and settings, so a rerun resumes)")
-    p.add_argument("--cpus-per-actor", type=positive_float, default=None, help="CPUs each actor reserves")
+    p.add_argument("--cpus-per-actor", type=cpus_float, default=None, help="CPUs each actor reserves")
     p.add_argument("--threshold", type=unit_float, default=None, help="image label: score > threshold (default 0.5)")
     p.add_argument("--mask-threshold", type=unit_float, default=None,
                    help="mask pixels: anomaly map > this (default 0.5)")
     add_thresholds_flags(p)
-    p.add_argument("--mask-max-side", type=positive_int, default=2048,
+    p.add_argument("--mask-max-side", type=side_int, default=2048,
                    help="masks of larger images are stored scaled to this long side (default 2048)")
     p.add_argument("--max-pixels", type=positive_int, default=None,
                    help="images with more pixels are refused as decompression bombs")
@@ -204,8 +225,8 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-decode", action="store_true",
                    help="decode JPEGs on the model's device (nvjpeg on a GPU); images it cannot decode are "
                         "decoded on the host")
-    p.add_argument("--progress-interval", type=positive_float, default=5.0, help="seconds between progress lines")
-    p.add_argument("--read-timeout", type=positive_float, default=300.0,
+    p.add_argument("--progress-interval", type=seconds_float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--read-timeout", type=seconds_float, default=300.0,
                    help="seconds one image may take to read before it becomes an error row (default 300)")
     add_cluster_flags(p)
 
@@ -316,11 +337,18 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
     """Run ``main`` and exit with its code.
 
     Bad input is one line and exit 2; a run that cannot finish, one line and
-    exit 1; Ctrl-C, one line and exit 130. Printed lines hold no credentials.
+    exit 1; Ctrl-C, one line and exit 130. Printed lines, log lines and
+    tracebacks hold no credentials (:mod:`headclip.redact`, by shape and by
+    the values the command line gave).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from headclip.errors import HeadCLIPError, JobError
-    from headclip.redact import redact_text
+    from headclip.redact import RedactingFilter, redact_text, redacting_excepthook, remember_secrets
+
+    remember_secrets(sys.argv[1:] if argv is None else list(argv))
+    for handler in logging.getLogger().handlers:  # log lines of every library, third parties' included
+        handler.addFilter(RedactingFilter())
+    sys.excepthook = redacting_excepthook  # a traceback, if one escapes, holds no secret either
 
     def say(message: str) -> None:
         print(f"{prog}: {redact_text(' '.join(message.split()))}", file=sys.stderr)
@@ -342,34 +370,13 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
 # -- calibrated thresholds and secrets ---------------------------------------------------
 
 log = logging.getLogger("jobs.cli")
-SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "signature", "auth")
-_SECRET = "|".join(SECRET_WORDS)
-REDACTED = "<redacted>"
-
-
-def redact(text: str) -> str:
-    """``text`` with URI credentials (``s3://user:pass@...``) and secret-like query values hidden."""
-    text = re.sub(r"([A-Za-z][\w+.-]*://)[^/@\s]+@", rf"\1{REDACTED}@", text)
-    return re.sub(rf"([?&;][^=&;\s]*(?:{_SECRET})[^=&;\s]*=)[^&;\s]*", rf"\1{REDACTED}", text, flags=re.I)
 
 
 def redacted_command(prog: str, argv: Sequence[str]) -> str:
-    """``prog`` and its arguments with --storage-options and every key/secret/token/password-like
-    flag's value hidden, and credentials removed from URIs."""
-    out, hide_next = [], False
-    for arg in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        if arg.startswith("--"):
-            name, eq, _ = arg.partition("=")
-            if name == "--storage-options" or re.search(_SECRET, name, re.I):
-                out.append(f"{name}={REDACTED}" if eq else name)
-                hide_next = not eq
-                continue
-        out.append(redact(arg))
-    return " ".join([prog, shlex.join(out)]).strip()
+    """``prog`` and its arguments as recorded: every secret hidden by :func:`headclip.redact.redact_command`."""
+    from headclip.redact import redact_command
+
+    return " ".join([prog, shlex.join(redact_command(argv))]).strip()
 
 
 def add_thresholds_flags(p: argparse.ArgumentParser) -> None:
@@ -398,11 +405,12 @@ def load_thresholds_arg(args, checkpoint_uri: str):
     from headclip.errors import ThresholdsError
     from headclip.evaluation.thresholds import read_thresholds
     from headclip.model.checkpoint import read_checkpoint
+    from headclip.redact import redact_text
 
     try:
         thresholds = read_thresholds(args.thresholds, args.storage_options)
         thresholds.check_checkpoint(read_checkpoint(checkpoint_uri, args.storage_options).checkpoint_id,
-                                    redact(checkpoint_uri))
+                                    redact_text(checkpoint_uri))
     except ThresholdsError as err:
         raise UsageError(str(err)) from None
     group = getattr(args, "threshold_group", None)

@@ -54,7 +54,7 @@ def quantile_rank(n: int, target_fpr: float) -> int:
 
 def min_good_images(target_fpr: float, confidence: float) -> int:
     """Good images needed before any threshold has P(FPR <= target) >= confidence."""
-    return math.ceil(round(math.log(1.0 - confidence) / math.log(1.0 - target_fpr), 9))
+    return math.ceil(round(math.log1p(-confidence) / math.log1p(-target_fpr), 9))  # log1p: exact for tiny rates
 
 
 def bound_rank(n: int, target_fpr: float, confidence: float) -> int:
