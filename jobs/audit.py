@@ -38,6 +38,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -60,7 +61,7 @@ log = logging.getLogger("jobs.audit")
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.audit", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--input", default=None, help="the day's images: a prefix or glob")
-    p.add_argument("--date", default=None, help="the day audited, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--date", type=iso_date, default=None, help="the day audited, YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--prefix-template", default=None,
                    help="input from the date, e.g. 's3://bucket/line-7/date={date}/' (instead of --input)")
     p.add_argument("--history", required=True, help="history location (local or s3://)")
@@ -109,6 +110,18 @@ def exit_code(text: str) -> int:
     return value
 
 
+def iso_date(text: str) -> dt.date:
+    """A calendar day written YYYY-MM-DD; a well-formed day that does not exist (2026-02-30) is named as such."""
+    import re
+
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+        raise argparse.ArgumentTypeError(f"must be YYYY-MM-DD, got {text!r}")
+    try:
+        return dt.date.fromisoformat(text.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text} is not a day of the calendar ({err})") from None
+
+
 def webhook_url(text: str) -> str:
     """An http(s) URL with a host; the error never repeats the URL (it may hold a token)."""
     from urllib.parse import urlsplit
@@ -125,16 +138,17 @@ def webhook_url(text: str) -> str:
 
 
 def resolve_input(args) -> tuple[str, dt.date]:
-    try:
-        day = dt.date.fromisoformat(args.date) if args.date else dt.datetime.now(dt.timezone.utc).date()
-    except ValueError:
-        raise UsageError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
+    day = args.date or dt.datetime.now(dt.timezone.utc).date()
     if args.input and args.prefix_template:
         raise UsageError("give --input or --prefix-template, not both")
     if args.prefix_template:
         if "{date}" not in args.prefix_template:
             raise UsageError("--prefix-template must contain {date}")
-        return args.prefix_template.format(date=day.isoformat()), day
+        rest = args.prefix_template.replace("{date}", "")
+        if "{" in rest or "}" in rest:
+            found = re.search(r"\{[^{}]*\}|[{}]", rest).group(0)
+            raise UsageError(f"--prefix-template may hold only the placeholder {{date}}, found {found!r}")
+        return args.prefix_template.replace("{date}", day.isoformat()), day
     if not args.input:
         raise UsageError("give --input, or --date with --prefix-template")
     return args.input, day
@@ -145,7 +159,10 @@ def lookup_days(args, day: dt.date) -> Optional[list[dt.date]]:
     if args.prefix_template:
         return [day]
     if args.lookback_days:
-        return [day - dt.timedelta(days=n) for n in range(args.lookback_days, -1, -1)]
+        from headclip.reporting.audit import days_before
+
+        first = days_before(day, args.lookback_days)
+        return [dt.date.fromordinal(n) for n in range(first.toordinal(), day.toordinal() + 1)]
     return None
 
 

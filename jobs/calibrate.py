@@ -121,20 +121,24 @@ def split_images(table, args):
     """(good, defects or None) tables carrying the group as class_name; problems are one line."""
     import pyarrow as pa
 
-    from headclip.evaluation.calibration import state_table
+    from headclip.evaluation.calibration import UNGROUPED, state_table
+    from headclip.evaluation.thresholds import group_key
 
     column = args.group_column
     if column is not None and column not in table.column_names:
         raise UsageError(f"no column {column!r} in the input (columns: {', '.join(table.column_names)})")
     if column is not None:
-        keys = table[column].to_pylist()
+        keys = [group_key(k) for k in table[column].to_pylist()]
+        if all(k is None for k in keys):
+            raise UsageError(f"no image has a value in column {column!r}")
         if any(k is None for k in keys):
-            raise UsageError(f"{sum(k is None for k in keys)} images have no value in column {column!r}")
+            log.warning("%d images have no value in column %r (empty, blank or missing): they count in the pooled "
+                        "default only, and images scored without a value get the default", keys.count(None), column)
+        keys = [UNGROUPED if k is None else k for k in keys]
     elif "class_name" in table.column_names:  # one group, but metric state kept per class
-        keys = table["class_name"].to_pylist()
+        keys = [str(k) for k in table["class_name"].to_pylist()]
     else:
         keys = ["all"] * table.num_rows
-    keys = [str(k) for k in keys]
     labels = _labels(table, "label" if args.data and args.label_column is None else args.label_column)
     masks = _mask_uris(table, args)
     good = [i for i, y in enumerate(labels) if y == 0]
@@ -142,11 +146,11 @@ def split_images(table, args):
     if not good:
         raise UsageError("no good images in the input")
     if column is not None:
-        missing = sorted({keys[i] for i in bad} - {keys[i] for i in good})
+        missing = sorted({keys[i] for i in bad} - {keys[i] for i in good} - {UNGROUPED})
         if missing:
             raise UsageError(f"group {missing[0]!r} has defects but no good images")
     if args.rule == "f1":
-        lacking = sorted({keys[i] for i in good} - {keys[i] for i in bad}) if column is not None else []
+        lacking = sorted({keys[i] for i in good} - {keys[i] for i in bad} - {UNGROUPED}) if column is not None else []
         if not bad or lacking:
             where = f"group {lacking[0]!r} has" if lacking else "the input has"
             raise UsageError(f"--rule f1 needs labelled defects: {where} none (give --label-column or --data)")
@@ -196,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("%d of the %d good images could not be scored (error rows under %s); calibrated on the rest",
                     errors, good.num_rows, config.output)
     scored = set(summaries[0].metrics or ())
-    lost = sorted(set(good["class_name"].to_pylist()) - scored)
+    lost = sorted(set(good["class_name"].to_pylist()) - scored - {""})  # "": no group value, pooled only
     if lost:
         raise UsageError(f"none of the good images of group {lost[0]!r} could be scored")
     try:

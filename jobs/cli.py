@@ -54,6 +54,8 @@ def storage_options_arg(text: str) -> dict:
         value = json.loads(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
@@ -125,7 +127,7 @@ rate_float = Number(float, 1e-9, 1.0, high_open=True)  # a target rate that rank
 def resources_arg(text: str) -> dict:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise argparse.ArgumentTypeError("not valid JSON") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
                                               and not isinstance(v, bool) and 0 < v <= 1e9
@@ -437,15 +439,21 @@ def warn_uncalibrated(plan, thresholds, storage_options=None) -> None:
         log.warning("the input has no %r column: every image gets the default threshold %.4g (all groups pooled)",
                     column, thresholds.default.threshold)
         return
+    from headclip.evaluation.thresholds import group_key
+
     counts: dict = {}
     for table in plan.iter_images(storage_options, [column]):
         for value in table[column].to_pylist():
-            value = None if value is None else str(value)
-            if value not in thresholds.groups:
-                counts[value] = counts.get(value, 0) + 1
-    if counts:
-        other = sorted(counts, key=str)
-        log.warning("%d images of %s %s were not calibrated: they get the default threshold %.4g (all groups "
-                    "pooled)", sum(counts.values()), column,
-                    ", ".join(map(str, other[:5])) + (" ..." if len(other) > 5 else ""),
+            key = group_key(value)  # as the scoring actors read it
+            if key not in thresholds.groups:
+                counts[key] = counts.get(key, 0) + 1
+    missing = counts.pop(None, 0)
+    if missing:
+        log.warning("%d images have no %s value (empty, blank or missing): they get the default threshold %.4g (all "
+                    "groups pooled), which their rows' threshold column shows", missing, column,
                     thresholds.default.threshold)
+    if counts:
+        other = sorted(counts)
+        log.warning("%d images of %s %s were not calibrated: they get the default threshold %.4g (all groups "
+                    "pooled), which their rows' threshold column shows", sum(counts.values()), column,
+                    ", ".join(other[:5]) + (" ..." if len(other) > 5 else ""), thresholds.default.threshold)

@@ -284,8 +284,8 @@ def read_plan(output: str, run_id: str, storage_options: Optional[dict] = None) 
         return None
     try:
         document = json.loads(read_bytes(uri, storage_options))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise _damaged("plan file", uri, f"is not valid JSON ({err})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise _damaged("plan file", uri, f"is not valid JSON ({type(err).__name__}: {err})") from None
     if not isinstance(document, dict):
         raise _damaged("plan file", uri, "is not a JSON object")
     if document.get("format", 1) >= PLAN_FORMAT:

@@ -8,6 +8,7 @@ from typing import Optional
 import pyarrow as pa
 
 from ..data.decode import DEFAULT_MAX_PIXELS
+from ..evaluation.thresholds import group_key
 from .plan import ShardSource
 
 
@@ -34,7 +35,7 @@ class ScoringOptions:
 
     def thresholds_for(self, record: dict) -> tuple[float, float]:
         """(threshold, mask_threshold) of one image record."""
-        value = record.get(self.group_column) if self.group_column else None
+        value = group_key(record.get(self.group_column)) if self.group_column else None
         if value is not None and str(value) in self.group_thresholds:
             threshold, mask_threshold = self.group_thresholds[str(value)]
             return float(threshold), float(mask_threshold)
