@@ -111,10 +111,13 @@ def test_a_numeric_flag_out_of_range_is_one_line_before_any_work(job, flags, nam
 def _damage_plan(plan_dir: Path, how: str) -> str:
     piece = plan_dir / "images-00000.arrow"
     plan = plan_dir / "plan.json"
-    if how == "edited count":
+    if how.startswith("edited"):
         document = json.loads(plan.read_text())
-        document["num_images"] -= 2
-        document["num_shards"] = -(-document["num_images"] // document["shard_size"])
+        if how == "edited count":
+            document["num_images"] -= 2
+            document["num_shards"] = -(-document["num_images"] // document["shard_size"])
+        else:
+            document["listing_hash"] = "0" * 64
         plan.write_text(json.dumps(document, indent=2, sort_keys=True))
         return str(plan)
     if how == "deleted piece":
@@ -127,8 +130,11 @@ def _damage_plan(plan_dir: Path, how: str) -> str:
     return str(plan)
 
 
-@pytest.mark.parametrize("how", ["edited count", "deleted piece", "truncated piece", "truncated plan.json"])
-def test_a_damaged_plan_is_refused_in_one_line_naming_it_and_the_way_out(how, tmp_path, capsys):
+@pytest.mark.parametrize("how, said", [("edited count", "changed after it was written"),
+                                       ("edited listing hash", "changed after it was written"),
+                                       ("deleted piece", "is missing"), ("truncated piece", "truncated"),
+                                       ("truncated plan.json", "not valid JSON")])
+def test_a_damaged_plan_is_refused_in_one_line_naming_it_and_the_way_out(how, said, tmp_path, capsys):
     write_images(tmp_path / "images", 7)
     argv = ["--input", tmp_path / "images", "--output", tmp_path / "out", "--shard-size", "2", "--run-id", "r1"]
     code, out, err = _job("score", argv + ["--plan-only"], capsys)
@@ -136,7 +142,7 @@ def test_a_damaged_plan_is_refused_in_one_line_naming_it_and_the_way_out(how, tm
     damaged = _damage_plan(tmp_path / "out" / "run_id=r1" / "_plan", how)
     for extra in (["--plan-only"], []):  # read back for --plan-only, and for a run: refused before Ray
         code, _, err = _job("score", argv + extra, capsys)
-        _one_line_refusal(code, err, "plan is damaged", damaged, "--run-id", "run_id=r1")
+        _one_line_refusal(code, err, "plan is damaged", damaged, said, "--run-id", "run_id=r1")
     assert not list((tmp_path / "out" / "run_id=r1").glob("shard-*"))
 
 
