@@ -160,9 +160,11 @@ def lookup_days(args, day: dt.date) -> Optional[list[dt.date]]:
         return [day]
     if args.lookback_days:
         from headclip.reporting.audit import days_before
+        from headclip.storage.history import history_days
 
         first = days_before(day, args.lookback_days)
-        return [dt.date.fromordinal(n) for n in range(first.toordinal(), day.toordinal() + 1)]
+        held = history_days(args.history, args.storage_options)  # only days the history holds are read
+        return sorted({d for d in held if first <= d < day} | {day})
     return None
 
 

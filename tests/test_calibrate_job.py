@@ -273,7 +273,7 @@ def test_calibrate_inputs_are_checked_in_one_line(tmp_path, capsys, monkeypatch)
     (tmp_path / "orphan.csv").write_text("image_uri,line,label\nimg/0.png,a,0\nimg/1.png,c,1\n")
     base = ["--output", str(tmp_path / "t.json")]
     cases = [
-        (["--input", str(tmp_path / "m.csv"), "--target-fpr", "0"], "must lie strictly between 0 and 1"),
+        (["--input", str(tmp_path / "m.csv"), "--target-fpr", "0"], "must be a number in [1e-09, 1), got 0"),
         (["--input", "x", "--data", "y"], "not allowed with argument"),
         (["--input", str(tmp_path / "m.csv"), "--group-column", "camera"], "no column 'camera' in the input"),
         (["--input", str(tmp_path / "bad.csv"), "--label-column", "label"], "label must be 0 or 1 on every row, found [2]"),

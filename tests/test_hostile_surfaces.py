@@ -294,3 +294,18 @@ def test_a_day_index_with_a_wrong_column_type_is_built_again(tmp_path, caplog):
         found = scored_images_for(str(tmp_path / "h"), ["s3://b/x.png"], [dt.date.fromisoformat(DAY)])
     assert found == {} and "wrong type" in caplog.text
     assert pq.read_schema(index).field("image_uri").type == pa.string()
+
+
+def test_a_long_lookback_reads_only_the_days_the_history_holds(tmp_path):
+    from headclip.storage.history import build_day_index
+    from jobs.audit import build_parser, lookup_days
+
+    history = tmp_path / "h"
+    day = dt.date.fromisoformat(DAY)
+    for back in (1, 400, 5000):
+        build_day_index(str(history), day - dt.timedelta(days=back),
+                        pa.table({"image_uri": ["u"], "status": ["ok"], "source_version": [None],
+                                  "scored_at": pa.array([0], pa.timestamp("us", tz="UTC"))}))
+    args = build_parser().parse_args(["--input", "x", "--history", str(history), "--lookback-days", "3660"])
+    assert lookup_days(args, day) == [day - dt.timedelta(days=400), day - dt.timedelta(days=1), day]
+    assert len(list((history / "index").iterdir())) == 3  # no index was written for an empty day
