@@ -265,7 +265,8 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
 
     remember_secrets(sys.argv[1:] if argv is None else list(argv))
     for handler in logging.getLogger().handlers:  # log lines of every library, third parties' included
-        handler.addFilter(RedactingFilter())
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     sys.excepthook = redacting_excepthook  # a traceback, if one escapes, holds no secret either
 
     def say(message: str) -> None:

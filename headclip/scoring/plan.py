@@ -286,8 +286,8 @@ def read_plan(output: str, run_id: str, storage_options: Optional[dict] = None) 
         document = json.loads(read_bytes(uri, storage_options))
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise _damaged("plan file", uri, f"is not valid JSON ({type(err).__name__}: {err})") from None
-    if not isinstance(document, dict):
-        raise _damaged("plan file", uri, "is not a JSON object")
+    if not isinstance(document, dict) or not isinstance(document.get("format", 1), int):
+        raise _damaged("plan file", uri, "is not a JSON object with a format number")
     if document.get("format", 1) >= PLAN_FORMAT:
         try:
             plan = RunPlan(run_id, output, document["num_images"], document["shard_size"], document["listing_hash"],
