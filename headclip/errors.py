@@ -30,6 +30,10 @@ class EmptyInputError(InputError):
     """An input location that exists but holds no images."""
 
 
+class PlanError(InputError):
+    """A stored run plan that is damaged (edited, truncated, a piece missing); the message says how to recover."""
+
+
 class OutputError(HeadCLIPError):
     """An output location that cannot be read or written."""
 

@@ -41,11 +41,12 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
 from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, check_storage_options,
-                  init_ray, load_thresholds_arg, pool_settings, positive_float, positive_int, prepare_or_exit, run,
+                  days_int, init_ray, load_thresholds_arg, pool_settings, prepare_or_exit, run, seconds_float, top_int,
                   unit_float, warn_uncalibrated)
 
 EXIT_ALERT = 3
@@ -63,15 +64,15 @@ log = logging.getLogger("jobs.audit")
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.audit", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--input", default=None, help="the day's images: a prefix or glob")
-    p.add_argument("--date", default=None, help="the day audited, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--date", type=iso_date, default=None, help="the day audited, YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--prefix-template", default=None,
                    help="input from the date, e.g. 's3://bucket/line-7/date={date}/' (instead of --input)")
     p.add_argument("--history", required=True, help="history location (local or s3://)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
     p.add_argument("--report", default=None, help="where summary.json and report.html go "
                                                   "(default: HISTORY/_reports/date=<day>/)")
-    p.add_argument("--baseline-days", type=positive_int, default=7, help="trailing days compared (default 7)")
-    p.add_argument("--top-n", type=positive_int, default=12, help="images in the gallery (default 12)")
+    p.add_argument("--baseline-days", type=days_int, default=7, help="trailing days compared (default 7)")
+    p.add_argument("--top-n", type=top_int, default=12, help="images in the gallery (default 12)")
     p.add_argument("--alert-rate-increase", type=unit_float, default=0.05,
                    help="alert when the anomaly rate rose by this much, CI above 0 (default 0.05)")
     p.add_argument("--alert-p-value", type=unit_float, default=0.001,
@@ -98,10 +99,10 @@ def build_parser() -> Parser:
                    help="a day whose input does not exist is an empty day, not an error (exit 2)")
     p.add_argument("--no-rescore-errors", action="store_true",
                    help="keep error rows as they are (default: images whose latest row is an error are scored again)")
-    p.add_argument("--lookback-days", type=positive_int, default=None,
+    p.add_argument("--lookback-days", type=days_int, default=None,
                    help="with --input: look for earlier scores of the day's images only in the N days before it "
                         "(default: every day of the history; with --prefix-template only the audited day)")
-    p.add_argument("--lock-stale-after", type=positive_float, default=6 * 3600.0,
+    p.add_argument("--lock-stale-after", type=seconds_float, default=6 * 3600.0,
                    help="seconds after which another audit's lock of the day counts as abandoned (default 21600)")
     add_cluster_flags(p)
     return p
@@ -116,6 +117,18 @@ def exit_code(text: str) -> int:
     if not 0 <= value <= 125:
         raise argparse.ArgumentTypeError(f"must be 0 to 125, got {value}")
     return value
+
+
+def iso_date(text: str) -> dt.date:
+    """A calendar day written YYYY-MM-DD; a well-formed day that does not exist (2026-02-30) is named as such."""
+    import re
+
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+        raise argparse.ArgumentTypeError(f"must be YYYY-MM-DD, got {text!r}")
+    try:
+        return dt.date.fromisoformat(text.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text} is not a day of the calendar ({err})") from None
 
 
 def webhook_url(text: str) -> str:
@@ -134,16 +147,17 @@ def webhook_url(text: str) -> str:
 
 
 def resolve_input(args) -> tuple[str, dt.date]:
-    try:
-        day = dt.date.fromisoformat(args.date) if args.date else dt.datetime.now(dt.timezone.utc).date()
-    except ValueError:
-        raise UsageError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
+    day = args.date or dt.datetime.now(dt.timezone.utc).date()
     if args.input and args.prefix_template:
         raise UsageError("give --input or --prefix-template, not both")
     if args.prefix_template:
         if "{date}" not in args.prefix_template:
             raise UsageError("--prefix-template must contain {date}")
-        return args.prefix_template.format(date=day.isoformat()), day
+        rest = args.prefix_template.replace("{date}", "")
+        if "{" in rest or "}" in rest:
+            found = re.search(r"\{[^{}]*\}|[{}]", rest).group(0)
+            raise UsageError(f"--prefix-template may hold only the placeholder {{date}}, found {found!r}")
+        return args.prefix_template.replace("{date}", day.isoformat()), day
     if not args.input:
         raise UsageError("give --input, or --date with --prefix-template")
     return args.input, day
@@ -154,7 +168,12 @@ def lookup_days(args, day: dt.date) -> Optional[list[dt.date]]:
     if args.prefix_template:
         return [day]
     if args.lookback_days:
-        return [day - dt.timedelta(days=n) for n in range(args.lookback_days, -1, -1)]
+        from headclip.reporting.audit import days_before
+        from headclip.storage.history import history_days
+
+        first = days_before(day, args.lookback_days)
+        held = history_days(args.history, args.storage_options)  # only days the history holds are read
+        return sorted({d for d in held if first <= d < day} | {day})
     return None
 
 

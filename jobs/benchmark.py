@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import Parser, positive_int, run
+from .cli import Parser, batch_int, positive_int, run, side_int
 
 EXAMPLE = """examples:
   python -m jobs.benchmark                                   # ViT-B-16 at 224 px on this machine
@@ -33,8 +33,8 @@ log = logging.getLogger("jobs.benchmark")
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.benchmark", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--backbone", default="ViT-B-16", help="open_clip model (random weights; default ViT-B-16)")
-    p.add_argument("--image-size", type=positive_int, default=224, help="input side (default 224)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size for (a) and (b) (default 16)")
+    p.add_argument("--image-size", type=side_int, default=224, help="input side (default 224)")
+    p.add_argument("--batch-size", type=batch_int, default=16, help="batch size for (a) and (b) (default 16)")
     p.add_argument("--images", type=positive_int, default=192, help="images in the job (default 192)")
     p.add_argument("--reference-images", type=positive_int, default=32, help="images for (c) (default 32)")
     p.add_argument("--shard-size", type=positive_int, default=32, help="images per shard (default 32)")

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import Parser, positive_int, run
+from .cli import Parser, batch_int, positive_int, run, side_int
 
 EXAMPLE = """examples:
   python -m jobs.benchmark_host                                  # the demo model on this machine's CPUs
@@ -45,8 +45,8 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", default=None, help="checkpoint to score with (default: the packaged demo model)")
     p.add_argument("--backbone", default=None,
                    help="score with this open_clip model and random weights instead of a checkpoint")
-    p.add_argument("--image-size", type=positive_int, default=224, help="input side with --backbone (default 224)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward call (default 16)")
+    p.add_argument("--image-size", type=side_int, default=224, help="input side with --backbone (default 224)")
+    p.add_argument("--batch-size", type=batch_int, default=16, help="images per forward call (default 16)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
     p.add_argument("--no-ray", action="store_true", help="run the actor's code in this process instead of on Ray")
     p.add_argument("--device-decode", choices=("off", "on", "both"), default="off",

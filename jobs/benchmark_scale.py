@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .cli import days_int, positive_int
+
 EXAMPLE = """examples:
   python -m jobs.benchmark_scale plan --rows 10000000
   python -m jobs.benchmark_scale audit --days 365 --per-day 20000
@@ -112,11 +114,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     plan = sub.add_parser("plan", help="plan a large shuffled manifest with --plan-only")
-    plan.add_argument("--rows", type=int, default=10_000_000)
-    plan.add_argument("--shard-size", type=int, default=256)
+    plan.add_argument("--rows", type=positive_int, default=10_000_000)
+    plan.add_argument("--shard-size", type=positive_int, default=256)
     audit = sub.add_parser("audit", help="a night's audit planning against a simulated history")
-    audit.add_argument("--days", type=int, default=365)
-    audit.add_argument("--per-day", type=int, default=20_000)
+    audit.add_argument("--days", type=days_int, default=365)
+    audit.add_argument("--per-day", type=positive_int, default=20_000)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONPATH", str(REPO))
     bench_plan(args) if args.what == "plan" else bench_audit(args)

@@ -23,8 +23,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .cli import (Parser, UsageError, add_cluster_flags, init_ray, load_dataset_arg, open_unit_float, positive_int,
-                  pool_settings, prepare_or_exit, redact, redacted_command, run, unit_float)
+from .cli import (Parser, UsageError, add_cluster_flags, bins_int, init_ray, load_dataset_arg,
+                  open_unit_float, pool_settings, prepare_or_exit, rate_float, redacted_command, run, unit_float)
 
 PROG = "python -m jobs.calibrate"
 EXAMPLE = """examples:
@@ -59,13 +59,13 @@ def build_parser() -> Parser:
                    help="column whose values are calibrated apart (lines, cameras, classes); default: one group")
     p.add_argument("--label-column", default=None,
                    help="manifest column of 0 (good) / 1 (defect) labels: defects give detection rates")
-    p.add_argument("--target-fpr", type=open_unit_float, default=0.01,
+    p.add_argument("--target-fpr", type=rate_float, default=0.01,
                    help="false-alarm rate on good images to aim for (default 0.01)")
     p.add_argument("--target-pixel-fpr", type=unit_float, default=0.001,
                    help="share of normal pixels the mask may mark (default 0.001)")
     p.add_argument("--confidence", type=open_unit_float, default=0.95, help="confidence of intervals (default 0.95)")
     p.add_argument("--rule", choices=RULES, default="quantile", help=RULE_HELP)
-    p.add_argument("--pixel-bins", type=positive_int, default=10_000,
+    p.add_argument("--pixel-bins", type=bins_int, default=10_000,
                    help="bins of the normal-pixel histogram, the mask threshold's resolution (default 10000)")
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions of a prefix or glob --input (default: %(default)s)")
@@ -121,20 +121,24 @@ def split_images(table, args):
     """(good, defects or None) tables carrying the group as class_name; problems are one line."""
     import pyarrow as pa
 
-    from headclip.evaluation.calibration import state_table
+    from headclip.evaluation.calibration import UNGROUPED, state_table
+    from headclip.evaluation.thresholds import group_key
 
     column = args.group_column
     if column is not None and column not in table.column_names:
         raise UsageError(f"no column {column!r} in the input (columns: {', '.join(table.column_names)})")
     if column is not None:
-        keys = table[column].to_pylist()
+        keys = [group_key(k) for k in table[column].to_pylist()]
+        if all(k is None for k in keys):
+            raise UsageError(f"no image has a value in column {column!r}")
         if any(k is None for k in keys):
-            raise UsageError(f"{sum(k is None for k in keys)} images have no value in column {column!r}")
+            log.warning("%d images have no value in column %r (empty, blank or missing): they count in the pooled "
+                        "default only, and images scored without a value get the default", keys.count(None), column)
+        keys = [UNGROUPED if k is None else k for k in keys]
     elif "class_name" in table.column_names:  # one group, but metric state kept per class
-        keys = table["class_name"].to_pylist()
+        keys = [str(k) for k in table["class_name"].to_pylist()]
     else:
         keys = ["all"] * table.num_rows
-    keys = [str(k) for k in keys]
     labels = _labels(table, "label" if args.data and args.label_column is None else args.label_column)
     masks = _mask_uris(table, args)
     good = [i for i, y in enumerate(labels) if y == 0]
@@ -142,11 +146,11 @@ def split_images(table, args):
     if not good:
         raise UsageError("no good images in the input")
     if column is not None:
-        missing = sorted({keys[i] for i in bad} - {keys[i] for i in good})
+        missing = sorted({keys[i] for i in bad} - {keys[i] for i in good} - {UNGROUPED})
         if missing:
             raise UsageError(f"group {missing[0]!r} has defects but no good images")
     if args.rule == "f1":
-        lacking = sorted({keys[i] for i in good} - {keys[i] for i in bad}) if column is not None else []
+        lacking = sorted({keys[i] for i in good} - {keys[i] for i in bad} - {UNGROUPED}) if column is not None else []
         if not bad or lacking:
             where = f"group {lacking[0]!r} has" if lacking else "the input has"
             raise UsageError(f"--rule f1 needs labelled defects: {where} none (give --label-column or --data)")
@@ -173,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     command = redacted_command(PROG, sys.argv[1:] if argv is None else list(argv))
     from headclip.evaluation.thresholds import calibrate, write_thresholds
+    from headclip.redact import redact_text
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
 
@@ -195,13 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("%d of the %d good images could not be scored (error rows under %s); calibrated on the rest",
                     errors, good.num_rows, config.output)
     scored = set(summaries[0].metrics or ())
-    lost = sorted(set(good["class_name"].to_pylist()) - scored)
+    lost = sorted(set(good["class_name"].to_pylist()) - scored - {""})  # "": no group value, pooled only
     if lost:
         raise UsageError(f"none of the good images of group {lost[0]!r} could be scored")
     try:
         thresholds = calibrate(summaries[0].metrics, summaries[1].metrics if len(summaries) > 1 else None,
                                summaries[0].checkpoint_id, args.group_column, args.rule, args.target_fpr,
-                               args.target_pixel_fpr, args.confidence, checkpoint=redact(config.checkpoint_uri),
+                               args.target_pixel_fpr, args.confidence, checkpoint=redact_text(config.checkpoint_uri),
                                command=command)
     except ValueError as err:
         raise UsageError(str(err)) from None

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
-import re
 import shlex
 import sys
 from typing import Callable, Optional, Sequence
 
 from headclip.errors import UsageError
+
+from .flags import (  # noqa: F401 - the jobs import the flag types from here
+    storage_options_arg, Number, MAX_COUNT, MAX_SECONDS, MAX_DAYS, MAX_BINS, positive_int, top_int, side_int,
+    batch_int, layer_int, non_negative_int, seed_int, days_int, bins_int, positive_float, non_negative_float,
+    seconds_float, cpus_float, unit_float, open_unit_float, rate_float, resources_arg)
 
 EXIT_FAILED = 1  # a run that could not finish (JobError)
 EXIT_USAGE = 2
@@ -47,70 +50,6 @@ class Parser(argparse.ArgumentParser):
         if unknown:
             self.error(f"unrecognized arguments: {' '.join(unknown)}")
         return super().parse_args(args, namespace)
-
-
-def storage_options_arg(text: str) -> dict:
-    """Parse ``--storage-options`` JSON into a dict."""
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def _parse(text: str, cast, what: str):
-    try:
-        return cast(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    value = _parse(text, int, "an integer")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def open_unit_float(text: str) -> float:
-    value = _parse(text, float, "a number")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
-    return value
-
-
-def resources_arg(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not valid JSON") from None
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
-                                              for k, v in value.items()):
-        raise argparse.ArgumentTypeError("must be a JSON object of resource names to positive amounts")
-    return {k: float(v) for k, v in value.items()}
 
 
 def pool_settings(args) -> dict:
@@ -150,7 +89,7 @@ def add_storage_flag(p: argparse.ArgumentParser) -> None:
 
 def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_size: int = 256) -> None:
     """Flags of every job that scores on the actor pool, plus --storage-options and --ray-address."""
-    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+    p.add_argument("--batch-size", type=batch_int, default=batch_size,
                    help=f"images per forward call (default: {batch_size})")
     p.add_argument("--shard-size", type=positive_int, default=shard_size,
                    help=f"images per shard and output file (default: {shard_size})")
@@ -169,7 +108,7 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     p.add_argument("--gpus-per-actor", type=non_negative_float, default=None,
                    help="GPUs each actor reserves (default: 1 if the cluster has GPUs, else CPU actors); "
                         "a value given is requested even before an autoscaler adds GPU nodes; fractions share a GPU")
-    p.add_argument("--stage-cpus", type=positive_float, default=1.0,
+    p.add_argument("--stage-cpus", type=cpus_float, default=1.0,
                    help="CPUs each read/decode or publish task reserves (default 1); these tasks run on any node "
                         "with them free, CPU-only nodes too, while the actors run only the model")
     p.add_argument("--stage-resources", type=resources_arg, default=None,
@@ -183,7 +122,7 @@ def add_cluster_flags(p: argparse.ArgumentParser, batch_size: int = 16, shard_si
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join: host:port, or 'auto' for the one `ray start` runs on this machine "
                         "(default: RAY_ADDRESS, else a private local Ray is started, even if one is running)")
-    p.add_argument("--placement-timeout", type=positive_float, default=300.0,
+    p.add_argument("--placement-timeout", type=seconds_float, default=300.0,
                    help="seconds to wait for a node that can hold a scoring actor before giving up (default 300)")
 
 
@@ -197,12 +136,12 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="HeadCLIP checkpoint (default: the packaged demo model)")
     p.add_argument("--run-id", default=None,
                    help="run id (default: derived from input, listing, checkpoint and settings, so a rerun resumes)")
-    p.add_argument("--cpus-per-actor", type=positive_float, default=None, help="CPUs each actor reserves")
+    p.add_argument("--cpus-per-actor", type=cpus_float, default=None, help="CPUs each actor reserves")
     p.add_argument("--threshold", type=unit_float, default=None, help="image label: score > threshold (default 0.5)")
     p.add_argument("--mask-threshold", type=unit_float, default=None,
                    help="mask pixels: anomaly map > this (default 0.5)")
     add_thresholds_flags(p)
-    p.add_argument("--mask-max-side", type=positive_int, default=2048,
+    p.add_argument("--mask-max-side", type=side_int, default=2048,
                    help="masks of larger images are stored scaled to this long side (default 2048)")
     p.add_argument("--max-pixels", type=positive_int, default=None,
                    help="images with more pixels are refused as decompression bombs")
@@ -220,8 +159,8 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
                    help="vision tower precision: auto (fp32 weights, bf16 autocast on a GPU) or bf16 (bf16 weights)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward in each actor (compile time is logged; eager if it fails)")
-    p.add_argument("--progress-interval", type=positive_float, default=5.0, help="seconds between progress lines")
-    p.add_argument("--read-timeout", type=positive_float, default=300.0,
+    p.add_argument("--progress-interval", type=seconds_float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--read-timeout", type=seconds_float, default=300.0,
                    help="seconds one image may take to read before it becomes an error row (default 300)")
     add_cluster_flags(p)
 
@@ -332,11 +271,19 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
     """Run ``main`` and exit with its code.
 
     Bad input is one line and exit 2; a run that cannot finish, one line and
-    exit 1; Ctrl-C, one line and exit 130. Printed lines hold no credentials.
+    exit 1; Ctrl-C, one line and exit 130. Printed lines, log lines and
+    tracebacks hold no credentials (:mod:`headclip.redact`, by shape and by
+    the values the command line gave).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from headclip.errors import HeadCLIPError, JobError
-    from headclip.redact import redact_text
+    from headclip.redact import RedactingFilter, redact_text, redacting_excepthook, remember_secrets
+
+    remember_secrets(sys.argv[1:] if argv is None else list(argv))
+    for handler in logging.getLogger().handlers:  # log lines of every library, third parties' included
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    sys.excepthook = redacting_excepthook  # a traceback, if one escapes, holds no secret either
 
     def say(message: str) -> None:
         print(f"{prog}: {redact_text(' '.join(message.split()))}", file=sys.stderr)
@@ -370,34 +317,13 @@ def _stop_ray() -> None:
 # -- calibrated thresholds and secrets ---------------------------------------------------
 
 log = logging.getLogger("jobs.cli")
-SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "signature", "auth")
-_SECRET = "|".join(SECRET_WORDS)
-REDACTED = "<redacted>"
-
-
-def redact(text: str) -> str:
-    """``text`` with URI credentials (``s3://user:pass@...``) and secret-like query values hidden."""
-    text = re.sub(r"([A-Za-z][\w+.-]*://)[^/@\s]+@", rf"\1{REDACTED}@", text)
-    return re.sub(rf"([?&;][^=&;\s]*(?:{_SECRET})[^=&;\s]*=)[^&;\s]*", rf"\1{REDACTED}", text, flags=re.I)
 
 
 def redacted_command(prog: str, argv: Sequence[str]) -> str:
-    """``prog`` and its arguments with --storage-options and every key/secret/token/password-like
-    flag's value hidden, and credentials removed from URIs."""
-    out, hide_next = [], False
-    for arg in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        if arg.startswith("--"):
-            name, eq, _ = arg.partition("=")
-            if name == "--storage-options" or re.search(_SECRET, name, re.I):
-                out.append(f"{name}={REDACTED}" if eq else name)
-                hide_next = not eq
-                continue
-        out.append(redact(arg))
-    return " ".join([prog, shlex.join(out)]).strip()
+    """``prog`` and its arguments as recorded: every secret hidden by :func:`headclip.redact.redact_command`."""
+    from headclip.redact import redact_command
+
+    return " ".join([prog, shlex.join(redact_command(argv))]).strip()
 
 
 def add_thresholds_flags(p: argparse.ArgumentParser) -> None:
@@ -426,11 +352,12 @@ def load_thresholds_arg(args, checkpoint_uri: str):
     from headclip.errors import ThresholdsError
     from headclip.evaluation.thresholds import read_thresholds
     from headclip.model.checkpoint import read_checkpoint
+    from headclip.redact import redact_text
 
     try:
         thresholds = read_thresholds(args.thresholds, args.storage_options)
         thresholds.check_checkpoint(read_checkpoint(checkpoint_uri, args.storage_options).checkpoint_id,
-                                    redact(checkpoint_uri))
+                                    redact_text(checkpoint_uri))
     except ThresholdsError as err:
         raise UsageError(str(err)) from None
     group = getattr(args, "threshold_group", None)
@@ -457,15 +384,21 @@ def warn_uncalibrated(plan, thresholds, storage_options=None) -> None:
         log.warning("the input has no %r column: every image gets the default threshold %.4g (all groups pooled)",
                     column, thresholds.default.threshold)
         return
+    from headclip.evaluation.thresholds import group_key
+
     counts: dict = {}
     for table in plan.iter_images(storage_options, [column]):
         for value in table[column].to_pylist():
-            value = None if value is None else str(value)
-            if value not in thresholds.groups:
-                counts[value] = counts.get(value, 0) + 1
-    if counts:
-        other = sorted(counts, key=str)
-        log.warning("%d images of %s %s were not calibrated: they get the default threshold %.4g (all groups "
-                    "pooled)", sum(counts.values()), column,
-                    ", ".join(map(str, other[:5])) + (" ..." if len(other) > 5 else ""),
+            key = group_key(value)  # as the scoring actors read it
+            if key not in thresholds.groups:
+                counts[key] = counts.get(key, 0) + 1
+    missing = counts.pop(None, 0)
+    if missing:
+        log.warning("%d images have no %s value (empty, blank or missing): they get the default threshold %.4g (all "
+                    "groups pooled), which their rows' threshold column shows", missing, column,
                     thresholds.default.threshold)
+    if counts:
+        other = sorted(counts)
+        log.warning("%d images of %s %s were not calibrated: they get the default threshold %.4g (all groups "
+                    "pooled), which their rows' threshold column shows", sum(counts.values()), column,
+                    ", ".join(other[:5]) + (" ..." if len(other) > 5 else ""), thresholds.default.threshold)

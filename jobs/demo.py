@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import (Parser, add_scoring_flags, apply_thresholds, init_ray, job_config, open_unit_float, positive_int,
+from .cli import (Parser, add_scoring_flags, apply_thresholds, init_ray, job_config, positive_int, rate_float, side_int,
                   prepare_or_exit, redacted_command, run)
 
 EXAMPLE = """example:
@@ -46,13 +46,13 @@ log = logging.getLogger("jobs.demo")
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.demo", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--images", type=positive_int, default=240, help="images to generate (default: 240)")
-    p.add_argument("--size", type=positive_int, default=256, help="side of the generated images (default: 256)")
+    p.add_argument("--size", type=side_int, default=256, help="side of the generated images (default: 256)")
     p.add_argument("--data", default="demo-data", help="folder for the generated images (default: demo-data)")
     p.add_argument("--output", default="out/demo", help="where the scores go (default: out/demo)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
     p.add_argument("--good-images", type=positive_int, default=160,
                    help="known-good images to calibrate the thresholds on, spread over the textures (default: 160)")
-    p.add_argument("--target-fpr", type=open_unit_float, default=0.1,
+    p.add_argument("--target-fpr", type=rate_float, default=0.1,
                    help="false-alarm rate the calibrated thresholds aim for (default: 0.1)")
     return p
 

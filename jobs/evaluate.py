@@ -14,7 +14,7 @@ import logging
 from typing import Optional, Sequence
 
 from .cli import (Parser, add_cluster_flags, add_dataset_flags, add_thresholds_flags, apply_thresholds, init_ray,
-                  load_dataset_arg, load_thresholds_arg, pool_settings, positive_int, prepare_or_exit, run,
+                  bins_int, load_dataset_arg, load_thresholds_arg, pool_settings, prepare_or_exit, run,
                   warn_uncalibrated)
 
 EXAMPLE = """examples:
@@ -31,7 +31,7 @@ def build_parser() -> Parser:
     add_dataset_flags(p, "split to evaluate (default: test)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
     p.add_argument("--output", required=True, help="where rows and the metrics table go")
-    p.add_argument("--metric-bins", type=positive_int, default=1000,
+    p.add_argument("--metric-bins", type=bins_int, default=1000,
                    help="pixel-metric histogram bins; the error bound shrinks as they grow (default 1000)")
     add_thresholds_flags(p)
     add_cluster_flags(p)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .cli import Parser, UsageError, run, storage_options_arg
+from .cli import Parser, UsageError, layer_int, run, side_int, storage_options_arg
 
 EXAMPLE = """example:
   python -m jobs.import_anomalyclip --source checkpoints/9_12_4_multiscale/epoch_15.pth \\
@@ -24,8 +24,8 @@ def build_parser() -> Parser:
     parser.add_argument("--backbone", default="ViT-L-14-336", help="open_clip model name (default: %(default)s)")
     parser.add_argument("--pretrained", default="openai",
                         help="backbone weights: open_clip tag, path or URL (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=518, help="input side in pixels (default: %(default)s)")
-    parser.add_argument("--map-layers", type=int, nargs="+", default=None,
+    parser.add_argument("--image-size", type=side_int, default=518, help="input side in pixels (default: %(default)s)")
+    parser.add_argument("--map-layers", type=layer_int, nargs="+", default=None,
                         help="vision layers averaged into the anomaly map (default: the quarter points, 6 12 18 24 of 24)")
     parser.add_argument("--storage-options", type=storage_options_arg, default=None,
                         help="fsspec options as JSON, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"...\"}}'")

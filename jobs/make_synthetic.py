@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import Parser, positive_int, run
+from .cli import Parser, positive_int, run, seed_int, side_int
 
 EXAMPLE = """example:
   python -m jobs.make_synthetic --root synth/train --textures metal leather --per-class 40
@@ -46,8 +46,8 @@ def build_parser() -> Parser:
     p.add_argument("--root", required=True, help="folder to write")
     p.add_argument("--textures", nargs="+", required=True, help="one class per texture")
     p.add_argument("--per-class", type=positive_int, default=40)
-    p.add_argument("--size", type=positive_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=side_int, default=256)
+    p.add_argument("--seed", type=seed_int, default=0)
     return p
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from .cli import Parser, UsageError, positive_int, run, unit_float
+from .cli import (Number, Parser, UsageError, batch_int, non_negative_float, non_negative_int, positive_float, positive_int,
+                  run, seed_int, unit_float)
 
 EXAMPLE = """examples:
   python -m jobs.pretrain_demo_backbone --output /tmp/demo-backbone-candidate.safetensors
@@ -33,21 +34,21 @@ log = logging.getLogger("jobs.pretrain_demo_backbone")
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.pretrain_demo_backbone", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="weights file to write (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the initial weights and of the data (default: 0)")
     p.add_argument("--epochs", type=positive_int, default=16, help="epochs (default: %(default)s)")
     p.add_argument("--images-per-epoch", type=positive_int, default=2048,
                    help="freshly generated images per epoch (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
-    p.add_argument("--min-crop", type=float, default=0.35,
+    p.add_argument("--batch-size", type=batch_int, default=64, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=50, help="linear warm-up steps (default: %(default)s)")
+    p.add_argument("--min-crop", type=Number(float, 0.0, 1.0, low_open=True), default=0.35,
                    help="smallest crop, as a fraction of the image side (default: %(default)s; 1 = no crops)")
     p.add_argument("--generic-captions", type=unit_float, default=0.25,
                    help="share of captions that name no texture (default: %(default)s)")
-    p.add_argument("--patch-weight", type=float, default=2.0,
+    p.add_argument("--patch-weight", type=non_negative_float, default=2.0,
                    help="weight of the patch-level caption loss, 0 = plain CLIP (default: %(default)s)")
-    p.add_argument("--raw-cls-weight", type=float, default=1.0,
+    p.add_argument("--raw-cls-weight", type=non_negative_float, default=1.0,
                    help="weight of the same loss on the class token projected without ln_post, as HeadCLIP "
                         "reads it (default: %(default)s)")
     p.add_argument("--textures", default=None,
@@ -60,13 +61,6 @@ def pretrain_config(args):
     """The :class:`PretrainConfig` of the flags; bad values become one line."""
     from headclip.training.pretrain import PretrainConfig, check_textures
 
-    if not 0.0 < args.min_crop <= 1.0:
-        raise UsageError(f"--min-crop must be in (0, 1], got {args.min_crop}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-    for name in ("weight_decay", "patch_weight", "raw_cls_weight", "warmup_steps"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     try:
         textures = check_textures(args.textures)
     except ValueError as err:

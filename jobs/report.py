@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .cli import Parser, add_storage_flag, read_run_arg, positive_int, run
+from .cli import Parser, add_storage_flag, read_run_arg, run, top_int
 
 EXAMPLE = """examples:
   python -m jobs.report --run out/demo/run_id=2abcac6e2801955c --output out/demo/report.html
@@ -17,7 +17,7 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.report", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--run", required=True, help="a run directory: OUTPUT/run_id=<id>")
     p.add_argument("--output", default=None, help="the HTML file to write (default: RUN/_report.html)")
-    p.add_argument("--top-n", type=positive_int, default=12, help="images in the gallery (default 12)")
+    p.add_argument("--top-n", type=top_int, default=12, help="images in the gallery (default 12)")
     add_storage_flag(p)
     return p
 

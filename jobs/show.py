@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import Parser, add_storage_flag, read_run_arg, UsageError, positive_int, run
+from .cli import Parser, add_storage_flag, read_run_arg, UsageError, run, side_int, top_int
 
 EXAMPLE = """examples:
   python -m jobs.show --run out/demo/run_id=2abcac6e2801955c --top 5 --output-dir out/overlays
@@ -20,9 +20,9 @@ def build_parser() -> Parser:
     p.add_argument("--run", required=True, help="a run directory: OUTPUT/run_id=<id>")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--image-id", action="append", help="an image to render (repeatable)")
-    which.add_argument("--top", type=positive_int, help="render the N highest-scoring images")
+    which.add_argument("--top", type=top_int, help="render the N highest-scoring images")
     p.add_argument("--output-dir", default="overlays", help="folder for the PNG files (default: overlays)")
-    p.add_argument("--max-side", type=positive_int, default=768, help="long side of the pictures (default 768)")
+    p.add_argument("--max-side", type=side_int, default=768, help="long side of the pictures (default 768)")
     add_storage_flag(p)
     return p
 

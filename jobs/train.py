@@ -15,8 +15,8 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from .cli import (Parser, UsageError, add_dataset_flags, add_storage_flag, init_ray, load_dataset_arg, positive_int,
-                  run)
+from .cli import (Parser, UsageError, Number, add_dataset_flags, add_storage_flag, batch_int, init_ray, layer_int,
+                  load_dataset_arg, non_negative_float, positive_float, positive_int, run, seed_int, side_int)
 
 EXAMPLE = """examples:
   # the paper's protocol: fit on MVTec AD's test split on a GPU cluster
@@ -40,21 +40,21 @@ def build_parser() -> Parser:
     p.add_argument("--name", default="headclip", help="run name; the same name resumes (default: headclip)")
     p.add_argument("--storage-path", default="train-runs",
                    help="where runs keep their checkpoints (local or s3://; default: train-runs)")
-    p.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 trains in this process")
+    p.add_argument("--workers", type=Number(int, 0, 10_000, unit="workers"), default=0, help="Ray Train workers; 0 trains in this process")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--epochs", type=positive_int, default=15)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="global batch size (default: 8)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.999))
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--batch-size", type=batch_int, default=8, help="global batch size (default: 8)")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--betas", type=Number(float, 0.0, 1.0, high_open=True), nargs=2, default=(0.5, 0.999))
+    p.add_argument("--seed", type=seed_int, default=111)
     p.add_argument("--backbone", default="ViT-L-14-336", help="open_clip model (default: ViT-L-14-336)")
     p.add_argument("--pretrained", default="openai", help="backbone weights: tag, path or URL (default: openai)")
-    p.add_argument("--image-size", type=positive_int, default=518)
-    p.add_argument("--map-layers", type=int, nargs="+", default=None,
+    p.add_argument("--image-size", type=side_int, default=518)
+    p.add_argument("--map-layers", type=layer_int, nargs="+", default=None,
                    help="vision layers of the anomaly map (default: the quarter points, 6 12 18 24 of 24)")
-    p.add_argument("--pixel-weight", type=float, default=4.0,
+    p.add_argument("--pixel-weight", type=non_negative_float, default=4.0,
                    help="weight of the pixel loss summed over map layers (default: 4, as AnomalyCLIP)")
-    p.add_argument("--focal-gamma", type=float, default=2.0)
+    p.add_argument("--focal-gamma", type=non_negative_float, default=2.0)
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
     add_storage_flag(p)
     return p

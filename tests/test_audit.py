@@ -197,8 +197,8 @@ def _audit_process(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--alert-rate-increase", "1.5", "must be in [0, 1]"),
-    ("--alert-p-value", "-0.1", "must be in [0, 1]"),
+    ("--alert-rate-increase", "1.5", "must be a number in [0, 1]"),
+    ("--alert-p-value", "-0.1", "must be a number in [0, 1]"),
     ("--alert-error-rate", "lots", "not a number"),
 ])
 def test_bad_alert_flags_exit_2(flag, value, message, tmp_path):

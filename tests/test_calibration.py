@@ -280,7 +280,7 @@ def test_recorded_command_hides_secrets():
     for secret in ("AKIA", "s3cr3t", "hunter2", "tok123", "abc123", "cred"):
         assert secret not in command
     assert "--group-column line" in command and "bucket/good/" in command and "v=1" in command
-    assert command.count("<redacted>") == 6
+    assert command.count("***") == 7  # user-info, two storage options, two flags, two query values
 
 
 def test_report_line_names_the_thresholds():

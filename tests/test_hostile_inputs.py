@@ -292,10 +292,10 @@ def test_manifests_with_wrong_types_are_refused_up_front(tmp_path, columns, mess
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--cpus-per-actor", "-2"], "must be a positive number"),
-    (["--gpus-per-actor", "-1"], "must be a number >= 0"),
-    (["--cpus-per-actor", "nan"], "must be a positive number"),
-    (["--progress-interval", "0"], "must be a positive number"),
+    (["--cpus-per-actor", "-2"], "must be a number in [0.0001, 1e+06] CPUs, got -2"),
+    (["--gpus-per-actor", "-1"], "must be a number in [0, 1e+09], got -1"),
+    (["--cpus-per-actor", "nan"], "must be a number in [0.0001, 1e+06] CPUs, got nan"),
+    (["--progress-interval", "0"], "must be a number in [0.001, 1e+07] seconds, got 0"),
 ])
 def test_bad_flag_values_get_one_line(args, message, tmp_path):
     result = _cli("jobs.score", "--input", "s3://bucket/images/", "--output", str(tmp_path / "o"), *args)

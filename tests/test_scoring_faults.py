@@ -266,9 +266,9 @@ def _cli_in_process(capsys, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--input", "x", "--output", "y", "--batch-size", "0"], "must be positive"),
+    (["--input", "x", "--output", "y", "--batch-size", "0"], "must be an integer in [1, 65536] images, got 0"),
     (["--input", "x"], "the following arguments are required: --output"),
-    (["--input", "x", "--output", "y", "--threshold", "2"], "must be in [0, 1]"),
+    (["--input", "x", "--output", "y", "--threshold", "2"], "must be a number in [0, 1], got 2"),
     (["--input", "x", "--output", "y", "--storage-options", "{oops"], "not valid JSON"),
     (["--input", "x", "--output", "y", "--actor-resources", '{"accelerator": 0}'], "positive amounts"),
     (["--input", "x", "--output", "y", "--actor-resources", "[1]"], "positive amounts"),

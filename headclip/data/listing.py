@@ -4,7 +4,14 @@ An input is a prefix (folder), a glob, a single image, or a manifest file
 (CSV or Parquet with an ``image_uri`` column, optional ``image_id`` and any
 extra columns, which travel with each image into the output).
 
-Only regular files are listed (no FIFOs, devices or broken links). A listed
+Paths are literal first: an existing file or folder is listed as itself even
+when its name holds ``*``, ``?`` or ``[``, and only a path that does not exist
+is taken as a glob; a URL with a query (a presigned ``https://...?X-Amz-...``)
+is never a glob. Regular files are listed, and symbolic links to them; FIFOs,
+devices and broken links are skipped with a warning. Hidden entries are
+skipped too, with a log line: files and folders whose names start with ``.``,
+and folders whose names start with ``_`` (where the jobs write their own
+files: ``_plan``, ``_overlays``, ``_eval``), below the listed root. A listed
 file's ``source_version`` (ETag, or size and modification time) is kept in
 the run's plan, not in the output, so a replaced file is noticed. Manifest
 columns named like output columns are refused, never overwritten.
@@ -14,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
+import stat
 from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
@@ -25,7 +34,8 @@ import pyarrow.parquet as pq
 from ..errors import EmptyInputError, InputError, InputNotFoundError
 from .decode import IMAGE_EXTENSIONS
 from .sorting import sort_tables
-from ..storage.fs import as_uri, describe_error, file_version, filesystem, is_connection_error, open_file
+from ..storage.fs import (as_uri, describe_error, file_version, filesystem, is_connection_error, is_local,
+                          open_file)
 from ..storage.layout import VERSION_COLUMN
 from ..storage.schema import RESULT_COLUMNS
 
@@ -87,7 +97,7 @@ def iter_listing(uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
     """
     try:
         fs, path = filesystem(uri, storage_options)
-        if path.lower().endswith(MANIFEST_SUFFIXES):
+        if url_path(uri, path).lower().endswith(MANIFEST_SUFFIXES):
             chunks = _read_manifest(uri, fs, path, storage_options)
         else:
             chunks = _list_files(uri, fs, path, extensions)
@@ -111,10 +121,44 @@ def _missing(uri, fs, path, what: str) -> InputError:
     return InputNotFoundError(f"{what} not found: {uri}")
 
 
+def url_path(uri: str, path: str) -> str:
+    """``path`` without the query of an http(s) URL (``?X-Amz-Signature=...`` is not part of the name)."""
+    if uri.lower().startswith(("http://", "https://")):
+        return path.split("?", 1)[0].split("#", 1)[0]
+    return path
+
+
+def is_glob(uri: str, fs, path: str) -> bool:
+    """Whether ``path`` is listed as a glob: it has glob characters, is no URL with a query, and does not exist."""
+    if not any(ch in path for ch in GLOB_CHARS):
+        return False
+    if uri.lower().startswith(("http://", "https://")) and "?" in path:
+        return False
+    return not fs.exists(path)
+
+
+def is_hidden(relative: str) -> bool:
+    """Whether a path below the listed root is hidden: a part starting with ".", or a folder starting with "_"."""
+    parts = relative.split("/")
+    return any(part.startswith(".") for part in parts) or any(part.startswith("_") for part in parts[:-1])
+
+
+def _followed(fs, path: str, info: dict) -> dict:
+    """``info`` of a local symbolic link as its target's (a regular file is then listed); others unchanged."""
+    if not info.get("islink") or not is_local(fs):
+        return info
+    try:
+        target = os.stat(path)
+    except OSError:  # a broken link
+        return {**info, "type": "other"}
+    kind = "file" if stat.S_ISREG(target.st_mode) else "other"
+    return {**info, "type": kind, "size": target.st_size, "mtime": target.st_mtime}
+
+
 def _list_files(uri, fs, path, extensions) -> Iterator[pa.Table]:
     """The image files of a prefix, glob or single file, in chunks of at most CHUNK_ROWS, as listed."""
     suffixes = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    if any(ch in path for ch in GLOB_CHARS):
+    if is_glob(uri, fs, path):
         root = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)].rsplit("/", 1)[0]
         found = iter(fs.glob(path, detail=True).items())
     elif fs.isdir(path):
@@ -126,15 +170,21 @@ def _list_files(uri, fs, path, extensions) -> Iterator[pa.Table]:
     else:
         raise _missing(uri, fs, path, "input")
     ids, uris, versions = [], [], []
-    others, first_other = 0, None
+    others, first_other, hidden, first_hidden = 0, None, 0, None
     for p, info in found:
-        if not p.lower().endswith(suffixes) or posixpath.basename(p).startswith("."):
+        if not url_path(uri, p).lower().endswith(suffixes):
             continue
+        relative = posixpath.relpath(p, root) if root else p
+        if is_hidden(relative):
+            hidden += 1
+            first_hidden = first_hidden or p
+            continue
+        info = _followed(fs, p, info)
         if info.get("type") != "file":
             others += 1
             first_other = first_other or p
             continue
-        ids.append(posixpath.relpath(p, root) if root else p)
+        ids.append(relative)
         uris.append(as_uri(fs, p, uri))
         versions.append(file_version(info))
         if len(ids) == CHUNK_ROWS:
@@ -144,6 +194,9 @@ def _list_files(uri, fs, path, extensions) -> Iterator[pa.Table]:
         yield _listed(ids, uris, versions)
     if others:
         log.warning("%s: skipped %d entries that are not regular files (first: %s)", uri, others, first_other)
+    if hidden:
+        log.info("%s: skipped %d hidden files (a name starting with '.', or in a folder starting with '.' or '_'; "
+                 "first: %s)", uri, hidden, first_hidden)
 
 
 def _listed(ids: list, uris: list, versions: list) -> pa.Table:
@@ -214,11 +267,11 @@ def _read_manifest(uri, fs, path, storage_options) -> Iterator[pa.Table]:
     """A manifest's rows in chunks, with URIs resolved and ids filled in (vectorised)."""
     if not fs.exists(path):
         raise _missing(uri, fs, path, "manifest")
-    base = posixpath.dirname(path)
+    base = posixpath.dirname(url_path(uri, path))
     prefix = as_uri(fs, base, uri).rstrip("/") + "/" if base else ""
     with open_file(uri, "rb", storage_options) as handle:
         try:
-            if path.lower().endswith(".csv"):
+            if url_path(uri, path).lower().endswith(".csv"):
                 text = {"image_uri": pa.string(), "image_id": pa.string()}
                 reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                         convert_options=pacsv.ConvertOptions(column_types=text))

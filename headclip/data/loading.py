@@ -61,16 +61,22 @@ def _defect_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).any(axis=-1)
 
 
-def load_mask(uri: Optional[str], size: int, storage_options: Optional[dict] = None) -> Optional[np.ndarray]:
+def load_mask(uri: Optional[str], size: int, storage_options: Optional[dict] = None,
+              image_size: Optional[tuple[int, int]] = None) -> Optional[np.ndarray]:
     """(size, size) bool mask from a mask image, or None when ``uri`` is empty.
 
     Binarised at ``!= 0`` before resizing; the binary mask is resized as an
     8-bit 0/255 image with PIL's bilinear filter (torchvision's ``Resize``
     default, AnomalyCLIP's mask transform) and kept where above 127.5.
+    ``image_size``: the (width, height) of the mask's image; a mask of
+    another size is refused (DatasetError), never stretched onto it.
     """
     if not uri:
         return None
     image = Image.open(io.BytesIO(read_bytes(uri, storage_options)))
+    if image_size is not None and tuple(image.size) != tuple(image_size):
+        raise DatasetError(f"the mask is {image.width}x{image.height} pixels, its image {image_size[0]}x"
+                           f"{image_size[1]}: a mask must have its image's size")
     binary = Image.fromarray(_defect_pixels(image).astype(np.uint8) * 255)
     return np.asarray(binary.resize((size, size), Image.Resampling.BILINEAR)) > 127
 
@@ -114,7 +120,7 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
     mask = None
     if with_mask:
         try:
-            mask = load_mask(record.get("mask_uri"), size, storage_options)
+            mask = load_mask(record.get("mask_uri"), size, storage_options, (width, height))
         except Exception as err:  # noqa: BLE001 - any unreadable mask is reported on the row
             return LoadedImage(width=width, height=height,
                                error=f"cannot read mask {record.get('mask_uri')}: {_one_line(err)}")

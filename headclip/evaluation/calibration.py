@@ -44,6 +44,7 @@ import numpy as np
 from .ranking import ranking_metrics
 
 RULES = ("quantile", "bound", "f1")
+UNGROUPED = ""  # the metric-state class of images without a group value: pooled into the default only
 
 
 def quantile_rank(n: int, target_fpr: float) -> int:
@@ -54,7 +55,7 @@ def quantile_rank(n: int, target_fpr: float) -> int:
 
 def min_good_images(target_fpr: float, confidence: float) -> int:
     """Good images needed before any threshold has P(FPR <= target) >= confidence."""
-    return math.ceil(round(math.log(1.0 - confidence) / math.log(1.0 - target_fpr), 9))
+    return math.ceil(round(math.log1p(-confidence) / math.log1p(-target_fpr), 9))  # log1p: exact for tiny rates
 
 
 def bound_rank(n: int, target_fpr: float, confidence: float) -> int:
@@ -304,7 +305,8 @@ def fit_states(good, defects=None, grouped: bool = True, **settings) -> tuple[Gr
     default = fit(pooled(good)[0], normal, pooled(defects) if defects is not None and len(defects) else None)
     groups = {}
     if grouped:
-        groups = {name: fit(good[name].image_scores, good[name].pixel_neg, defect_of(name)) for name in good}
+        groups = {name: fit(good[name].image_scores, good[name].pixel_neg, defect_of(name)) for name in good
+                  if name != UNGROUPED}
     return default, groups
 
 

@@ -4,7 +4,8 @@ Written by ``jobs.calibrate``, read by ``jobs.score``, ``jobs.audit`` and ``jobs
 (``--thresholds``). It holds, for the checkpoint it was calibrated with, one
 :class:`~headclip.evaluation.calibration.GroupThreshold` per value of ``group_column`` and a
 ``default`` one over all good images pooled, used for images without a group value or with one
-that was not calibrated::
+that was not calibrated. Calibration and scoring read a group value alike
+(:func:`group_key`): None, NaN, and empty or blank strings are no value::
 
     {"format": "headclip.thresholds/1", "checkpoint_id": "<sha256>", "group_column": "line",
      "rule": "quantile", "target_fpr": 0.01, "target_pixel_fpr": 0.001, "confidence": 0.95,
@@ -22,11 +23,24 @@ from typing import Any, Optional
 
 from ..errors import ThresholdsError
 from ..storage.fs import read_bytes, write_bytes_atomic
-from .calibration import RULES, GroupThreshold
+from .calibration import RULES, UNGROUPED, GroupThreshold
 
 FORMAT = "headclip.thresholds/1"
 _REQUIRED = ("threshold", "mask_threshold", "good_images", "rank", "calibration_fpr", "expected_fpr",
              "fpr_interval", "fpr_bound", "min_good_images", "normal_pixels", "calibration_pixel_fpr", "pixel_bins")
+
+
+def group_key(value: Any) -> Optional[str]:
+    """The group a group-column value names, as calibration and scoring both read it.
+
+    None for no value (None, NaN, a string that is empty or only whitespace):
+    such an image counts in the pooled default and is given it. Otherwise
+    the value as a string, without surrounding whitespace.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    key = str(value).strip()
+    return key or None
 
 
 @dataclass
@@ -46,10 +60,9 @@ class Thresholds:
     created_at: str = ""
 
     def for_group(self, value: Any) -> GroupThreshold:
-        """The thresholds of a group value (None, or a value not calibrated: the default)."""
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return self.default
-        return self.groups.get(str(value), self.default)
+        """The thresholds of a group value (no value, or a value not calibrated: the default)."""
+        key = group_key(value)
+        return self.default if key is None else self.groups.get(key, self.default)
 
     def scoring_fields(self) -> dict[str, Any]:
         """The :class:`~headclip.scoring.scorer.ScoringOptions` fields that apply these thresholds."""
@@ -107,7 +120,8 @@ class Thresholds:
         if groups and not isinstance(column, str):
             fail("groups without a group_column")
         return cls(checkpoint_id=checkpoint_id, default=_group(data.get("default"), "default", fail),
-                   groups={str(k): _group(v, f"group {k!r}", fail) for k, v in groups.items()},
+                   groups={str(k): _group(v, f"group {k!r}", fail) for k, v in groups.items()
+                           if group_key(k) is not None},
                    group_column=column, rule=data["rule"], target_fpr=float(data["target_fpr"]),
                    target_pixel_fpr=float(data["target_pixel_fpr"]), confidence=float(data["confidence"]),
                    checkpoint=str(data.get("checkpoint", "")), command=str(data.get("command", "")),
@@ -119,6 +133,8 @@ class Thresholds:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as err:
             raise ThresholdsError(f"{source}: not valid JSON: {err}") from None
+        except RecursionError:
+            raise ThresholdsError(f"{source}: not a thresholds file (JSON nested too deeply)") from None
         return cls.from_dict(data, source)
 
 

@@ -196,11 +196,16 @@ def alert_reasons(figures: DayFigures, comparison: Comparison, thresholds: Thres
     return reasons
 
 
+def days_before(day: dt.date, days: int) -> dt.date:
+    """The day ``days`` before ``day``, or the first day of the calendar when that is earlier (no overflow)."""
+    return dt.date.fromordinal(max(1, day.toordinal() - days))
+
+
 def trend(history: str, day: dt.date, days: int = 30, storage_options: Optional[dict] = None) -> list[tuple[str, float]]:
     """(date, anomaly rate) for the days with history in the ``days`` up to ``day``."""
     points = []
     for d in days_with_history(history, storage_options):
-        if day - dt.timedelta(days=days - 1) <= d <= day:
+        if days_before(day, days - 1) <= d <= day:
             rows = read_day(history, d, storage_options, ["status", "is_anomalous"])
             ok = rows[rows["status"] == STATUS_OK]
             if len(ok):
@@ -210,9 +215,12 @@ def trend(history: str, day: dt.date, days: int = 30, storage_options: Optional[
 
 def baseline_rows(history: str, day: dt.date, baseline_days: int,
                   storage_options: Optional[dict] = None) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of the days with history among the ``baseline_days`` before ``day``, and those days."""
     frames, used = [], []
-    for back in range(1, baseline_days + 1):
-        d = day - dt.timedelta(days=back)
+    first = days_before(day, baseline_days)
+    for d in days_with_history(history, storage_options):
+        if not first <= d < day:
+            continue
         rows = read_day(history, d, storage_options, SCORE_COLUMNS)
         if len(rows):
             frames.append(rows)

@@ -139,7 +139,7 @@ class MapBatch:
 
 def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]],
                 mask_threshold: Union[float, Sequence[float]], mask_max_side: int = 2048,
-                heatmap_side: int = 64) -> MapBatch:
+                heatmap_side: int = 64, host_masks: Optional[bool] = None) -> MapBatch:
     """Encode a batch of (B, S, S) anomaly maps on their own device.
 
     ``sizes`` are the images' (width, height). Each map is resized (bilinear)
@@ -150,14 +150,15 @@ def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]],
     computed with batched tensor ops (one per distinct size; on the CPU the
     mask work runs in numpy, which is faster there). Only those come back to
     the host, where :meth:`MapBatch.encoded` derives runs, area and box and
-    writes COCO RLE and PNG.
+    writes COCO RLE and PNG. ``host_masks``: do the mask work in numpy (default:
+    when the maps are on the CPU); False runs the device path on any device.
     """
     maps = anomaly_maps.float()
     sizes = [(int(w), int(h)) for w, h in sizes]
     mask_shapes = [mask_size(w, h, mask_max_side) for w, h in sizes]
     heat_shapes = [mask_size(w, h, heatmap_side) for w, h in sizes]
     n = len(sizes)
-    on_cpu = maps.device.type == "cpu"
+    on_cpu = maps.device.type == "cpu" if host_masks is None else bool(host_masks)
     thresholds = np.broadcast_to(np.asarray(mask_threshold, dtype=np.float32), (n,))
     groups = _groups(mask_shapes)
     order, maxima, firsts, change_parts = [], [], [], []
@@ -166,12 +167,12 @@ def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]],
         maxima.append(resized.amax((1, 2)))
         if on_cpu:
             limit = thresholds[index].reshape(-1, 1, 1)
-            flat = np.ascontiguousarray((resized.numpy() > limit).transpose(0, 2, 1)).reshape(len(index), -1)
+            flat = np.ascontiguousarray(in_mask(resized.numpy(), limit).transpose(0, 2, 1)).reshape(len(index), -1)
             change_parts.append(np.flatnonzero(flat[:, 1:] != flat[:, :-1]))
             firsts.append(torch.from_numpy(flat[:, 0].copy()))
         else:
             limit = torch.from_numpy(thresholds[index].copy()).to(resized.device).view(-1, 1, 1)
-            flat = (resized > limit).transpose(1, 2).reshape(len(index), -1)  # column-major, as COCO
+            flat = in_mask(resized, limit).transpose(1, 2).reshape(len(index), -1)  # column-major, as COCO
             change_parts.append((flat[:, 1:] != flat[:, :-1]).reshape(-1))
             firsts.append(flat[:, 0])
         order.extend(index)
@@ -203,6 +204,11 @@ def encode_maps(anomaly_maps: torch.Tensor, sizes: Sequence[tuple[int, int]],
         batch.heat[j] = heat_cpu[start:start + hh * hw].reshape(hh, hw)
         start += hh * hw
     return batch
+
+
+def in_mask(values, limit):
+    """Mask pixels of a map (numpy or torch, on any device): strictly above the mask threshold."""
+    return values > limit
 
 
 def _groups(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:

@@ -12,6 +12,12 @@ a plan without it is incomplete and is planned again. A rerun of the same run
 reads the stored plan instead of listing again, so shard boundaries never move
 and no row is ever written twice. Plans written before pieces existed (one
 ``_plan/images.arrow``) are read as one piece.
+
+The plan verifies itself: ``plan.json`` records each piece's rows, bytes and
+sha256 and a checksum of its own content, and :func:`read_plan` checks them
+all (and that the counts agree) before a run resumes. A damaged plan (edited
+or truncated ``plan.json``, a piece deleted, truncated or replaced) is a
+:class:`~headclip.errors.PlanError` naming the file and how to recover.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 import pyarrow as pa
 
 from ..data.listing import ListingHash
+from ..errors import PlanError
 from ..storage.fs import filesystem, open_file, read_bytes, write_bytes_atomic
 from ..storage.layout import VERSION_COLUMN, plan_file_uri, plan_images_uri, plan_piece_uri, shard_uri
 
@@ -60,16 +67,39 @@ class ShardSource:
         return self.stop - self.start
 
 
+def recovery(run: str) -> str:
+    """How to get past a damaged plan of the run folder ``run``."""
+    return (f"give a new --run-id to plan the input again, or delete {run} to start the run over "
+            f"(its scored shards are lost with it)")
+
+
+def _damaged(what: str, uri: str, problem: str) -> PlanError:
+    run = uri.rsplit("/", 2)[0] if uri.count("/") >= 2 else uri
+    return PlanError(f"the run's plan is damaged: {what} {uri} {problem}; {recovery(run)}")
+
+
 def read_shard_images(source: ShardSource, storage_options: Optional[dict] = None) -> pa.Table:
-    """A shard's image table (image_id, image_uri, extras), read from its plan piece."""
-    with open_file(source.piece_uri, "rb", storage_options) as handle:
-        reader = pa.ipc.open_file(handle)
-        if source.batch is not None:
-            table = pa.Table.from_batches([reader.get_batch(source.batch)])
-        else:
-            table = reader.read_all().slice(source.start, source.rows)
+    """A shard's image table (image_id, image_uri, extras), read from its plan piece.
+
+    A piece that is gone, unreadable or short of the shard is a PlanError.
+    """
+    try:
+        with open_file(source.piece_uri, "rb", storage_options) as handle:
+            reader = pa.ipc.open_file(handle)
+            if source.batch is not None:
+                if source.batch >= reader.num_record_batches:
+                    raise _damaged("plan piece", source.piece_uri,
+                                   f"holds {reader.num_record_batches} shards, not shard {source.batch + 1}")
+                table = pa.Table.from_batches([reader.get_batch(source.batch)])
+            else:
+                table = reader.read_all().slice(source.start, source.rows)
+    except FileNotFoundError:
+        raise _damaged("plan piece", source.piece_uri, "is missing") from None
+    except (pa.ArrowInvalid, OSError) as err:
+        raise _damaged("plan piece", source.piece_uri, f"cannot be read ({' '.join(str(err).split())[:200]})") \
+            from None
     if table.num_rows != source.rows:
-        raise ValueError(f"plan piece {source.piece_uri} holds {table.num_rows} rows for a shard of {source.rows}")
+        raise _damaged("plan piece", source.piece_uri, f"holds {table.num_rows} rows for a shard of {source.rows}")
     return table
 
 
@@ -205,10 +235,18 @@ class StagedPlan:
         """Copy the pieces under the run, then write plan.json; the published plan."""
         plan = RunPlan(run_id, output, self.num_images, self.shard_size, self.listing_hash, config, checkpoint_id,
                        self.schema, self.per_piece)
+        pieces = []
         for index, path in enumerate(self.pieces):
             with open(path, "rb") as handle:
-                write_bytes_atomic(plan.piece_uri(index), handle.read(), storage_options)
-        write_bytes_atomic(plan_file_uri(output, run_id), json.dumps(_document(plan), indent=2, sort_keys=True).encode(),
+                data = handle.read()
+            write_bytes_atomic(plan.piece_uri(index), data, storage_options)
+            rows = min(self.num_images - index * self.per_piece * self.shard_size, self.per_piece * self.shard_size)
+            pieces.append({"file": plan.piece_uri(index).rsplit("/", 1)[-1], "rows": rows, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        document = _document(plan)
+        document["pieces"] = pieces
+        document["checksum"] = _checksum(document)
+        write_bytes_atomic(plan_file_uri(output, run_id), json.dumps(document, indent=2, sort_keys=True).encode(),
                            storage_options)
         return plan
 
@@ -229,20 +267,75 @@ def _document(plan: RunPlan) -> dict[str, Any]:
     }
 
 
+def _checksum(document: dict[str, Any]) -> str:
+    """sha256 of a plan document's content, less its own ``checksum`` entry."""
+    content = {k: v for k, v in document.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def read_plan(output: str, run_id: str, storage_options: Optional[dict] = None) -> Optional[RunPlan]:
-    """The stored plan of ``run_id``, or None if the run has not been planned (or its plan is incomplete)."""
-    fs, path = filesystem(plan_file_uri(output, run_id), storage_options)
+    """The stored plan of ``run_id``, or None if the run has not been planned (or its plan is incomplete).
+
+    A plan that fails its own checks (see the module doc) is a PlanError.
+    """
+    uri = plan_file_uri(output, run_id)
+    fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         return None
-    document = json.loads(read_bytes(plan_file_uri(output, run_id), storage_options))
+    try:
+        document = json.loads(read_bytes(uri, storage_options))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise _damaged("plan file", uri, f"is not valid JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("format", 1), int):
+        raise _damaged("plan file", uri, "is not a JSON object with a format number")
     if document.get("format", 1) >= PLAN_FORMAT:
-        schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(document["schema"])))
-        return RunPlan(run_id, output, document["num_images"], document["shard_size"], document["listing_hash"],
-                       document["config"], document["checkpoint_id"], schema, document["shards_per_piece"],
-                       resumed=True)
+        try:
+            plan = RunPlan(run_id, output, document["num_images"], document["shard_size"], document["listing_hash"],
+                           document["config"], document["checkpoint_id"],
+                           pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(document["schema"]))),
+                           document["shards_per_piece"], resumed=True)
+        except (KeyError, TypeError, ValueError, pa.ArrowInvalid) as err:
+            raise _damaged("plan file", uri, f"lacks or garbles an entry ({type(err).__name__}: {err})") from None
+        verify_plan(plan, document, storage_options)
+        return plan
     with open_file(plan_images_uri(output, run_id), "rb", storage_options) as handle:
         reader = pa.ipc.open_file(handle)
         schema, rows = reader.schema, sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     shards = -(-rows // document["shard_size"])
     return RunPlan(run_id, output, rows, document["shard_size"], document["listing_hash"], document["config"],
                    document["checkpoint_id"], schema, max(1, shards), resumed=True, legacy=True)
+
+
+def verify_plan(plan: RunPlan, document: dict[str, Any], storage_options: Optional[dict] = None) -> None:
+    """Check a stored plan against what ``plan.json`` records of itself and its pieces; PlanError if damaged.
+
+    Plans written before pieces were recorded carry no checksums: only their counts are checked.
+    """
+    uri = plan_file_uri(plan.output, plan.run_id)
+    counts_ok = (all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                     for v in (plan.shard_size, plan.shards_per_piece))
+                 and isinstance(plan.num_images, int) and plan.num_images >= 0
+                 and document.get("num_shards", plan.num_shards) == plan.num_shards
+                 and document.get("num_pieces", plan.num_pieces) == plan.num_pieces)
+    if not counts_ok:
+        raise _damaged("plan file", uri, f"has counts that disagree ({plan.num_images} images, shard size "
+                                         f"{plan.shard_size}, {document.get('num_shards')} shards)")
+    if "checksum" not in document:
+        return
+    if document["checksum"] != _checksum(document):
+        raise _damaged("plan file", uri, "was changed after it was written (its checksum does not match)")
+    pieces = document.get("pieces")
+    if not isinstance(pieces, list) or len(pieces) != plan.num_pieces or \
+            sum(p.get("rows", 0) for p in pieces) != plan.num_images:
+        raise _damaged("plan file", uri, "does not list its pieces")
+    for index, piece in enumerate(pieces):
+        piece_uri = plan.piece_uri(index)
+        try:
+            data = read_bytes(piece_uri, storage_options)
+        except FileNotFoundError:
+            raise _damaged("plan piece", piece_uri, "is missing") from None
+        if len(data) != piece.get("bytes"):
+            raise _damaged("plan piece", piece_uri, f"has {len(data)} bytes, not the {piece.get('bytes')} written "
+                                                    f"(truncated or replaced)")
+        if hashlib.sha256(data).hexdigest() != piece.get("sha256"):
+            raise _damaged("plan piece", piece_uri, "was changed after it was written (its sha256 does not match)")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..data.decode import DEFAULT_MAX_PIXELS
+from ..evaluation.thresholds import group_key
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ScoringOptions:
 
     def thresholds_for(self, record: dict) -> tuple[float, float]:
         """(threshold, mask_threshold) of one image record."""
-        value = record.get(self.group_column) if self.group_column else None
+        value = group_key(record.get(self.group_column)) if self.group_column else None
         if value is not None and str(value) in self.group_thresholds:
             threshold, mask_threshold = self.group_thresholds[str(value)]
             return float(threshold), float(mask_threshold)

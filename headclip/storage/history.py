@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -140,7 +141,12 @@ def _day_index(history: str, day: dt.date, storage_options: Optional[dict] = Non
     if fs.exists(path):
         try:
             with fs.open(path, "rb") as handle:
-                return pa.ipc.open_file(pa.BufferReader(handle.read())).read_all().select(INDEX_SCHEMA.names)
+                table = pa.ipc.open_file(pa.BufferReader(handle.read())).read_all().select(INDEX_SCHEMA.names)
+            wrong = [f"{f.name} ({f.type})" for f in table.schema if f.type != INDEX_SCHEMA.field(f.name).type]
+            if not wrong:
+                return table
+            log.warning("the index of %s has columns of the wrong type (%s) and is built again", day.isoformat(),
+                        ", ".join(wrong))
         except Exception as err:  # noqa: BLE001 - truncated, foreign or of another schema: built again
             log.warning("the index of %s is unreadable and is built again: %s: %s", day.isoformat(),
                         type(err).__name__, " ".join(str(err).split())[:200])
@@ -234,6 +240,21 @@ def drop_superseded(history: str, day: dt.date, storage_options: Optional[dict] 
     return removed
 
 
+def lock_started(holder: dict) -> Optional[float]:
+    """A lock record's start (seconds since the epoch), or None when it is missing, not a number, not finite,
+    or later than tomorrow (a damaged record: the lock then counts as abandoned)."""
+    value = holder.get("started")
+    if isinstance(value, bool):
+        return None
+    try:
+        started = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(started) or not 0 <= started <= time.time() + 86400:
+        return None
+    return started
+
+
 @dataclass
 class AuditLock:
     """The lock of one audit of a history and day (see the module doc); a context manager."""
@@ -256,14 +277,16 @@ class AuditLock:
         return record if isinstance(record, dict) else None
 
     def _is_stale(self, holder: dict) -> bool:
-        if time.time() - float(holder.get("started", 0)) > self.stale_after:
+        """Whether the lock is abandoned: too old, its process gone, or a start time that cannot be read."""
+        started = lock_started(holder)
+        if started is None or time.time() - started > self.stale_after:
             return True
         if holder.get("host") == socket.gethostname():
             try:
                 os.kill(int(holder.get("pid", -1)), 0)
             except ProcessLookupError:
                 return True
-            except (PermissionError, ValueError, OverflowError):
+            except (PermissionError, ValueError, TypeError, OverflowError):
                 return False
         return False
 
@@ -274,10 +297,10 @@ class AuditLock:
                 return
             holder = self.holder()
             if holder is not None and not self._is_stale(holder):
-                started = dt.datetime.fromtimestamp(float(holder.get("started", 0)), dt.timezone.utc)
-                raise LockedError(f"another audit of this day is running (pid {holder.get('pid')} on "
-                                  f"{holder.get('host')} since {started:%Y-%m-%d %H:%M:%S} UTC); it holds {self.uri}, "
-                                  f"which can be removed if that audit is gone")
+                started = dt.datetime.fromtimestamp(lock_started(holder), dt.timezone.utc)
+                raise LockedError(f"another audit of this day is running (pid {holder.get('pid')!r} on "
+                                  f"{holder.get('host')!r} since {started:%Y-%m-%d %H:%M:%S} UTC); it holds "
+                                  f"{self.uri}, which can be removed if that audit is gone")
             log.warning("taking over a stale audit lock %s (%s)", self.uri, holder)
             delete(self.uri, self.storage_options)
         raise LockedError(f"cannot take the audit lock {self.uri}: other audits keep taking it")
