@@ -1,9 +1,9 @@
 """Measure scoring speed, in one run on one machine, model and batch size:
 
 (a) the bare model forward rate on pre-decoded tensors (the ceiling),
-(b) the whole job's rate from image files to Parquet (local Ray, one actor),
-    with decoding and encoding in the actor (b), as Ray tasks beside it (b'), and
-    as Ray Data operators around its actor pool (b''),
+(b) the whole job's rate from image files to Parquet (local Ray, one actor), with
+    images read and decoded by Ray Data tasks beside the actor (b), and read and
+    decoded in the actor itself (b', --device-decode),
 (c) a reference loop scoring one image at a time in fp32 with CPU (scipy)
     smoothing, as research code does,
 

@@ -53,6 +53,7 @@ def test_pool_follows_nodes_that_join_and_die(tmp_path):
 def test_pool_bounds_follow_live_nodes_bounds_and_the_autoscaler(monkeypatch):
     """The pool's sizing against node lists (no Ray). Catches: counting CPUs but not the custom
     resource, a maximum or the work left not applied, an autoscaler's room ignored."""
+    from headclip.errors import PlacementError
     from headclip.scoring import placement
     from headclip.scoring.config import JobConfig
     from headclip.scoring.placement import ActorSize, pool_bounds
@@ -89,3 +90,16 @@ def test_pool_bounds_follow_live_nodes_bounds_and_the_autoscaler(monkeypatch):
     autoscaled["value"] = -1
     assert bounds(100, max_actors=50) == (1, 50)
     assert bounds(7) == (1, 7)
+    # CPU actors on a cluster that cannot grow: held to what leaves the stage tasks their CPUs
+    cpu_actors = ActorSize(cpus=1, leave_cpus=1)
+    autoscaled["value"] = None
+    nodes[:] = [{"CPU": 2}]
+    assert pool_bounds(JobConfig(input="i", output="o", actors=2), cpu_actors, 10) == (1, 1)
+    assert pool_bounds(JobConfig(input="i", output="o"), cpu_actors, 10) == (1, 1)
+    nodes[:] = [{"CPU": 5}]
+    assert pool_bounds(JobConfig(input="i", output="o", min_actors=2), cpu_actors, 10) == (2, 4)
+    nodes[:] = [{"CPU": 1}]
+    with pytest.raises(PlacementError, match="beside a read/decode task"):
+        pool_bounds(JobConfig(input="i", output="o"), cpu_actors, 10)
+    autoscaled["value"] = 10  # an autoscaler adds nodes: the request stands
+    assert pool_bounds(JobConfig(input="i", output="o", actors=2), cpu_actors, 10) == (2, 2)

@@ -172,16 +172,32 @@ def autoscaler_capacity(fits_in: Callable[[dict], int]) -> Optional[int]:
 def pool_bounds(config: JobConfig, size: ActorSize, work: int) -> tuple[int, int]:
     """(min, max) actors for ``work`` shards: ``--actors`` fixes both; else at most what the autoscaler can add
     (or the live nodes hold, when that is more) and never more than the work. Without an autoscaler config the
-    maximum is the work, so a node that joins mid-run gets an actor."""
+    maximum is the work, so a node that joins mid-run gets an actor.
+
+    CPU actors on a cluster without an autoscaler are held to what its live nodes hold with ``--stage-cpus``
+    left free: more would take the CPUs the read/decode and publish tasks wait for, and the run would stall.
+    """
     if config.actors:
-        return min(config.actors, work), min(config.actors, work)
-    autoscaled = autoscaler_capacity(size.fits_in)
-    live = size.fits_in_cluster(live_nodes())
-    high = work if autoscaled in (None, -1) else max(autoscaled, live)
-    if config.max_actors is not None:
-        high = min(high, config.max_actors)
-    high = max(1, min(high, work))
-    return max(1, min(config.min_actors, high)), high
+        low, high = min(config.actors, work), min(config.actors, work)
+    else:
+        autoscaled = autoscaler_capacity(size.fits_in)
+        live = size.fits_in_cluster(live_nodes())
+        high = work if autoscaled in (None, -1) else max(autoscaled, live)
+        if config.max_actors is not None:
+            high = min(high, config.max_actors)
+        high = max(1, min(high, work))
+        low = max(1, min(config.min_actors, high))
+    if not size.gpus and not size.resources and autoscaler_capacity(size.fits_in) is None:
+        room = size.fits_in_cluster(live_nodes())
+        if room < 1:
+            raise PlacementError(f"no node can hold a scoring actor of {size.cpus:g} CPU beside a read/decode task "
+                                 f"of {size.leave_cpus:g} CPU ({largest_node(live_nodes())}); lower --cpus-per-actor "
+                                 f"or --stage-cpus")
+        if high > room:
+            log.warning("the cluster holds %d CPU actors of %g CPU beside the read/decode and publish tasks: the "
+                        "pool is held to %d (asked: %d)", room, size.cpus, room, high)
+        low, high = min(low, room), min(high, room)
+    return low, high
 
 
 def cpus_per_gpu(nodes: Sequence[dict]) -> Optional[float]:
