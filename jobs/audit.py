@@ -93,7 +93,7 @@ def build_parser() -> Parser:
                    help="slack: {\"text\": message} (Slack, Mattermost, Teams); json: summary.json with the message "
                         "as \"text\"; auto (default): slack for hooks.slack.com, *.webhook.office.com and /hooks/ "
                         "paths, json otherwise")
-    p.add_argument("--webhook-timeout", type=positive_float, default=30.0,
+    p.add_argument("--webhook-timeout", type=seconds_float, default=30.0,
                    help="seconds the whole delivery may take, retries included (default 30)")
     p.add_argument("--allow-missing-day", action="store_true",
                    help="a day whose input does not exist is an empty day, not an error (exit 2)")

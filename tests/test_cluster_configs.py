@@ -219,7 +219,8 @@ def test_raycronjob_alternative_if_present():
         assert template["entrypoint"].startswith("python -m jobs.audit") and "--history" in template["entrypoint"]
         from jobs.audit import build_parser
 
-        parsed = build_parser().parse_args(shlex.split(template["entrypoint"])[3:])  # a removed flag exits 2
+        entrypoint = template["entrypoint"].replace('"$(date -u -d yesterday +%F)"', "2026-01-01")  # as the shell does
+        parsed = build_parser().parse_args(shlex.split(entrypoint)[3:])  # a removed flag exits 2
         assert parsed.history
         check_ray_cluster_spec(template["rayClusterSpec"], path.name)
 

@@ -283,7 +283,7 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path, capsys):
 
 def test_score_flags_reach_the_scorer_that_loads_the_model():
     from headclip.model.assets import DEMO_CHECKPOINT_URI
-    from headclip.scoring.scorer import ShardScorer
+    from headclip.scoring.scorer import ImageScorer
     from jobs import score
     from jobs.cli import job_config
 
@@ -297,7 +297,7 @@ def test_score_flags_reach_the_scorer_that_loads_the_model():
         score.build_parser().parse_args(base + ["--precision", "fp8"])
     assert exit_.value.code == 2
     with mock.patch("headclip.model.inference.compile_model") as compile_:
-        with ShardScorer("r", DEMO_CHECKPOINT_URI, options) as scorer:
+        with ImageScorer("r", DEMO_CHECKPOINT_URI, options) as scorer:
             assert scorer.model.vision.dtype == torch.bfloat16
     compile_.assert_called_once_with(scorer.model, 4)
 

@@ -235,12 +235,12 @@ def test_a_pixel_exactly_at_the_mask_threshold_is_not_in_the_mask(host_masks):
 
 
 def test_an_image_exactly_at_its_threshold_is_not_anomalous(tiny_checkpoint, tmp_path):
-    from headclip.scoring.scorer import ScoringOptions, ShardScorer
+    from headclip.scoring.scorer import ScoringOptions, ImageScorer
 
     paths = write_images(tmp_path / "images", 6)
     table = pa.table({"image_id": [p.name for p in paths], "image_uri": [str(p) for p in paths],
                       "gid": [str(i) for i in range(len(paths))]})
-    with ShardScorer("r", tiny_checkpoint, ScoringOptions(batch_size=3, io_threads=2)) as scorer:
+    with ImageScorer("r", tiny_checkpoint, ScoringOptions(batch_size=3, io_threads=2)) as scorer:
         first = scorer.score_table(table).to_pylist()
     scores = [row["score"] for row in first]
     assert len(set(scores)) == len(scores)
@@ -248,7 +248,7 @@ def test_an_image_exactly_at_its_threshold_is_not_anomalous(tiny_checkpoint, tmp
     below = float(np.nextafter(np.float32(scores[0]), np.float32(-1)))
     groups = {str(i): (below if i == 0 else s, 0.5) for i, s in enumerate(scores)}
     options = ScoringOptions(batch_size=3, io_threads=2, group_column="gid", group_thresholds=groups)
-    with ShardScorer("r", tiny_checkpoint, options) as scorer:
+    with ImageScorer("r", tiny_checkpoint, options) as scorer:
         again = scorer.score_table(table).to_pylist()
     assert [row["score"] for row in again] == scores
     assert [row["is_anomalous"] for row in again] == [True] + [False] * (len(paths) - 1)

@@ -16,6 +16,7 @@ from headclip import results
 from headclip.data.synthetic import make_sample
 from headclip.evaluation.metrics import MetricsByClass
 from headclip.storage.layout import run_uri
+from headclip.storage.schema import BBOX_TYPE
 
 from .scoring_helpers import job, run_job, write_images
 
@@ -39,6 +40,9 @@ def _labelled_set(folder) -> pa.Table:
     rows.append({"image_id": "missing", "image_uri": str(folder / "missing.png"), "label": 1, "class_name": "b",
                  "has_masks": True, "mask_uri": None})
     return pa.Table.from_pylist(rows)
+
+
+FLOAT_COLUMNS = ("score", "global_score", "pixel_max")
 
 
 def _in_process(checkpoint: str, images: pa.Table, shard_size: int):
@@ -72,7 +76,10 @@ def test_pipeline_gives_the_rows_and_metrics_of_in_process_scoring(ray_cluster, 
     reference, metrics = _in_process(tiny_checkpoint, images, 5)
     assert len(frame) == 12 and frame["image_id"].is_unique and (frame["status"] == "error").sum() == 2
     for column in reference.columns:
-        if column not in ("scored_at", "bbox"):
+        if column in FLOAT_COLUMNS:  # the same forward, batched alike; threads may reorder a sum by an ulp
+            assert np.allclose(reference[column].astype(float), frame[column].astype(float), atol=1e-6,
+                               equal_nan=True), column
+        elif column not in ("scored_at", "bbox"):
             assert [repr(v) for v in reference[column]] == [repr(v) for v in frame[column]], column
     assert [_box(b) for b in reference["bbox"]] == [_box(b) for b in frame["bbox"]]
     got, want = summary.metrics.to_dict(), metrics.to_dict()
@@ -81,7 +88,7 @@ def test_pipeline_gives_the_rows_and_metrics_of_in_process_scoring(ray_cluster, 
         for key in ("pixel_pos", "pixel_neg", "n_regions", "n_pixel_images"):
             assert np.array_equal(got["classes"][name][key], state[key]), (name, key)
         assert np.allclose(got["classes"][name]["region_mass"], state["region_mass"])
-        assert sorted(got["classes"][name]["image_scores"]) == sorted(state["image_scores"])
+        assert np.allclose(sorted(got["classes"][name]["image_scores"]), sorted(state["image_scores"]), atol=1e-6)
     assert summary.errors == 2 and summary.shards_scored == 3
 
 
@@ -152,11 +159,12 @@ def test_a_users_pipeline_of_the_public_stages_gives_the_jobs_scores(ray_cluster
         table = pq.read_table(str(tmp_path / folder))
         own = table.to_pandas().sort_values("image_uri").reset_index(drop=True)
         assert len(own) == 9 and list(own["image_uri"]) == list(expected["image_uri"])
-        for column in ("image_id", "status", "width", "height", "score", "global_score", "pixel_max",
-                       "is_anomalous", "mask_area", "anomaly_map", "line"):
+        for column in ("image_id", "status", "width", "height", "is_anomalous", "mask_area", "anomaly_map", "line"):
             assert [repr(v) for v in own[column]] == [repr(v) for v in expected[column]], (folder, column)
+        for column in FLOAT_COLUMNS:
+            assert np.allclose(own[column].astype(float), expected[column].astype(float), atol=1e-6), (folder, column)
         assert [m["counts"] for m in own["mask_rle"]] == [m["counts"] for m in expected["mask_rle"]]
-        assert table.schema.field("bbox").type == pa.struct([(k, pa.int32()) for k in ("x0", "y0", "x1", "y1")])
+        assert table.schema.field("bbox").type == BBOX_TYPE
 
 
 def test_default_actors_leave_cpus_to_the_stage_tasks():

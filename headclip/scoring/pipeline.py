@@ -224,10 +224,10 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
     from ray.data import DataContext
 
     size = actor_size(config, len(pending))
-    low, high = pool_bounds(config, size, len(pending))
     wait_for_node(size.cpus, size.gpus, size.resources, config.placement_timeout, "a scoring actor",
                   "lower --cpus-per-actor/--gpus-per-actor or add nodes")
     wait_for_stage_nodes(config)
+    low, high = pool_bounds(config, size, len(pending))
     context = DataContext.get_current()
     context.target_max_block_size = None  # a shard's rows stay in one block from stage to stage
     context.wait_for_min_actors_s = max(1, int(config.placement_timeout))
