@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from headclip.storage.layout import audit_lock_uri, day_index_uri
+
 from jobs.cli import Number, run
 
 from .scoring_helpers import write_images
@@ -254,7 +256,7 @@ def _audit(tmp_path, *extra) -> list:
 
 @pytest.mark.parametrize("started", ["yesterday", None, 1e20, float("nan"), True])
 def test_a_damaged_audit_lock_is_taken_over_with_a_warning(started, tmp_path, capsys, caplog):
-    lock = tmp_path / "h" / "locks" / f"date={DAY}.lock"
+    lock = Path(audit_lock_uri(str(tmp_path / "h"), dt.date.fromisoformat(DAY)))
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"pid": "x", "host": socket.gethostname(), "started": started, "token": "t"}))
     code, out, err = _job("audit", _audit(tmp_path, "--date", DAY), capsys)
@@ -286,14 +288,16 @@ def test_windows_reaching_before_year_one_do_not_overflow(tmp_path, capsys):
 def test_a_day_index_with_a_wrong_column_type_is_built_again(tmp_path, caplog):
     from headclip.storage.history import scored_images_for
 
-    index = tmp_path / "h" / "index" / f"date={DAY}.parquet"
+    index = Path(day_index_uri(str(tmp_path / "h"), dt.date.fromisoformat(DAY)))
     index.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"image_uri": [1, 2], "status": ["ok", "ok"], "source_version": ["a", "b"],
-                             "scored_at": pa.array([0, 0], pa.timestamp("us", tz="UTC"))}), index)
+    wrong = pa.table({"image_uri": [1, 2], "status": ["ok", "ok"], "source_version": ["a", "b"],
+                      "scored_at": pa.array([0, 0], pa.timestamp("us", tz="UTC"))})
+    with pa.OSFile(str(index), "wb") as sink, pa.ipc.new_file(sink, wrong.schema) as writer:
+        writer.write_table(wrong)
     with caplog.at_level(logging.WARNING):
         found = scored_images_for(str(tmp_path / "h"), ["s3://b/x.png"], [dt.date.fromisoformat(DAY)])
     assert found == {} and "wrong type" in caplog.text
-    assert pq.read_schema(index).field("image_uri").type == pa.string()
+    assert pa.ipc.open_file(str(index)).schema.field("image_uri").type == pa.string()
 
 
 def test_a_long_lookback_reads_only_the_days_the_history_holds(tmp_path):
@@ -308,4 +312,4 @@ def test_a_long_lookback_reads_only_the_days_the_history_holds(tmp_path):
                                   "scored_at": pa.array([0], pa.timestamp("us", tz="UTC"))}))
     args = build_parser().parse_args(["--input", "x", "--history", str(history), "--lookback-days", "3660"])
     assert lookup_days(args, day) == [day - dt.timedelta(days=400), day - dt.timedelta(days=1), day]
-    assert len(list((history / "index").iterdir())) == 3  # no index was written for an empty day
+    assert len(list(Path(day_index_uri(str(history), day)).parent.iterdir())) == 3  # none for an empty day
