@@ -199,3 +199,45 @@ def test_a_job_through_its_cli_logs_no_pickled_columns(tiny_checkpoint, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4 images in 2 shards" in result.stdout + result.stderr
     assert "pickle" not in (result.stdout + result.stderr).lower()
+
+
+def test_a_shard_reported_twice_is_counted_once(tmp_path):
+    """A publish step Ray Data runs again (its first try's result already reached the driver) reports its
+    shard again: the summary counts it once, and a shard found published is counted from its file.
+    Catches: the counted-once guard dropped (images and shards counted twice)."""
+    from headclip.scoring.config import JobConfig
+    from headclip.scoring.pipeline import _result_row, count_results
+    from headclip.scoring.plan import StagedPlan
+    from headclip.scoring.progress import Progress
+    from headclip.scoring.summary import JobSummary
+    from headclip.scoring.tasks import ShardResult
+
+    (tmp_path / "work").mkdir()
+    staged = StagedPlan(str(tmp_path / "work"), 2)
+    staged.add_all([pa.table({"image_id": list("abc"), "image_uri": list("abc")})])
+    plan = staged.publish("r", str(tmp_path / "out"), {}, "ck")
+    first, second = ShardResult(0, images=2, anomalous=1), ShardResult(1, images=1, errors=1)
+    rows = [_result_row(r) for r in (first, first, second, first)]
+    summary, progress, seen = JobSummary("r", str(tmp_path / "out"), shards=2), Progress(2, 3), []
+    count_results(rows, plan, JobConfig(input="i", output="o"), summary, progress,
+                  lambda name, value: seen.append(value.index))
+    assert (summary.images, summary.anomalous, summary.errors, summary.shards_scored) == (3, 1, 1, 2)
+    assert seen == [0, 1]
+
+
+def test_gpu_actors_take_the_share_of_the_smallest_gpu_node():
+    """On GPU nodes of mixed sizes a default GPU actor takes the fewest CPUs per GPU of any live GPU node, so it
+    fits on every one of them; dead and CPU-only nodes do not count. Catches: the largest share taken (actors
+    that fit only on the big nodes), dead or CPU-only nodes counted."""
+    from headclip.scoring.config import JobConfig
+    from headclip.scoring.placement import actor_layout, cpus_per_gpu
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 2.0}},  # 8 CPUs per GPU
+             {"Alive": True, "Resources": {"CPU": 12.0, "GPU": 4.0}},  # 3
+             {"Alive": False, "Resources": {"CPU": 2.0, "GPU": 2.0}},  # 1, but dead
+             {"Alive": True, "Resources": {"CPU": 64.0}}]
+    assert cpus_per_gpu(nodes) == 3.0
+    assert cpus_per_gpu(nodes[3:]) is None
+    share = cpus_per_gpu(nodes)
+    config = JobConfig(input="i", output="o")
+    assert actor_layout(config, {"CPU": 92.0, "GPU": 6.0}, 100, share) == (6, 1.0, 2.0)  # 3 less 1 for the tasks

@@ -240,20 +240,7 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
     logging.getLogger("ray.data.exceptions").addFilter(quiet)
     rows = iter(results.iter_rows())
     try:
-        for row in rows:
-            result = _shard_result(row)
-            if progress.is_done(result.index):
-                continue  # a step run again after a failure: the shard is counted once
-            if result.skipped:  # published by another driver, or by an earlier try of this step
-                try:
-                    result = shard_result(plan, result.index, config.storage_options)
-                except BrokenShard as broken:
-                    raise JobError(f"shard {result.index} is broken: {broken}; run the job again to score it") from None
-            account(summary, result)
-            progress.update(result)
-            if on_event:
-                on_event("shard_done", result)
-            progress.tick()
+        count_results(rows, plan, config, summary, progress, on_event)
     except (JobError, PlacementError):
         raise
     except Exception as err:  # noqa: BLE001 - a step failed for good: one line
@@ -267,6 +254,26 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
     if missing:
         raise JobError(f"{len(missing)} shards ended without a result (first: {missing[0]}); run the job again "
                        f"to score them")
+
+
+def count_results(rows, plan: RunPlan, config: JobConfig, summary: JobSummary, progress: Progress,
+                  on_event: Optional[Callable[[str, Any], None]] = None) -> None:
+    """Count the publish step's result rows into ``summary``, each shard once (a step Ray Data ran again after
+    a failure reports its shard again); a shard found published is counted from its file."""
+    for row in rows:
+        result = _shard_result(row)
+        if progress.is_done(result.index):
+            continue
+        if result.skipped:  # published by another driver, or by an earlier try of this step
+            try:
+                result = shard_result(plan, result.index, config.storage_options)
+            except BrokenShard as broken:
+                raise JobError(f"shard {result.index} is broken: {broken}; run the job again to score it") from None
+        account(summary, result)
+        progress.update(result)
+        if on_event:
+            on_event("shard_done", result)
+        progress.tick()
 
 
 class _QuietPlacementTimeout(logging.Filter):
