@@ -44,8 +44,8 @@ from ..ray import METRIC_STATE_COLUMN, HeadCLIPScorer, decode_images
 from ..storage.fs import filesystem
 from ..storage.schema import result_schema
 from .config import JobConfig
-from .placement import (ActorSize, actor_layout, cpus_per_gpu, describe_need, largest_node, live_nodes, pool_bounds,
-                        wait_for_node, wait_for_stage_nodes)
+from .placement import (ActorSize, actor_layout, check_placement, cpus_per_gpu, describe_need, largest_node, live_nodes,
+                        pool_bounds, wait_for_stage_nodes)
 from .plan import RunPlan
 from .progress import Progress
 from .shards import BrokenShard, shard_result
@@ -224,8 +224,9 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
     from ray.data import DataContext
 
     size = actor_size(config, len(pending))
-    wait_for_node(size.cpus, size.gpus, size.resources, config.placement_timeout, "a scoring actor",
-                  "lower --cpus-per-actor/--gpus-per-actor or add nodes")
+    # actors no node holds yet are started all the same: pending, they are the autoscaler's demand, and
+    # Ray Data gives up on them after --placement-timeout (wait_for_min_actors_s), said in one line
+    check_placement(size.cpus, size.gpus, size.resources, config.placement_timeout)
     wait_for_stage_nodes(config)
     low, high = pool_bounds(config, size, len(pending))
     context = DataContext.get_current()

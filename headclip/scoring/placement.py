@@ -187,11 +187,13 @@ def pool_bounds(config: JobConfig, size: ActorSize, work: int) -> tuple[int, int
             high = min(high, config.max_actors)
         high = max(1, min(high, work))
         low = max(1, min(config.min_actors, high))
-    if not size.gpus and not size.resources and autoscaler_capacity(size.fits_in) is None:
-        room = size.fits_in_cluster(live_nodes())
+    nodes = live_nodes()
+    alone = sum(size.fits_in(node) for node in nodes)  # 0: no node holds one yet, the placement wait decides
+    if alone and not size.gpus and not size.resources and autoscaler_capacity(size.fits_in) is None:
+        room = size.fits_in_cluster(nodes)
         if room < 1:
             raise PlacementError(f"no node can hold a scoring actor of {size.cpus:g} CPU beside a read/decode task "
-                                 f"of {size.leave_cpus:g} CPU ({largest_node(live_nodes())}); lower --cpus-per-actor "
+                                 f"of {size.leave_cpus:g} CPU ({largest_node(nodes)}); lower --cpus-per-actor "
                                  f"or --stage-cpus")
         if high > room:
             log.warning("the cluster holds %d CPU actors of %g CPU beside the read/decode and publish tasks: the "
