@@ -28,12 +28,14 @@ log = logging.getLogger("jobs.reference")
 
 
 def _layers(text: str) -> tuple[int, ...]:
+    import argparse
+
     try:
         layers = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise UsageError(f"--layers takes comma-separated block numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated block numbers, got {text!r}") from None
     if not layers:
-        raise UsageError("--layers is empty")
+        raise argparse.ArgumentTypeError("is empty")
     return layers
 
 
