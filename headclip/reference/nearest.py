@@ -16,6 +16,8 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: Optional
     queries: (..., D); bank: (M, D), M >= 1. Returns (...) float32 on the queries' device.
     ``||q - b||^2 = |q|^2 + |b|^2 - 2 q.b``, one matmul per ``chunk`` bank rows
     (None or >= M: one matmul over the whole bank, exact), keeping the running minimum.
+    In float32 a distance near 0 is off by up to about ``sqrt(1e-7 * |q|^2)`` (1e-3 for
+    four unit-norm layers): the expansion cancels there; larger distances are exact to rounding.
     """
     if bank.ndim != 2 or bank.shape[0] == 0:
         raise ValueError(f"a bank is a non-empty (M, D) tensor, got shape {tuple(bank.shape)}")
