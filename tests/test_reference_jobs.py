@@ -9,7 +9,9 @@ import headclip
 from headclip.reference import read_bank
 from headclip.storage import results
 from headclip.storage.layout import run_uri
+from jobs import calibrate as calibrate_job
 from jobs import cli
+from jobs import evaluate as evaluate_job
 from jobs import reference as reference_job
 from jobs import score as score_job
 
@@ -71,6 +73,15 @@ def test_a_bank_of_another_checkpoint_is_refused_before_ray(known_good, tmp_path
     code, err = _exit(score_job.main, "jobs.score", argv + ["--reference", str(tmp_path / "nope")], capsys)
     assert code == 2 and "cannot read reference bank" in err, err
     assert not (tmp_path / "o").exists()
+    # jobs.evaluate and jobs.calibrate with the demo model: the bank is of the tiny checkpoint
+    for module in (evaluate_job, calibrate_job):
+        monkeypatch.setattr(module, "init_ray", lambda *a: pytest.fail("Ray started"))
+    (tmp_path / "labelled.csv").write_text(f"image_uri,label,class_name\n{root}/img/img0000.jpg,0,wood\n")
+    for main, argv in [(evaluate_job.main, ["--data", str(tmp_path / "labelled.csv"), "--output", str(tmp_path / "e")]),
+                       (calibrate_job.main, ["--input", str(root / "good.csv"), "--output", str(tmp_path / "t.json")])]:
+        code, err = _exit(main, "jobs.x", argv + ["--reference", str(bank)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "was built with checkpoint" in err, err
+    assert not any((tmp_path / name).exists() for name in ("e", "t.json", "t-rows"))
 
 
 def test_score_job_with_a_bank_on_ray(known_good, tiny_checkpoint, tmp_path, ray_cluster):
