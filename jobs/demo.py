@@ -289,7 +289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command = redacted_command("python -m jobs.demo", list(argv) if argv is not None else sys.argv[1:])
         bank = reference_bank(good_manifest, checkpoint, args.output, args.reference_images, command)
         print(f"\nscoring again with a reference bank ({bank}, as python -m jobs.reference builds) ...")
-        config.scoring = dataclasses.replace(config.scoring, reference=bank)
+        # "_" keeps the second run out of the first one's Parquet tree for readers of --output
+        config = dataclasses.replace(config, output=f"{args.output}/_with-reference",
+                                     scoring=dataclasses.replace(config.scoring, reference=bank))
         referenced = execute(prepare_or_exit(config, load_dataset(str(manifest))), config)
         side_by_side(summary.metrics, referenced.metrics, args.reference_images)
     if args.checkpoint is None:
