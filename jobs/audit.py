@@ -48,6 +48,7 @@ from typing import Optional, Sequence
 from .cli import (Parser, UsageError, add_cluster_flags, add_thresholds_flags, apply_thresholds, check_storage_options,
                   days_int, init_ray, load_thresholds_arg, pool_settings, prepare_or_exit, run, seconds_float, top_int,
                   unit_float, warn_uncalibrated)
+from .cli import add_reference_flag, apply_reference_arg
 
 EXIT_ALERT = 3
 WEBHOOK_ENV = "HEADCLIP_AUDIT_WEBHOOK"
@@ -105,6 +106,7 @@ def build_parser() -> Parser:
     p.add_argument("--lock-stale-after", type=seconds_float, default=6 * 3600.0,
                    help="seconds after which another audit's lock of the day counts as abandoned (default 21600)")
     add_cluster_flags(p)
+    add_reference_flag(p)
     return p
 
 
@@ -251,6 +253,7 @@ def audit_day(args, input_uri: str, day: dt.date, calibrated) -> int:
                            scoring=ScoringOptions(threshold=0.5 if args.threshold is None else args.threshold,
                                                   batch_size=args.batch_size))
         apply_thresholds(config, calibrated)
+        apply_reference_arg(args, config)
         plan = prepare_or_exit(config, todo)
         warn_uncalibrated(plan, calibrated, config.storage_options)
         init_ray(args.ray_address)

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 from .cli import (Parser, UsageError, add_cluster_flags, bins_int, init_ray, load_dataset_arg,
                   open_unit_float, pool_settings, prepare_or_exit, rate_float, redacted_command, run, unit_float)
+from .cli import add_reference_flag, apply_reference_arg
 
 PROG = "python -m jobs.calibrate"
 EXAMPLE = """examples:
@@ -71,6 +72,7 @@ def build_parser() -> Parser:
                    help="comma-separated file extensions of a prefix or glob --input (default: %(default)s)")
     p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
     add_cluster_flags(p)
+    add_reference_flag(p)
     return p
 
 
@@ -187,6 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        storage_options=args.storage_options,
                        scoring=ScoringOptions(batch_size=args.batch_size, device=args.device,
                                               metric_bins=args.pixel_bins))
+    apply_reference_arg(args, config)
     plans = [prepare_or_exit(config, table) for table in (good, defects) if table is not None]
     init_ray(args.ray_address)
     summaries = [execute(plan, config) for plan in plans]

@@ -402,3 +402,30 @@ def warn_uncalibrated(plan, thresholds, storage_options=None) -> None:
         log.warning("%d images of %s %s were not calibrated: they get the default threshold %.4g (all groups "
                     "pooled), which their rows' threshold column shows", sum(counts.values()), column,
                     ", ".join(other[:5]) + (" ..." if len(other) > 5 else ""), thresholds.default.threshold)
+
+
+def add_reference_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", default=None,
+                   help="a reference bank from jobs.reference (safetensors, local or s3://): each image is also "
+                        "compared with its group's known-good patches and its score, map and mask combine both "
+                        "(rows keep zero_shot_score and reference_score); must come from the same checkpoint")
+
+
+def apply_reference_arg(args, config) -> None:
+    """Give ``config`` (a JobConfig) the bank of --reference, checked against its checkpoint and image
+    size; any problem is a UsageError (one line, exit 2) before Ray starts. Nothing without --reference."""
+    if not getattr(args, "reference", None):
+        return
+    from headclip.errors import CheckpointError
+    from headclip.model.checkpoint import read_checkpoint
+    from headclip.reference.bank import BankError, read_bank
+    from headclip.redact import redact_text
+
+    try:
+        bank = read_bank(args.reference, config.storage_options)
+        checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
+        size = config.model_overrides.get("image_size", checkpoint.config.image_size)
+        bank.check(checkpoint.checkpoint_id, size, f"reference bank {redact_text(args.reference)}")
+    except (BankError, CheckpointError) as err:
+        raise UsageError(str(err)) from None
+    config.scoring = dataclasses.replace(config.scoring, reference=args.reference)

@@ -16,6 +16,7 @@ Runs offline in one to two minutes on 2 CPU cores.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged demo model)")
     p.add_argument("--good-images", type=positive_int, default=160,
                    help="known-good images to calibrate the thresholds on, spread over the textures (default: 160)")
+    p.add_argument("--reference-images", type=positive_int, default=16,
+                   help="known-good images per texture in the reference bank of the second run (default: 16)")
     p.add_argument("--target-fpr", type=rate_float, default=0.1,
                    help="false-alarm rate the calibrated thresholds aim for (default: 0.1)")
     return p
@@ -132,6 +135,40 @@ def calibrate(manifest: Path, checkpoint: str, output: str, target_fpr: float, c
                      checkpoint=checkpoint, command=command)
     write_thresholds(thresholds, f"{output}/_thresholds.json")
     return thresholds
+
+
+def reference_bank(good_manifest: Path, checkpoint: str, output: str, per_texture: int, command: str) -> str:
+    """A bank from the first ``per_texture`` known-good images of each texture (as jobs.reference); its URI."""
+    from headclip.data.listing import list_images
+    from headclip.model.checkpoint import read_checkpoint
+    from headclip.reference import BankBuilder, write_bank
+    from headclip.reference.collect import collect_features
+    from headclip.scoring.scorer import ImageScorer, ScoringOptions
+
+    records, taken = [], {}
+    for record in list_images(str(good_manifest)).to_pylist():
+        if taken.get(record["class_name"], 0) < per_texture:
+            taken[record["class_name"]] = taken.get(record["class_name"], 0) + 1
+            records.append(record)
+    with ImageScorer("reference", checkpoint, ScoringOptions(batch_size=32)) as scorer:
+        builder = BankBuilder(scorer.model.vision.map_layers)
+        collect_features(scorer, records, builder, "class_name")
+        model = scorer.model
+        bank = builder.build(read_checkpoint(checkpoint).checkpoint_id, model.config.backbone, model.image_size,
+                             model.clip.visual.output_dim, "class_name", command)
+    uri = f"{output}/_reference.safetensors"
+    write_bank(bank, uri)
+    return uri
+
+
+def side_by_side(zero_shot, referenced, good: int) -> None:
+    """Per texture: image and pixel AUROC of the zero-shot run and of the run with a reference bank."""
+    a, b = zero_shot.table(), referenced.table()
+    print(f"\nzero-shot against a reference bank of {good} known-good images per texture (image / pixel AUROC):")
+    print(f"  {'texture':<10}{'zero-shot':>20}{'with reference':>20}")
+    for name in a.index:
+        print(f"  {name:<10}{a.loc[name, 'image_auroc']:>11.3f} / {a.loc[name, 'pixel_auroc']:.3f}"
+              f"{b.loc[name, 'image_auroc']:>11.3f} / {b.loc[name, 'pixel_auroc']:.3f}")
 
 
 def report(output: str, run_id: str) -> None:
@@ -251,6 +288,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mean = summary.metrics.table().loc["mean"]
         print(f"\ndetection quality on the demo images (their masks are known): "
               f"image AUROC {mean['image_auroc']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f}")
+        command = redacted_command("python -m jobs.demo", list(argv) if argv is not None else sys.argv[1:])
+        bank = reference_bank(good_manifest, checkpoint, args.output, args.reference_images, command)
+        print(f"\nscoring again with a reference bank ({bank}, as python -m jobs.reference builds) ...")
+        # "_" keeps the second run out of the first one's Parquet tree for readers of --output
+        config = dataclasses.replace(config, output=f"{args.output}/_with-reference",
+                                     scoring=dataclasses.replace(config.scoring, reference=bank))
+        referenced = execute(prepare_or_exit(config, load_dataset(str(manifest))), config)
+        side_by_side(summary.metrics, referenced.metrics, args.reference_images)
     if args.checkpoint is None:
         print("\n" + TOY_MODEL_NOTE)
     return 0

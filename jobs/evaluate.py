@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from .cli import (Parser, add_cluster_flags, add_dataset_flags, add_thresholds_flags, apply_thresholds, init_ray,
                   bins_int, load_dataset_arg, load_thresholds_arg, pool_settings, prepare_or_exit, run,
                   warn_uncalibrated)
+from .cli import add_reference_flag, apply_reference_arg
 
 EXAMPLE = """examples:
   ray job submit --working-dir . -- python -m jobs.evaluate --data s3://bucket/visa --layout visa \\
@@ -35,6 +36,7 @@ def build_parser() -> Parser:
                    help="pixel-metric histogram bins; the error bound shrinks as they grow (default 1000)")
     add_thresholds_flags(p)
     add_cluster_flags(p)
+    add_reference_flag(p)
     return p
 
 
@@ -120,6 +122,7 @@ def evaluate_table(table, args):
                        scoring=ScoringOptions(batch_size=args.batch_size, metric_bins=args.metric_bins))
     thresholds = load_thresholds_arg(args, config.checkpoint_uri)
     apply_thresholds(config, thresholds)
+    apply_reference_arg(args, config)
     plan = prepare_or_exit(config, table)
     warn_uncalibrated(plan, thresholds, config.storage_options)
     init_ray(args.ray_address)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from .cli import (Parser, add_scoring_flags, apply_thresholds, init_ray, job_config, load_thresholds_arg,
-                  prepare_or_exit, run, warn_uncalibrated)
+from .cli import (Parser, add_reference_flag, add_scoring_flags, apply_reference_arg, apply_thresholds, init_ray,
+                  job_config, load_thresholds_arg, prepare_or_exit, run, warn_uncalibrated)
 
 EXAMPLE = """examples:
   python -m jobs.score --input demo-data/images --output out/scores
@@ -21,6 +21,7 @@ EXAMPLE = """examples:
       --input s3://bucket/line-7/ --output s3://bucket/scores/ \\
       --checkpoint s3://bucket/models/headclip.safetensors --gpus-per-actor 1
   python -m jobs.score --input line-7/manifest.csv --output out/scores --thresholds thresholds.json
+  python -m jobs.score --input line-7/manifest.csv --output out/scores --reference bank.safetensors
   python -m jobs.score --input s3://bucket/inventory/manifest.parquet --output s3://bucket/scores/ --plan-only
 """
 
@@ -30,6 +31,7 @@ log = logging.getLogger("jobs.score")
 def build_parser() -> Parser:
     p = Parser(prog="python -m jobs.score", description=__doc__, epilog=EXAMPLE)
     add_scoring_flags(p)
+    add_reference_flag(p)
     p.add_argument("--plan-only", action="store_true",
                    help="write the run's plan (or read back a stored one), print its run id and counts, and "
                         "exit before starting Ray")
@@ -41,6 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = job_config(args)
     thresholds = load_thresholds_arg(args, config.checkpoint_uri)
     apply_thresholds(config, thresholds)
+    apply_reference_arg(args, config)
     plan = prepare_or_exit(config)
     if args.plan_only:
         from headclip.redact import redact_text

@@ -394,3 +394,23 @@ def test_vision_encoder_equals_anomalyclip_reference(map_layers, head_weights):
         with torch.no_grad():
             _, unweighted = _anomalyclip_vision(model, images, None)
         assert (features.patch_tokens[-1] - unweighted[-1]).abs().max() > 1e-3
+
+
+def test_patch_features_leave_the_scores_unchanged_and_give_the_map_logits(tiny_model):
+    images = _images(3, 64, seed=5)
+    plain, with_features = tiny_model.score(images), tiny_model.score(images, patch_features=True)
+    assert plain.patch_features is None
+    for name in ("joint_score", "global_score", "anomaly_map"):
+        assert torch.equal(getattr(plain, name), getattr(with_features, name))
+    features = with_features.patch_features
+    layers = len(tiny_model.vision.map_layers)
+    grid = tiny_model.vision.grid
+    assert features.shape == (3, grid * grid, layers, tiny_model.clip.visual.output_dim)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(3, grid * grid, layers))
+    # each layer's features are the vectors its logits compare with the text
+    with torch.no_grad():
+        logits = tiny_model(tiny_model.normalize(images))
+        text = tiny_model.text_features()
+    for layer in range(layers):
+        expected = (features[:, :, layer] @ text.t() / tiny_model.config.temperature).transpose(1, 2)
+        torch.testing.assert_close(expected.reshape(3, 2, grid, grid), logits.patch_logits[layer].float())

@@ -187,6 +187,8 @@ def test_demo_output_reads_and_says_what_the_model_is(ray_cluster, tmp_path, cap
     assert demo_job.main(["--images", "8", "--size", "64", "--data", str(data), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "toy" in printed and "--pretrained openai" in printed and "jobs.train" in printed
+    assert "zero-shot against a reference bank of 16 known-good images per texture" in printed
+    assert (out / "_reference.safetensors").exists() and (out / "_with-reference").is_dir()
     assert (out / "_report.html").exists() and not (out / "report.html").exists()
     frame = pd.read_parquet(out)
     assert len(frame) == 8 and frame["run_id"].nunique() == 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,14 +39,18 @@ class ScoreOutput:
     joint_score: (B,) alpha * global_score + (1 - alpha) * aggregate(anomaly_map), in [0, 1].
     global_score: (B,) abnormal probability from the class token, in [0, 1].
     anomaly_map: (B, S, S) float32 abnormal probability per input pixel, in [0, 1].
+    patch_features: (B, grid*grid, layers, embed_dim) float32 projected patch
+        features of each map layer, each L2-normalised; only when asked for.
     """
 
     joint_score: torch.Tensor
     global_score: torch.Tensor
     anomaly_map: torch.Tensor
+    patch_features: Optional[torch.Tensor] = None
 
     def cpu(self) -> "ScoreOutput":
-        return ScoreOutput(self.joint_score.cpu(), self.global_score.cpu(), self.anomaly_map.cpu())
+        features = None if self.patch_features is None else self.patch_features.cpu()
+        return ScoreOutput(self.joint_score.cpu(), self.global_score.cpu(), self.anomaly_map.cpu(), features)
 
 
 class HeadCLIP(nn.Module):
@@ -126,18 +130,24 @@ class HeadCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor) -> HeadCLIPLogits:
         """images: (B, 3, S, S) normalised float, S = config.image_size."""
+        return self.forward_with_features(images)[0]
+
+    def forward_with_features(self, images: torch.Tensor) -> tuple[HeadCLIPLogits, list[torch.Tensor]]:
+        """The logits of :meth:`forward` and, per map layer, its L2-normalised projected
+        patch features (B, grid*grid, embed_dim): the vectors the logits compare with the text."""
         config = self.config
         text = self.text_features()
         features = self.vision(images)
         cls = self.vision.project(features.class_token, layernorm=config.class_token_layernorm)
         global_logits = F.normalize(cls, dim=-1) @ text.to(cls.dtype).t() / config.temperature
-        patch_logits = []
+        patch_logits, patch_features = [], []
         grid = self.vision.grid
         for tokens in features.patch_tokens:
             patches = F.normalize(self.vision.project(tokens), dim=-1)
             logits = patches @ text.to(patches.dtype).t() / config.temperature  # (B, N, 2)
             patch_logits.append(logits.transpose(1, 2).reshape(-1, 2, grid, grid))
-        return HeadCLIPLogits(global_logits, patch_logits)
+            patch_features.append(patches)
+        return HeadCLIPLogits(global_logits, patch_logits), patch_features
 
     def _autocast(self, images: torch.Tensor):
         """Autocast on CUDA for an fp32 tower; a tower with bf16 weights runs as it is."""
@@ -168,22 +178,26 @@ class HeadCLIP(nn.Module):
         return flat.topk(k, dim=1).values.mean(dim=1)
 
     @torch.inference_mode()
-    def score(self, images: torch.Tensor) -> ScoreOutput:
+    def score(self, images: torch.Tensor, patch_features: bool = False) -> ScoreOutput:
         """Score a batch.
 
         Args:
             images: (B, 3, S, S) normalised float tensor (see :meth:`normalize`),
                 or uint8 RGB, which is normalised here.
+            patch_features: also return the map layers' patch features (for a
+                reference bank); the scores and maps are the same either way.
         """
         if images.dtype == torch.uint8:
             images = self.normalize(images)
         images = images.to(self.image_mean.device, non_blocking=True)
         with self._autocast(images):
-            logits = self(images)
+            logits, features = self.forward_with_features(images)
         global_score, anomaly_map = self.anomaly_probabilities(logits)
         alpha = self.config.alpha
         joint = alpha * global_score + (1.0 - alpha) * self.aggregate(anomaly_map)
-        return ScoreOutput(joint_score=joint, global_score=global_score, anomaly_map=anomaly_map)
+        stacked = torch.stack(features, dim=2).float() if patch_features else None
+        return ScoreOutput(joint_score=joint, global_score=global_score, anomaly_map=anomaly_map,
+                           patch_features=stacked)
 
 
 def resize_maps(anomaly_map: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -59,6 +59,10 @@ class JobConfig:
         if scoring.group_column and scoring.group_thresholds:
             calibrated = {"group_column": scoring.group_column,
                           "group_thresholds": {k: list(v) for k, v in sorted(scoring.group_thresholds.items())}}
+        if scoring.reference:  # a bank names the run too (absent without one: same ids as before)
+            from ..redact import redact_uri
+
+            calibrated["reference"] = redact_uri(scoring.reference)
         return {
             **calibrated,
             "threshold": scoring.threshold,

@@ -52,6 +52,7 @@ class ImageScorer:
         self.feeder = DeviceFeeder(self.device, model.image_size, options.max_pixels)
         self.model.eval()
         self.checkpoint_id = self.model.checkpoint_id or "untrained"
+        self.reference = _reference_scorer(options, storage_options, self.model, self.checkpoint_id)
         self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id, run_id)
         # on a CPU device images are resized where they are decoded, else on the device
         self.loader = ImageLoader(model.image_size, options, storage_options, threads,
@@ -101,7 +102,10 @@ class ImageScorer:
             scored = [(i, image) for (i, image), error in zip(batch, errors) if error is None]
             batch.clear()
             if scored:
-                in_flight.append((scored, self.model.score(pixels), self.feeder.mark()))
+                out = self.model.score(pixels, patch_features=self.reference is not None)
+                if self.reference is not None:
+                    out = self.reference.apply_to(out, [records[i] for i, _ in scored])
+                in_flight.append((scored, out, self.feeder.mark()))
 
         def collect() -> None:
             """Encode the oldest launched batch on the device (while the next forward runs) and make its rows."""
@@ -120,6 +124,8 @@ class ImageScorer:
             for j, ((i, image), row) in enumerate(zip(scored, rows_of)):
                 row.update(status=STATUS_OK, width=image.width, height=image.height, score=joint[j],
                            global_score=global_[j], is_anomalous=joint[j] > row["threshold"])
+                if self.reference is not None:
+                    row.update(out.row_fields(j))
                 rows[i] = row
             encodes.append(([i for i, _ in scored], encode(maps, rows_of)))
 
@@ -179,3 +185,14 @@ class ImageScorer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reference_scorer(options: ScoringOptions, storage_options: Optional[dict], model, checkpoint_id: str):
+    """The bank of ``options.reference`` on the model's device, checked against the model; None without one."""
+    if not options.reference:
+        return None
+    from ..reference import ReferenceScorer, read_bank
+
+    bank = read_bank(options.reference, storage_options)
+    bank.check(checkpoint_id, model.image_size)
+    return ReferenceScorer(bank, model)

@@ -31,6 +31,9 @@ class ScoringOptions:
     # ``group_thresholds`` gets that (threshold, mask_threshold); any other image the two above.
     group_column: Optional[str] = None
     group_thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # A reference bank (jobs.reference) the scoring actor loads once with the model: each image's
+    # score and map combine the zero-shot ones with its group's bank (headclip.reference.combine).
+    reference: Optional[str] = None
 
     def thresholds_for(self, record: dict) -> tuple[float, float]:
         """(threshold, mask_threshold) of one image record."""

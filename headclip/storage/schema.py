@@ -42,6 +42,11 @@ RESULT_FIELDS = [
     pa.field("anomaly_map", pa.binary()),  # 8-bit heat map, lossless WebP
     pa.field("checkpoint_id", pa.string(), nullable=False),
     pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # with a reference bank (null without): the zero-shot joint score, the reference score and
+    # the bank's group the image was compared with ("*": the pooled bank, its group having none)
+    pa.field("zero_shot_score", pa.float32()),
+    pa.field("reference_score", pa.float32()),
+    pa.field("reference_group", pa.string()),
 ]
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
 METADATA_RUN_CONFIG = b"headclip.run_config"

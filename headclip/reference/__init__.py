@@ -1,0 +1,11 @@
+"""Known-good images as a reference: a bank of their map-layer patch features per group,
+nearest-neighbour distances to it, and the rule that combines them with the zero-shot maps."""
+
+from .bank import POOLED, ReferenceBank, read_bank, write_bank
+from .build import BankBuilder
+from .combine import ReferenceScorer, combine_rule
+from .coreset import greedy_coreset, random_subset
+from .nearest import nearest_distances
+
+__all__ = ["POOLED", "BankBuilder", "ReferenceBank", "ReferenceScorer", "combine_rule", "greedy_coreset",
+           "nearest_distances", "random_subset", "read_bank", "write_bank"]

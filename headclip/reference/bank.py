@@ -1,0 +1,174 @@
+"""A reference bank: per group, known-good patch features of a checkpoint's map layers.
+
+Stored as one safetensors file: tensor ``bank.<i>`` (M_i, layers * embed_dim) float32
+is group ``groups[i]``; the header's ``headclip.reference`` entry (JSON) names the
+checkpoint id, backbone, image size, layers, per-group counts and distance scales,
+the settings it was built with and the redacted command that built it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import HeadCLIPError
+
+FORMAT = "headclip-reference-1"
+METADATA_KEY = "headclip.reference"
+POOLED = "*"  # the bank of all groups together: images of a group without a bank of its own use it
+
+
+class BankError(HeadCLIPError):
+    """A reference bank that cannot be read, or does not fit the checkpoint it is used with."""
+
+
+@dataclass
+class ReferenceBank:
+    """Known-good patch features per group.
+
+    features: group -> (M, len(layers) * embed_dim) float32, each layer's part L2-normalised.
+    scales: group -> the distance a known-good patch rarely exceeds (the quantile
+        ``scale_quantile`` of leave-one-image-out nearest distances); the reference
+        map is ``d / (d + scale)``, 0.5 at that distance.
+    layers: the map layers (block numbers) whose features are concatenated.
+    """
+
+    features: dict[str, torch.Tensor]
+    scales: dict[str, float]
+    checkpoint_id: str
+    backbone: str
+    image_size: int
+    layers: tuple[int, ...]
+    embed_dim: int
+    group_column: Optional[str] = None
+    counts: dict[str, dict] = field(default_factory=dict)  # group -> images, patches, kept
+    settings: dict = field(default_factory=dict)  # budget, coreset, aggregate, scale_quantile
+    command: str = ""
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted(self.features)
+
+    def bank_for(self, group) -> tuple[str, torch.Tensor, float]:
+        """(group used, features, scale) for an image's group value: its own bank, else the pooled one."""
+        key = None if group is None else str(group)
+        if key in self.features:
+            return key, self.features[key], self.scales[key]
+        return POOLED, self.pooled_features(), self.scales[POOLED]
+
+    def pooled_features(self) -> torch.Tensor:
+        if POOLED in self.features:
+            return self.features[POOLED]
+        cached = getattr(self, "_pooled", None)
+        if cached is None:
+            cached = torch.cat([self.features[g] for g in self.groups])
+            self._pooled = cached
+        return cached
+
+    def to(self, device) -> "ReferenceBank":
+        """The same bank with its features on ``device`` (the pooled bank made once there)."""
+        moved = dict(self.__dict__)
+        moved.pop("_pooled", None)
+        moved["features"] = {g: t.to(device) for g, t in self.features.items()}
+        bank = ReferenceBank(**moved)
+        bank.pooled_features()
+        return bank
+
+    def nbytes(self) -> int:
+        """Bytes of the features, the pooled copy included when one is made."""
+        total = sum(t.numel() * t.element_size() for t in self.features.values())
+        return total * (1 if POOLED in self.features or len(self.features) == 1 else 2)
+
+    def check(self, checkpoint_id: str, image_size: int, source: str = "reference bank") -> None:
+        """BankError (one line) unless the bank was built with this checkpoint and input size."""
+        if checkpoint_id != self.checkpoint_id:
+            raise BankError(f"{source} was built with checkpoint {self.checkpoint_id[:12]}, not "
+                            f"{checkpoint_id[:12]}: build a bank with this checkpoint (python -m jobs.reference)")
+        if int(image_size) != self.image_size:
+            raise BankError(f"{source} was built at {self.image_size}px, the model scores at {image_size}px: "
+                            "build a bank at this image size")
+
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "groups": self.groups, "scales": dict(sorted(self.scales.items())),
+                "checkpoint_id": self.checkpoint_id, "backbone": self.backbone, "image_size": self.image_size,
+                "layers": list(self.layers), "embed_dim": self.embed_dim, "group_column": self.group_column,
+                "counts": self.counts, "settings": self.settings, "command": self.command}
+
+
+def serialize(bank: ReferenceBank) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {f"bank.{i}": bank.features[g].detach().to("cpu", torch.float32).contiguous()
+               for i, g in enumerate(bank.groups)}
+    return save(tensors, metadata={METADATA_KEY: json.dumps(bank.metadata(), sort_keys=True)})
+
+
+def parse(data: bytes, source: str = "reference bank") -> ReferenceBank:
+    """A bank from its bytes; BankError (one line) for anything malformed."""
+    from safetensors.torch import load
+
+    meta = _metadata(data, source)
+    try:
+        tensors = load(data)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type on malformed data
+        raise BankError(f"{source}: malformed tensor data: {' '.join(str(err).split())[:200]}") from None
+    groups = meta["groups"]
+    width = len(meta["layers"]) * int(meta["embed_dim"])
+    features = {}
+    for i, group in enumerate(groups):
+        tensor = tensors.get(f"bank.{i}")
+        if tensor is None or tensor.ndim != 2 or tensor.shape[1] != width or tensor.shape[0] == 0:
+            raise BankError(f"{source}: group {group!r} has no (M, {width}) feature tensor")
+        if not bool(torch.isfinite(tensor).all()):
+            raise BankError(f"{source}: group {group!r} holds NaN or infinite features")
+        features[group] = tensor
+    scales = {g: float(s) for g, s in meta["scales"].items()}
+    if not (set(groups) | {POOLED}) <= set(scales):
+        raise BankError(f"{source}: distance scales missing for {sorted(set(groups) | {POOLED} - set(scales))}")
+    return ReferenceBank(features=features, scales=scales, checkpoint_id=meta["checkpoint_id"],
+                         backbone=meta["backbone"], image_size=int(meta["image_size"]),
+                         layers=tuple(int(l) for l in meta["layers"]), embed_dim=int(meta["embed_dim"]),
+                         group_column=meta.get("group_column"), counts=meta.get("counts", {}),
+                         settings=meta.get("settings", {}), command=meta.get("command", ""))
+
+
+def _metadata(data: bytes, source: str) -> dict:
+    import struct
+
+    if len(data) < 8:
+        raise BankError(f"{source}: not a safetensors file ({len(data)} bytes)")
+    (length,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + length]) if 0 < length <= len(data) - 8 else None
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise BankError(f"{source}: not a HeadCLIP reference bank (no {METADATA_KEY} header)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BankError(f"{source}: unsupported reference bank format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    missing = [k for k in ("groups", "scales", "checkpoint_id", "backbone", "image_size", "layers", "embed_dim")
+               if k not in meta]
+    if missing:
+        raise BankError(f"{source}: reference bank header lacks {', '.join(missing)}")
+    return meta
+
+
+def read_bank(uri: str, storage_options: Optional[dict] = None) -> ReferenceBank:
+    """Read a bank from a local path or fsspec URL; BankError (one line) on any failure."""
+    from ..redact import redact_uri
+    from ..storage.fs import describe_error, read_bytes
+
+    source = redact_uri(uri)
+    try:
+        data = read_bytes(uri, storage_options)
+    except Exception as err:  # noqa: BLE001 - missing, unreachable, unknown protocol: one line each
+        raise BankError(f"cannot read reference bank {source}: {describe_error(err)}") from None
+    return parse(data, source)
+
+
+def write_bank(bank: ReferenceBank, uri: str, storage_options: Optional[dict] = None) -> None:
+    from ..storage.fs import write_bytes_atomic
+
+    write_bytes_atomic(uri, serialize(bank), storage_options)

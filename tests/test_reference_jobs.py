@@ -1,0 +1,99 @@
+"""jobs.reference builds a bank; jobs.score --reference uses it on Ray, or refuses it before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import headclip
+from headclip.reference import read_bank
+from headclip.storage import results
+from headclip.storage.layout import run_uri
+from jobs import calibrate as calibrate_job
+from jobs import cli
+from jobs import evaluate as evaluate_job
+from jobs import reference as reference_job
+from jobs import score as score_job
+
+from .scoring_helpers import write_images
+
+
+def _exit(main, prog, argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli.run(main, prog, argv)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def known_good(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("ref")
+    paths = write_images(root / "img", 8)
+    lines = ["image_uri,image_id,line"] + [f"{p},{p.name},{'L1' if i % 2 else 'L2'}" for i, p in enumerate(paths)]
+    (root / "good.csv").write_text("\n".join(lines[:7]) + "\n")  # six known-good images
+    (root / "all.csv").write_text("\n".join(lines + [f"{paths[0]},elsewhere,L3"]) + "\n")
+    bank = root / "bank.safetensors"
+    assert reference_job.main(["--input", str(root / "good.csv"), "--output", str(bank), "--group-column", "line",
+                               "--checkpoint", tiny_checkpoint, "--budget", "20", "--batch-size", "4"]) == 0
+    return root, bank
+
+
+def test_reference_job_builds_one_bank_per_group(known_good, tiny_checkpoint):
+    _, bank_path = known_good
+    bank = read_bank(str(bank_path))
+    assert bank.groups == ["L1", "L2"] and bank.group_column == "line"
+    assert {g: c["images"] for g, c in bank.counts.items()} == {"L1": 3, "L2": 3}
+    assert all(c["patches"] == 48 and c["kept"] == 20 and t.shape[0] == 20 for c, t in zip(bank.counts.values(), bank.features.values()))
+    assert bank.checkpoint_id == headclip.model.checkpoint.read_checkpoint(tiny_checkpoint).checkpoint_id
+    assert bank.image_size == 64 and bank.command.startswith("python -m jobs.reference --input")
+
+
+def test_reference_job_checks_its_inputs_in_one_line(known_good, tiny_checkpoint, tmp_path, capsys):
+    root, _ = known_good
+    base = ["--input", str(root / "good.csv"), "--output", str(tmp_path / "b.safetensors"),
+            "--checkpoint", tiny_checkpoint]
+    for extra, message in [(["--group-column", "camera"], "no column 'camera'"),
+                           (["--layers", "1,99"], "not map layers"),
+                           (["--layers", "x"], "--layers: takes comma-separated block numbers")]:
+        code, err = _exit(reference_job.main, "jobs.reference", base + extra, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_a_bank_of_another_checkpoint_is_refused_before_ray(known_good, tmp_path, capsys, monkeypatch):
+    root, bank = known_good
+    model = headclip.create_model(backbone="HeadCLIP-Tiny", pretrained=None, image_size=64)
+    with torch.no_grad():
+        next(iter(model.learnable_parameters().values())).add_(0.01)
+    other = str(tmp_path / "other.safetensors")
+    headclip.save_checkpoint(model, other)
+    monkeypatch.setattr(score_job, "init_ray", lambda *a: pytest.fail("Ray started"))
+    argv = ["--input", str(root / "all.csv"), "--output", str(tmp_path / "o"), "--checkpoint", other]
+    code, err = _exit(score_job.main, "jobs.score", argv + ["--reference", str(bank)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "was built with checkpoint" in err, err
+    code, err = _exit(score_job.main, "jobs.score", argv + ["--reference", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "cannot read reference bank" in err, err
+    assert not (tmp_path / "o").exists()
+    # jobs.evaluate and jobs.calibrate with the demo model: the bank is of the tiny checkpoint
+    for module in (evaluate_job, calibrate_job):
+        monkeypatch.setattr(module, "init_ray", lambda *a: pytest.fail("Ray started"))
+    (tmp_path / "labelled.csv").write_text(f"image_uri,label,class_name\n{root}/img/img0000.jpg,0,wood\n")
+    for main, argv in [(evaluate_job.main, ["--data", str(tmp_path / "labelled.csv"), "--output", str(tmp_path / "e")]),
+                       (calibrate_job.main, ["--input", str(root / "good.csv"), "--output", str(tmp_path / "t.json")])]:
+        code, err = _exit(main, "jobs.x", argv + ["--reference", str(bank)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "was built with checkpoint" in err, err
+    assert not any((tmp_path / name).exists() for name in ("e", "t.json", "t-rows"))
+
+
+def test_score_job_with_a_bank_on_ray(known_good, tiny_checkpoint, tmp_path, ray_cluster):
+    root, bank = known_good
+    out = tmp_path / "scores"
+    assert score_job.main(["--input", str(root / "all.csv"), "--output", str(out), "--checkpoint", tiny_checkpoint,
+                           "--reference", str(bank), "--shard-size", "4", "--cpus-per-actor", "1"]) == 0
+    run_dirs = [p for p in out.iterdir() if p.name.startswith("run_id=")]
+    frame = results.read_run(str(run_dirs[0])).set_index("image_id")
+    assert len(frame) == 9 and (frame["status"] == "ok").all()
+    assert frame.loc["elsewhere", "reference_group"] == "*"
+    assert (frame.drop(index="elsewhere")["reference_group"] == frame.drop(index="elsewhere")["line"]).all()
+    combined = 0.5 * frame["zero_shot_score"] + 0.5 * frame["reference_score"]
+    assert ((frame["score"] - combined).abs() < 1e-5).all()
+    assert frame["reference_score"].between(0, 1).all()
