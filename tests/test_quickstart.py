@@ -38,5 +38,5 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     (run,) = (tmp_path / "out" / "quickstart").glob("run_id=*")
     import pandas as pd
 
-    assert len(pd.read_parquet(tmp_path / "out" / "quickstart")) == 16  # README's "16 generated images"
+    assert len(pd.read_parquet(tmp_path / "out" / "quickstart")) == 8  # README's "8 generated images"
     assert "<html" in (run / "_report.html").read_text().lower()

@@ -190,8 +190,8 @@ class HeadCLIP(nn.Module):
         if images.dtype == torch.uint8:
             images = self.normalize(images)
         images = images.to(self.image_mean.device, non_blocking=True)
-        with self._autocast(images):
-            logits, features = self.forward_with_features(images)
+        with self._autocast(images):  # self.forward where no features are asked: a compiled forward stands there
+            logits, features = self.forward_with_features(images) if patch_features else (self.forward(images), [])
         global_score, anomaly_map = self.anomaly_probabilities(logits)
         alpha = self.config.alpha
         joint = alpha * global_score + (1.0 - alpha) * self.aggregate(anomaly_map)

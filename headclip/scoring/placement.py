@@ -195,7 +195,7 @@ def pool_bounds(config: JobConfig, size: ActorSize, work: int) -> tuple[int, int
             raise PlacementError(f"no node can hold a scoring actor of {size.cpus:g} CPU beside a read/decode task "
                                  f"of {size.leave_cpus:g} CPU ({largest_node(nodes)}); lower --cpus-per-actor "
                                  f"or --stage-cpus")
-        if high > room:
+        if high > room and (config.actors or config.max_actors or config.min_actors > room):  # asked for more
             log.warning("the cluster holds %d CPU actors of %g CPU beside the read/decode and publish tasks: the "
                         "pool is held to %d (asked: %d)", room, size.cpus, room, high)
         low, high = min(low, room), min(high, room)
