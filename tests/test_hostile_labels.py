@@ -5,7 +5,6 @@ coloured defect pixels, caption matching), each checked against a plain referenc
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -19,26 +18,11 @@ from pycocotools import mask as coco_mask
 
 from headclip import results
 from headclip.data.synthetic import make_sample
-from jobs.cli import run
 
+from .cli_helpers import job_in_process as _job, one_line_refusal as _one_line_refusal
 from .scoring_helpers import write_images
 
 
-def _job(name: str, argv: list, capsys) -> tuple[int, str, str]:
-    module = importlib.import_module(f"jobs.{name}")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        run(module.main, f"jobs.{name}", [str(a) for a in argv])
-    out = capsys.readouterr()
-    return stopped.value.code, out.out, out.err
-
-
-def _one_line_refusal(code: int, err: str, *words: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def _image(folder: Path, name: str, seed: int, size=(48, 48), defect=None) -> Path:

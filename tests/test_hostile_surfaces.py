@@ -28,6 +28,7 @@ from headclip.storage.layout import audit_lock_uri, day_index_uri
 
 from jobs.cli import Number, run
 
+from .cli_helpers import job_in_process as _job, one_line_refusal as _one_line_refusal
 from .scoring_helpers import write_images
 
 JOBS = ("audit", "benchmark", "benchmark_host", "calibrate", "demo", "evaluate", "import_anomalyclip",
@@ -35,22 +36,6 @@ JOBS = ("audit", "benchmark", "benchmark_host", "calibrate", "demo", "evaluate",
 DAY = "2026-11-23"
 
 
-def _job(name: str, argv: list, capsys) -> tuple[int, str, str]:
-    """Run ``python -m jobs.<name> argv`` in this process: (exit code, stdout, stderr)."""
-    module = importlib.import_module(f"jobs.{name}")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        run(module.main, f"jobs.{name}", [str(a) for a in argv])
-    out = capsys.readouterr()
-    return stopped.value.code, out.out, out.err
-
-
-def _one_line_refusal(code: int, err: str, *words: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 # -- numeric flags: one range check each, at parse time -----------------------------------------------
