@@ -1,6 +1,9 @@
-"""The scoring job: plan -> shards -> (decode -> model -> encode) -> Parquet.
+"""The scoring job: listing -> plan -> Ray Data pipeline (read -> decode -> model -> publish) -> Parquet.
 
-``plan`` (run ids and stored plans), ``scorer`` (one shard to one file; no
-Ray), ``masks`` (anomaly maps to RLE, boxes, heat maps), ``runner`` (the
-Ray driver and actors), ``progress`` (terminal bar and log lines).
+``config`` (JobConfig), ``plan`` (run ids and stored plans), ``stages`` (reading,
+decoding, publishing; no Ray), ``scorer`` (the model stage; no Ray), ``masks``
+(anomaly maps to RLE, boxes, heat maps), ``pipeline`` (the Ray Data pipeline,
+top to bottom), ``runner`` (the driver: plan, run, summary), ``placement``
+(actor size, pool bounds, waits), ``progress`` (terminal bar and log lines).
+The public Ray Data stages are in :mod:`headclip.ray`.
 """
