@@ -62,15 +62,17 @@ def _table(batch: Batch) -> pa.Table:
         return batch
     if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas
         batch = {name: batch[name].to_numpy() for name in batch.columns}
+    return pa.table({name: _arrow(np.asarray(values)) for name, values in batch.items()})
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A numpy column as Arrow: (N, ...) arrays and object arrays of arrays (images of several sizes) as Ray
+    Data tensor columns, 1-d arrays as plain Arrow arrays."""
     from ray.data.extensions import ArrowTensorArray
 
-    columns = {}
-    for name, values in batch.items():
-        values = np.asarray(values) if not isinstance(values, np.ndarray) else values
-        if values.dtype == object and len(values) and isinstance(values[0], np.ndarray):
-            values = np.stack(values)  # variable-shaped images
-        columns[name] = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values.tolist())
-    return pa.table(columns)
+    if values.ndim > 1 or (values.dtype == object and len(values) and isinstance(values[0], np.ndarray)):
+        return ArrowTensorArray.from_numpy(values)
+    return pa.array(values.tolist())
 
 
 def _numpy(column: Union[pa.ChunkedArray, pa.Array]) -> np.ndarray:
@@ -125,10 +127,8 @@ def decode_images(batch: Batch, image_size: int, options: Union[ScoringOptions, 
 
 
 def _with_columns(table: pa.Table, columns: dict[str, np.ndarray], node_column: Optional[str]) -> pa.Table:
-    from ray.data.extensions import ArrowTensorArray
-
     for name, values in columns.items():
-        array = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values.tolist())
+        array = _arrow(values)
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, array) if index >= 0 else table.append_column(name, array)
     if node_column:

@@ -241,3 +241,17 @@ def test_gpu_actors_take_the_share_of_the_smallest_gpu_node():
     share = cpus_per_gpu(nodes)
     config = JobConfig(input="i", output="o")
     assert actor_layout(config, {"CPU": 92.0, "GPU": 6.0}, 100, share) == (6, 1.0, 2.0)  # 3 less 1 for the tasks
+
+
+def test_numpy_batches_with_images_of_several_sizes_become_arrow():
+    """map_batches' default numpy format gives read_images' images of several sizes as an object array: the
+    public stages take it as a tensor column of each image's own shape. Catches: stacking such images (it
+    fails) or pickling them."""
+    from headclip.ray import _numpy, _table
+
+    images = np.empty(2, dtype=object)
+    images[0], images[1] = np.zeros((4, 5, 3), np.uint8), np.full((6, 2, 3), 7, np.uint8)
+    table = _table({"image": images, "path": np.array(["a", "b"], dtype=object)})
+    back = _numpy(table["image"])
+    assert [image.shape for image in back] == [(4, 5, 3), (6, 2, 3)] and int(back[1][0, 0, 0]) == 7
+    assert table["path"].to_pylist() == ["a", "b"]
