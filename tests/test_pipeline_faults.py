@@ -53,6 +53,42 @@ def test_killed_actor_leaves_every_image_once_and_a_rerun_skips_them(ray_cluster
     assert len(results.read_run(run_uri(config.output, plan.run_id))) == 12
 
 
+def test_an_actor_that_keeps_dying_ends_the_run_with_one_line(ray_cluster, tmp_path):
+    """Every scoring actor killed (SIGKILL) as soon as it is alive, past --max-actor-restarts' bound (1
+    here): the run ends with one line that says a worker died, that published shards are kept and how to
+    resume. Catches: a run restarting a dying actor for ever, or Ray's multi-line report as the error."""
+    import threading
+    import time
+
+    checkpoint = slow_checkpoint(tmp_path)
+    write_images(tmp_path / "images", 4)
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), checkpoint, shard_size=1, cpus_per_actor=1,
+                 actors=1, max_actor_restarts=1)
+    kills, stop = [], threading.Event()
+
+    def killer():
+        deadline = time.monotonic() + 150  # then the run may finish, and the test fails on it
+        while not stop.is_set() and time.monotonic() < deadline:
+            for pid in _model_actor_pids():
+                if pid not in kills:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(JobError) as failure:
+            run_job(config)
+    finally:
+        stop.set()
+        thread.join()
+    message = str(failure.value)
+    assert len(kills) >= 2, kills
+    assert message.startswith("a Ray worker of the run died") and "\n" not in message, message
+    assert "run the same command to resume" in message and "1 actor restarts" in message, message
+
+
 def test_actors_that_cannot_start_end_the_run_with_one_line(ray_cluster, tiny_checkpoint, tmp_path):
     """Every scoring actor fails to load its model (CUDA asked for on a machine without it). Catches: a
     run that waits for ever on actors Ray Data keeps replacing, or a multi-line Ray traceback."""

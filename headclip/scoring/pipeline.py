@@ -51,14 +51,15 @@ from .progress import Progress
 from .shards import BrokenShard, shard_result
 from .stages import publish_shard
 from .summary import JobSummary, account
-from .tasks import ShardResult
+from .tasks import ShardResult, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 20_000  # one shard per input block up to this many shards; beyond, several per block
 PAD = "_pad"  # padding rows of a shard, dropped before the model
 DECODE_NODE, MODEL_NODE = "_decode_node", "_model_node"
-INTERNAL = (PAD, DECODE_NODE, MODEL_NODE, METRIC_STATE_COLUMN)
+MODEL_RSS = "_model_peak_rss"  # the scoring actor's peak resident memory (bytes) after scoring the shard
+INTERNAL = (PAD, DECODE_NODE, MODEL_NODE, MODEL_RSS, METRIC_STATE_COLUMN)
 RESULT_TYPES = pa.schema([("shard", pa.int64()), ("images", pa.int64()), ("errors", pa.int64()),
                           ("anomalous", pa.int64()), ("skipped", pa.bool_()), ("output_bytes", pa.int64()),
                           ("peak_rss_bytes", pa.int64()), ("metrics", pa.string()), ("node", pa.string()),
@@ -109,7 +110,8 @@ class ShardScorer(HeadCLIPScorer):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keep = np.flatnonzero(~batch[PAD].to_numpy(zero_copy_only=False))
-        return super().__call__(batch.take(keep).drop_columns([PAD]))
+        scored = super().__call__(batch.take(keep).drop_columns([PAD]))
+        return scored.append_column(MODEL_RSS, pa.array(np.full(scored.num_rows, peak_rss_bytes(), np.int64)))
 
 
 def publish_shards(table: pa.Table, plan: RunPlan, schema: pa.Schema, storage_options: Optional[dict],
@@ -131,6 +133,7 @@ def publish_shards(table: pa.Table, plan: RunPlan, schema: pa.Schema, storage_op
             raise JobError(f"shard {shard} failed {attempts} times: {type(err).__name__}: "
                            f"{' '.join(str(err).split())[:300]} (writing {redact_text(plan.shard_uri(shard))})") from None
         result.node, result.decode_node, result.encode_node = _first(rows, MODEL_NODE), _first(rows, DECODE_NODE), node
+        result.peak_rss_bytes = int(_first(rows, MODEL_RSS) or 0)
         results.append(result)
     return pa.Table.from_pylist([_result_row(r) for r in results], schema=RESULT_TYPES)
 
@@ -237,7 +240,7 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
              plan.num_images, plan.num_shards, describe_need(size.need()), low, high)
     results = build(plan, config, pending, size, low, high)
     started = time.monotonic()
-    quiet = _QuietPlacementTimeout()
+    quiet = _QuietRayDataErrors()
     logging.getLogger("ray.data.exceptions").addFilter(quiet)
     rows = iter(results.iter_rows())
     try:
@@ -277,16 +280,19 @@ def count_results(rows, plan: RunPlan, config: JobConfig, summary: JobSummary, p
         progress.tick()
 
 
-class _QuietPlacementTimeout(logging.Filter):
-    """Drops Ray Data's console report of its pool's start timing out (with its traceback, an invitation
-    to report a Ray bug): the run ends with its own line for it, naming --placement-timeout."""
+class _QuietRayDataErrors(logging.Filter):
+    """Drops Ray Data's console reports of the failure that ends the run (its stack trace, and for its pool's
+    start timing out an invitation to report a Ray bug): the run ends with its own line naming the cause and
+    what to do, and the same failure is in Ray Data's own log file under the session's logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         import ray
 
         if record.exc_info and isinstance(record.exc_info[1], ray.exceptions.GetTimeoutError):
             return False
-        return not str(record.msg).startswith("Exception occurred in Ray Data or Ray Core internal code")
+        message = str(record.msg)
+        return not message.startswith(("Exception occurred in Ray Data or Ray Core internal code",
+                                        "Full stack trace"))
 
 
 def _one_line(err: BaseException, size: ActorSize, config: JobConfig, seconds: float) -> Exception:
@@ -299,15 +305,34 @@ def _one_line(err: BaseException, size: ActorSize, config: JobConfig, seconds: f
                               f"(--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")
     cause = _root_cause(err)
     if _caused_by(err, ray.exceptions.OutOfMemoryError) or isinstance(cause, ray.exceptions.OutOfMemoryError):
-        return JobError(f"a scoring step ran out of memory and was killed by Ray ({cause_line(cause)[:200]}); give "
-                        f"it more memory per node, or lower --batch-size or --shard-size")
+        bank = (f"; each scoring actor also holds the --reference bank ({_bank_size(config)})"
+                if config.scoring.reference else "")
+        return JobError(f"a scoring step ran out of memory and was killed by Ray ({cause_line(cause)[:200]}){bank}; "
+                        f"give it more memory per node, or lower --batch-size or --shard-size")
     name, message = remote_cause(err)
+    died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+    if not getattr(cause, "actor_init_failed", False) and (isinstance(cause, died) or any(
+            _caused_by(err, kind) for kind in died)):
+        return JobError(f"a Ray worker of the run died ({cause_line(cause)[:200]}) and was not replaced within the "
+                        f"run's bounds ({config.max_actor_restarts} actor restarts); published shards are kept: run "
+                        f"the same command to "
+                        f"resume. If it keeps dying, look for the reason in its node's log (`ray logs raylet.out "
+                        f"--node-id ...`): memory, a lost node, a crashing library")
     if getattr(cause, "actor_init_failed", False):
         return JobError(f"scoring actors cannot start: {cause_line(cause)}")
     if name in ("JobError", "PlacementError"):  # a stage's own one line
         return (PlacementError if name == "PlacementError" else JobError)(message)
     what = f"{name}: {message}" if name else cause_line(cause)
     return JobError(f"scoring failed after {seconds:.0f}s: {what}")
+
+
+def _bank_size(config: JobConfig) -> str:
+    """The size of the --reference bank's file, as its scoring actors hold it in memory (twice with groups)."""
+    try:
+        fs, path = filesystem(config.scoring.reference, config.storage_options)
+        return f"{fs.size(path) / 2**30:.2f} GiB on file, up to twice that in memory with groups"
+    except Exception:  # noqa: BLE001 - the size is a hint only
+        return "size unknown"
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.*)$")

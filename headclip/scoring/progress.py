@@ -19,6 +19,7 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.done: set[int] = set()
         self.bar = None
+        self.logged: tuple = ()
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -52,11 +53,17 @@ class Progress:
     def tick(self) -> None:
         now = time.perf_counter()
         if self.bar is None and now - self.last >= self.interval:
-            log.info("progress: %s", self.line())
+            self._log()
             self.last = now
+
+    def _log(self) -> None:
+        counts = (self.shards_done, self.images_done, self.errors)
+        if counts != self.logged:  # the same counts are not said twice
+            log.info("progress: %s", self.line())
+            self.logged = counts
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        log.info("progress: %s", self.line())
+        self._log()
