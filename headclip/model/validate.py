@@ -64,7 +64,7 @@ def _meta_model(config: HeadCLIPConfig, source: str):
         with _quiet_open_clip():
             clip = open_clip.create_model(config.backbone, pretrained=None, device="meta",
                                           force_quick_gelu=bool(config.quick_gelu))
-        tokenizer = open_clip.get_tokenizer(config.backbone)
+            tokenizer = open_clip.get_tokenizer(config.backbone)
         with torch.device("meta"):
             return HeadCLIP(clip, tokenizer, config, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     except ValueError as err:
