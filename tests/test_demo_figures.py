@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # the demo and the examples each take one to two minutes on two idle cores, more on a busy machine
 pytestmark = pytest.mark.timeout(1200)
 REPO = Path(__file__).resolve().parents[1]
-ON_GPU = __import__("torch").cuda.is_available()
+ON_GPU = torch.cuda.is_available()
 COUNT_TOL = 1 if ON_GPU else 0                 # images
 PERCENT_TOL = 100 / 30 + 0.05 if ON_GPU else 0.0  # one image of 30, in %
 AUROC_TOL = 0.01 if ON_GPU else 0.0
