@@ -11,8 +11,8 @@ actors, each loading the model once::
                         concurrency=(1, 8), num_gpus=1, batch_size=32)
     ds.write_parquet("s3://bucket/scores/")
 
-The rows that come out are the Parquet contract of ``jobs.score`` (README,
-"Output"): one per input row, error rows for images that cannot be read, the
+The rows that come out are the Parquet contract of ``jobs.score``
+(docs/output-schema.md): one per input row, error rows for images that cannot be read, the
 input's other columns carried after them. Batches in and out are Arrow tables
 (or dicts of numpy arrays in): nothing travels as pickled Python objects.
 

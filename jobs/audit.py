@@ -56,7 +56,8 @@ EXAMPLE = """examples:
   python -m jobs.audit --date 2026-11-23 --prefix-template 's3://bucket/line-7/date={date}/' \\
       --history s3://bucket/audit/line-7 --checkpoint s3://bucket/models/headclip.safetensors \\
       --thresholds s3://bucket/audit/thresholds.json --threshold-group line-7
-  python -m jobs.audit --input demo-data/images --date 2026-11-23 --history out/audit
+  python -m jobs.audit --input demo-data/images/tiles --date 2026-11-23 --history out/audit \\
+      --thresholds out/demo/_thresholds.json --threshold-group tiles
 """
 
 log = logging.getLogger("jobs.audit")

@@ -31,7 +31,8 @@ PROG = "python -m jobs.calibrate"
 EXAMPLE = """examples:
   python -m jobs.calibrate --input s3://bucket/known-good/manifest.csv --group-column line \\
       --checkpoint s3://bucket/models/headclip.safetensors --target-fpr 0.01 --output s3://bucket/thresholds.json
-  python -m jobs.calibrate --data demo-data/manifest.csv --group-column class_name --output thresholds.json
+  python -m jobs.calibrate --input demo-data/known-good.csv --group-column class_name --target-fpr 0.1 \\
+      --output out/thresholds.json
 """
 RULE_HELP = ("quantile: the order statistic whose expected false-alarm rate is at most the target (default); "
              "bound: the one whose rate is below the target with --confidence; "

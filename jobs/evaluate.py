@@ -21,7 +21,7 @@ from .cli import add_reference_flag, apply_reference_arg
 EXAMPLE = """examples:
   ray job submit --working-dir . -- python -m jobs.evaluate --data s3://bucket/visa --layout visa \\
       --checkpoint s3://bucket/models/headclip-mvtec.safetensors --output s3://bucket/eval/visa
-  python -m jobs.evaluate --data demo-data/manifest.csv --output out/eval
+  python -m jobs.evaluate --data demo-data/manifest.csv --thresholds out/demo/_thresholds.json --output out/eval
 """
 
 log = logging.getLogger("jobs.evaluate")

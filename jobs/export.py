@@ -16,11 +16,11 @@ from typing import Optional, Sequence
 from .cli import Parser, UsageError, add_storage_flag, check_storage_options, positive_int, run
 
 EXAMPLE = """examples:
-  python -m jobs.export --run out/demo/run_id=2abcac6e2801955c --top 50 --sample 50 --output review/
+  python -m jobs.export --run "$(ls -d out/demo/run_id=* | head -n 1)" --top 50 --sample 50 --output out/review/
   python -m jobs.export --run s3://bucket/history/scores/date=2026-12-01 --flagged --sample 200 \\
       --group-column line --images uri --output s3://bucket/review/2026-12-01
-  python -m jobs.export --run out/demo/run_id=2abcac6e2801955c --where "class_name = 'wood' AND score > 0.7" \\
-      --output review-wood/
+  python -m jobs.export --run "$(ls -d out/demo/run_id=* | head -n 1)" --where "class_name = 'wood' AND score > 0.7" \\
+      --output out/review-wood/
 """
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from .cli import Parser, UsageError, add_storage_flag, check_storage_options, open_unit_float, run
 
 EXAMPLE = """examples:
-  python -m jobs.import_labels --export review/ --labels review/reviewed.json --output reviewed/
+  python -m jobs.import_labels --export out/review/ --labels out/review/reviewed.json --output out/reviewed/
   python -m jobs.import_labels --export s3://bucket/review/2026-12-01 --labels project-3-export.json \\
       --format label-studio --output s3://bucket/reviewed/2026-12-01
 """

@@ -21,7 +21,7 @@ from .cli import Parser, UsageError, add_storage_flag, positive_int, redacted_co
 
 PROG = "python -m jobs.reference"
 EXAMPLE = """examples:
-  python -m jobs.reference --input demo-data/known-good.csv --group-column class_name --output bank.safetensors
+  python -m jobs.reference --input demo-data/known-good.csv --group-column class_name --output out/bank.safetensors
   python -m jobs.reference --input s3://bucket/known-good/manifest.csv --group-column line \\
       --checkpoint s3://bucket/models/headclip.safetensors --output s3://bucket/banks/line.safetensors
 """

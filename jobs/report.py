@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from .cli import Parser, add_storage_flag, read_run_arg, run, top_int
 
 EXAMPLE = """examples:
-  python -m jobs.report --run out/demo/run_id=2abcac6e2801955c --output out/demo/report.html
+  python -m jobs.report --run "$(ls -d out/demo/run_id=* | head -n 1)"     # make demo's run: writes RUN/_report.html
   python -m jobs.report --run s3://bucket/scores/run_id=abc --output s3://bucket/reports/abc.html
 """
 

@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 from .cli import Parser, add_storage_flag, read_run_arg, UsageError, run, side_int, top_int
 
 EXAMPLE = """examples:
-  python -m jobs.show --run out/demo/run_id=2abcac6e2801955c --top 5 --output-dir out/overlays
-  python -m jobs.show --run out/demo/run_id=2abcac6e2801955c --image-id tiles/spot/00011
+  python -m jobs.show --run "$(ls -d out/demo/run_id=* | head -n 1)" --top 5 --output-dir out/overlays
+  python -m jobs.show --run "$(ls -d out/demo/run_id=* | head -n 1)" --image-id tiles/spot/00007 --output-dir out/overlays
 """
 
 

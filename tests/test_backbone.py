@@ -103,3 +103,16 @@ def test_model_load_keeps_open_clip_info_off_the_log(caplog):
     from_open_clip = [r.getMessage() for r in caplog.records if "open_clip" in r.pathname]
     assert from_open_clip == [], from_open_clip
     assert any(r.name == "headclip.model.backbone" and r.getMessage().startswith("backbone ") for r in caplog.records)
+
+
+def test_checkpoint_check_keeps_open_clip_info_off_the_log(caplog):
+    """The driver checks a checkpoint against its backbone's structure before Ray starts (tokenizer
+    included); open_clip's INFO lines stay off that log too."""
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
+    from headclip.model.checkpoint import read_checkpoint
+    from headclip.model.validate import check_checkpoint
+
+    with caplog.at_level(logging.DEBUG):
+        check_checkpoint(read_checkpoint(DEMO_CHECKPOINT_URI), {}, None)
+    from_open_clip = [r.getMessage() for r in caplog.records if "open_clip" in r.pathname]
+    assert from_open_clip == [], from_open_clip

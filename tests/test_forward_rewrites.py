@@ -34,7 +34,7 @@ CONFIGS = {
 }
 # bf16 tower vs fp32 on the same inputs, in probability units: on this test's inputs (tiny
 # backbone, random weights) 0.0023 (joint), 0.0042 (global) and 0.0046 (map) at most;
-# README states these bounds and the figures measured on ViT-B-16.
+# docs/speed.md states these bounds and the figures measured on ViT-B-16.
 BF16_SCORE_TOL = 0.01
 BF16_MAP_TOL = 0.02
 

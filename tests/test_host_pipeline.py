@@ -17,7 +17,7 @@ from headclip.scoring.device_batch import orient
 from headclip.scoring.scorer import ScoringOptions, ImageScorer
 
 # Largest change of a joint score between reduced-scale and full JPEG decoding on these images
-# (README states the figure measured by jobs.benchmark on the benchmark images).
+# (docs/speed.md states the figure measured by jobs.benchmark on the benchmark images).
 REDUCED_DECODE_TOLERANCE = 0.02
 # Largest change of a joint score between nvjpeg and libjpeg-turbo decoding (measured on an H100).
 DEVICE_DECODE_TOLERANCE = 0.03
@@ -117,7 +117,7 @@ def test_device_decoding_keeps_rows_and_errors(tmp_path, tiny_checkpoint):
     ok = host["status"] == "ok"
     assert list(host.loc[ok, "width"]) == list(device.loc[ok, "width"])
     # On the CPU torchvision and PIL both decode with libjpeg-turbo: the same pixels. On a GPU,
-    # nvjpeg's IDCT and chroma upsampling differ by a grey level or two (README gives the figure).
+    # nvjpeg's IDCT and chroma upsampling differ by a grey level or two (docs/speed.md gives the figure).
     tolerance = 1e-3 if not torch.cuda.is_available() else DEVICE_DECODE_TOLERANCE
     assert np.abs(host.loc[ok, "score"] - device.loc[ok, "score"]).max() < tolerance
     # the reference: the rotated image decoded upright by PIL gives the same score

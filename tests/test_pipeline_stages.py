@@ -133,7 +133,7 @@ def test_publish_refuses_part_of_a_shard_and_leaves_a_published_one_alone(ray_cl
 
 
 def test_a_users_pipeline_of_the_public_stages_gives_the_jobs_scores(ray_cluster, tiny_checkpoint, tmp_path):
-    """read_parquet of a manifest -> map_batches(HeadCLIPScorer) -> write_parquet, as README shows, gives
+    """read_parquet of a manifest -> map_batches(HeadCLIPScorer) -> write_parquet, as docs/internals.md shows, gives
     the rows jobs.score writes for the same images (and the same again with the decode stage as tasks).
     Catches: the public stage scoring differently from the job, pickled columns (write_parquet fails on
     them), a column of the contract missing or of another type."""

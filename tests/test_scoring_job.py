@@ -156,7 +156,7 @@ def test_thresholds_shape_rows(ray_cluster, tiny_checkpoint, tmp_path):
 
 
 def _readme_type(text: str) -> pa.DataType:
-    """A type as README's schema table writes it, e.g. ``struct<x0, y0, x1, y1: int32>``."""
+    """A type as the schema table (docs/output-schema.md) writes it, e.g. ``struct<x0, y0, x1, y1: int32>``."""
     text = text.strip()
     simple = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(),
               "bool": pa.bool_(), "binary": pa.binary()}
@@ -185,13 +185,14 @@ def _readme_type(text: str) -> pa.DataType:
                 untyped = []
         assert not untyped, text
         return pa.struct(fields)
-    raise AssertionError(f"README type not understood: {text!r}")
+    raise AssertionError(f"schema table type not understood: {text!r}")
 
 
 def _readme_schema() -> tuple[list[tuple[str, pa.DataType]], set[str]]:
-    """(column, type) rows of README's output schema table, and the columns it says are never null."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Output schema (a contract)")[1].split("\nReading results back")[0]
+    """(column, type) rows of the documented output schema table (docs/output-schema.md), and the
+    columns it says are never null."""
+    text = (REPO / "docs" / "output-schema.md").read_text()
+    section = text.split("# Output schema (a contract)")[1].split("\nReading results back")[0]
     columns = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -199,7 +200,7 @@ def _readme_schema() -> tuple[list[tuple[str, pa.DataType]], set[str]]:
             type_cell = cells[1].strip("`")
             columns += [(name, _readme_type(type_cell)) for name in re.findall(r"`([^`]+)`", cells[0])]
     never_null = re.search(r"Never null: (.*?)\.\s", section, re.S)
-    assert columns and never_null, "README's schema table or its 'Never null' line is missing"
+    assert columns and never_null, "docs/output-schema.md's schema table or its 'Never null' line is missing"
     return columns, set(re.findall(r"`([^`]+)`", never_null.group(1)))
 
 
@@ -225,8 +226,8 @@ def test_rows_follow_readme_schema_and_masks_are_thresholded_maps(ray_cluster, t
       width and height swapped.
     * ``bbox`` is the box of the decoded mask in image pixels (plain loop). Catches swapped or
       inclusive coordinates and boxes left in mask pixels.
-    * The Parquet schema (order, types, nullability) is README's table, parsed here, and the
-      data honour it: nulls only where README allows them, ``scored_at`` in UTC.
+    * The Parquet schema (order, types, nullability) is docs/output-schema.md's table, parsed here,
+      and the data honour it: nulls only where the page allows them, ``scored_at`` in UTC.
     """
     paths = write_images(tmp_path / "images", 8)
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")

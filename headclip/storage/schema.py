@@ -1,6 +1,6 @@
 """The Parquet contract of scoring output: one row per input image.
 
-Column order and types are fixed here; README documents them. Manifest
+Column order and types are fixed here; docs/output-schema.md documents them. Manifest
 columns beyond ``image_uri``/``image_id`` are appended after these.
 
 The run id is not a column: it is the ``run_id=<id>`` directory (a hive
