@@ -1,5 +1,5 @@
 # make test: create or reuse .venv, install the project with its dev extra, run pytest (all but the
-# multi-node tests; make test-multinode runs those).
+# multi-node and demo-figure tests; make test-multinode and make test-demo run those).
 # make demo: run the scoring job on the embedded default (local Ray, local files, demo model).
 
 PYTHON ?= python3
@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # second worker uses the other core. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-multinode test-review-tools demo benchmark gpu-check demo-assets clean
+.PHONY: install test test-multinode test-demo test-review-tools demo benchmark gpu-check demo-assets clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,13 +24,18 @@ install: $(STAMP)
 
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
-# Every test but the multi-node runs (a local Ray cluster of four nodes per test, about 1.5 minutes
-# each); make test-multinode runs those, and CI runs both.
+# Every test but the multi-node runs (a local Ray cluster of four nodes per test, about a minute
+# each) and the demo-figure tests; make test-multinode and make test-demo run those, and CI runs all.
 test: $(STAMP)
-	$(PY) -m pytest $(XDIST) -m "not multinode" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not multinode and not demo" $(PYTEST_ARGS)
 
 test-multinode: $(STAMP)
 	$(PY) -m pytest $(XDIST) -m multinode $(PYTEST_ARGS)
+
+# make demo run once: the figures README and docs/ state against what it prints, and every --help
+# example that names the demo's files run on its output (about 4 minutes on two idle cores).
+test-demo: $(STAMP)
+	$(PY) -m pytest -m demo $(PYTEST_ARGS)
 
 # The review export checked by Label Studio's own SDK (the optional 'review' extra, about 0.5 GB
 # with its dependencies); without it tests/test_review.py checks the documented schema only.

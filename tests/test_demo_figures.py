@@ -23,7 +23,7 @@ import pytest
 import torch
 
 # the demo and the examples each take one to two minutes on two idle cores, more on a busy machine
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.demo]  # make test-demo runs it, and CI
 REPO = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
 COUNT_TOL = 1 if ON_GPU else 0                 # images
