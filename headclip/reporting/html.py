@@ -43,7 +43,7 @@ table.top th { cursor: pointer; background: #f3f3f3; user-select: none; }
 table.top th[aria-sort=ascending]::after { content: " \\25B2"; }
 table.top th[aria-sort=descending]::after { content: " \\25BC"; }
 table.top td.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.top td.uri { min-width: 16em; } table.errors td { overflow-wrap: anywhere; }
+table.top td.uri { min-width: 9em; } table.errors td { overflow-wrap: anywhere; }
 .strip { margin: 0 0 1.2em 0; padding: 0.5em; border: 1px solid #ddd; }
 .strip .panels { display: flex; gap: 8px; flex-wrap: wrap; }
 .strip .panel { margin: 0; font-size: 0.8em; color: #555; text-align: center; }
