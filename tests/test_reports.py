@@ -203,6 +203,9 @@ LAYOUT = """(function () {
   });
   if (document.documentElement.scrollWidth > window.innerWidth) problems.push('page wider than the window: ' +
       document.documentElement.scrollWidth);
+  document.querySelectorAll('.wide').forEach(function (w) {  // a table cut at the window's edge
+    if (w.scrollWidth > w.clientWidth + 1) problems.push('table scrolls sideways: ' + w.scrollWidth + ' > ' + w.clientWidth);
+  });
   return problems;
 })()"""
 TABLE_SCORES = "Array.from(document.querySelectorAll('table.top tbody tr')).map(r => parseFloat(r.cells[1].textContent))"

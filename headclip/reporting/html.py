@@ -50,6 +50,7 @@ table.top td.uri { min-width: 9em; } table.errors td { overflow-wrap: anywhere; 
 .strip .panel img { display: block; border: 1px solid #ccc; }
 .strip figcaption { font-size: 0.85em; margin-top: 0.3em; } .uri { overflow-wrap: anywhere; }
 .wide { overflow-x: auto; }
+@media (max-width: 900px) { table.top { font-size: 0.8em; } table.top th, table.top td { padding: 3px 4px; } }
 .anomalous { color: #b00; font-weight: bold; } .normal { color: #070; font-weight: bold; }
 """
 
