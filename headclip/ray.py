@@ -159,6 +159,7 @@ class HeadCLIPScorer:
         self.options = _options(options)
         self.metrics, self.node_column = metrics, node_column
         self.run_id, self.run_config = run_id or None, run_config
+        self.on_batch = None  # called with n as each forward batch of n images is done (a subclass's progress)
         self.scorer = ImageScorer(run_id, checkpoint, self.options, storage_options, run_config,
                                   model_overrides, torch_threads=torch_threads)
 
@@ -172,7 +173,7 @@ class HeadCLIPScorer:
         records = table.drop_columns(consumed).to_pylist()
         loaded = self._loaded(table, records)
         metrics = self.scorer.metrics_for(table.column_names) if self.metrics else None
-        rows = self.scorer.score_rows(records, loaded, metrics=metrics)
+        rows = self.scorer.score_rows(records, loaded, metrics=metrics, on_batch=self.on_batch)
         extra = [f for f in table.drop_columns(consumed).schema if f.name not in RESULT_COLUMNS]
         out = rows_to_table(rows, result_schema(extra, self.run_config, self.scorer.checkpoint_id, self.run_id))
         if self.metrics:

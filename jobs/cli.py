@@ -159,7 +159,7 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
                    help="vision tower precision: auto (fp32 weights, bf16 autocast on a GPU) or bf16 (bf16 weights)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward in each actor (compile time is logged; eager if it fails)")
-    p.add_argument("--progress-interval", type=seconds_float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--progress-interval", type=seconds_float, default=5.0, help="seconds between progress lines (images counted as forward batches finish)")
     p.add_argument("--read-timeout", type=seconds_float, default=300.0,
                    help="seconds one image may take to read before it becomes an error row (default 300)")
     add_cluster_flags(p)

@@ -255,3 +255,43 @@ def test_numpy_batches_with_images_of_several_sizes_become_arrow():
     back = _numpy(table["image"])
     assert [image.shape for image in back] == [(4, 5, 3), (6, 2, 3)] and int(back[1][0, 0, 0]) == 7
     assert table["path"].to_pylist() == ["a", "b"]
+
+
+def test_progress_counts_images_as_forward_batches_finish(ray_cluster, tmp_path, caplog):
+    """One shard of 12 images scored in forward batches of 2: the progress lines count images before the
+    shard is published (the scoring actor reports each batch). Catches: progress that moves only when a
+    shard is published ("0/12" until the end), a batch count lost between the actor and the driver."""
+    import logging
+
+    from headclip.scoring.scorer import ScoringOptions
+
+    from .scoring_helpers import slow_checkpoint
+
+    write_images(tmp_path / "images", 12)
+    config = job(str(tmp_path / "images"), str(tmp_path / "out"), slow_checkpoint(tmp_path, image_size=448),
+                 shard_size=12, progress_interval=0.1, scoring=ScoringOptions(batch_size=2, io_threads=2))
+    with caplog.at_level(logging.INFO, logger="headclip.scoring.progress"):
+        run_job(config)
+    lines = [r.getMessage() for r in caplog.records if r.name == "headclip.scoring.progress"]
+    within = [line for line in lines if "(0 in 0/1 published shards" in line and "images 0/" not in line]
+    assert within, lines  # images counted while the only shard was still being scored
+    assert all(int(line.split("images ")[1].split("/")[0]) % 2 == 0 for line in within), within  # whole batches
+    assert lines[-1].startswith("progress: images 12/12 (12 in 1/1 published shards"), lines
+
+
+def test_scorer_reports_each_forward_batch():
+    """ImageScorer.score_rows calls on_batch with each forward batch's image count; unreadable images are
+    not counted. Catches: a batch reported twice, or error rows counted as scored."""
+    from headclip.data.loading import LoadedImage
+    from headclip.model.assets import DEMO_CHECKPOINT_URI
+    from headclip.scoring.scorer import ImageScorer, ScoringOptions
+
+    with ImageScorer("r", DEMO_CHECKPOINT_URI, ScoringOptions(batch_size=2)) as scorer:
+        side = scorer.image_size
+        loaded = [LoadedImage(pixels=make_sample(i, size=side, defect=None).image, width=side, height=side)
+                  for i in range(5)]
+        loaded.insert(2, LoadedImage(width=10, height=10, error="corrupt"))
+        records = [{"image_id": str(i), "image_uri": f"x/{i}.png"} for i in range(6)]
+        seen = []
+        rows = scorer.score_rows(records, loaded, on_batch=seen.append)
+    assert seen == [2, 2, 1] and sum(row["status"] == "ok" for row in rows) == 5

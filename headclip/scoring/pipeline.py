@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -47,7 +48,7 @@ from .config import JobConfig
 from .placement import (ActorSize, actor_layout, check_placement, cpus_per_gpu, describe_need, largest_node, live_nodes,
                         pool_bounds, wait_for_stage_nodes)
 from .plan import RunPlan
-from .progress import Progress
+from .progress import Progress, ScoredImages, watch_batches
 from .shards import BrokenShard, shard_result
 from .stages import publish_shard
 from .summary import JobSummary, account
@@ -106,7 +107,13 @@ def pad_shards(table: pa.Table, shard_size: int) -> pa.Table:
 
 
 class ShardScorer(HeadCLIPScorer):
-    """The model stage of the job: :class:`HeadCLIPScorer` on a shard, its padding rows left out."""
+    """The model stage of the job: :class:`HeadCLIPScorer` on a shard, its padding rows left out; each forward
+    batch's image count goes to ``counter`` (a :class:`ScoredImages` actor), for the driver's progress."""
+
+    def __init__(self, *, counter=None, **kwargs):
+        super().__init__(**kwargs)
+        if counter is not None:
+            self.on_batch = lambda images: counter.add.remote(images)  # fire and forget
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keep = np.flatnonzero(~batch[PAD].to_numpy(zero_copy_only=False))
@@ -185,7 +192,8 @@ def actor_size(config: JobConfig, work: int) -> ActorSize:
     return ActorSize(cpus, gpus, dict(config.actor_resources), leave_cpus=float(config.stage_cpus))
 
 
-def build(plan: RunPlan, config: JobConfig, pending: list[int], size: ActorSize, low: int, high: int):
+def build(plan: RunPlan, config: JobConfig, pending: list[int], size: ActorSize, low: int, high: int,
+          counter=None):
     """The dataset of result rows: the pending shards through the stages (lazy; iterating it runs them)."""
     import ray
 
@@ -194,7 +202,7 @@ def build(plan: RunPlan, config: JobConfig, pending: list[int], size: ActorSize,
     labelled = {"label", "class_name"} <= set(plan.schema.names)
     scorer = dict(checkpoint=config.checkpoint_uri, options=config.scoring, storage_options=config.storage_options,
                   run_id=plan.run_id, run_config=plan.config, model_overrides=config.model_overrides,
-                  torch_threads=max(1, int(size.cpus)), metrics=labelled, node_column=MODEL_NODE)
+                  torch_threads=max(1, int(size.cpus)), metrics=labelled, node_column=MODEL_NODE, counter=counter)
     stage = dict(num_cpus=config.stage_cpus, resources=dict(config.stage_resources) or None, batch_format="pyarrow")
     threads = config.scoring.io_threads or max(4, 4 * int(max(1.0, config.stage_cpus)))
     schema = result_schema(plan.extra_fields, plan.config, checkpoint.checkpoint_id, plan.run_id)
@@ -238,10 +246,14 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
     context.max_consecutive_actor_init_deaths = max(0, config.max_init_failures - 1)
     log.info("run %s: %d images in %d shards; scoring actors of %s, %d to %d of them", plan.run_id,
              plan.num_images, plan.num_shards, describe_need(size.need()), low, high)
-    results = build(plan, config, pending, size, low, high)
+    counter = ray.remote(num_cpus=0)(ScoredImages).remote()
+    results = build(plan, config, pending, size, low, high, counter)
     started = time.monotonic()
     quiet = _QuietRayDataErrors()
     logging.getLogger("ray.data.exceptions").addFilter(quiet)
+    stop = threading.Event()
+    threading.Thread(target=watch_batches, args=(counter, progress, stop), daemon=True,
+                     name="scoring-progress").start()
     rows = iter(results.iter_rows())
     try:
         count_results(rows, plan, config, summary, progress, on_event)
@@ -254,6 +266,8 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
         if close is not None:  # stops the executor now (Ctrl-C, a failure), so its last log lines come first
             close()
         logging.getLogger("ray.data.exceptions").removeFilter(quiet)
+        stop.set()
+        ray.kill(counter)
     missing = [shard for shard in pending if not progress.is_done(shard)]
     if missing:
         raise JobError(f"{len(missing)} shards ended without a result (first: {missing[0]}); run the job again "

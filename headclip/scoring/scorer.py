@@ -66,14 +66,16 @@ class ImageScorer:
     # -- the model stage -------------------------------------------------------------
 
     def score_images(self, records: list[dict], loaded: Iterable, shard_index: int,
-                     metrics: Optional[MetricsByClass], encode: Callable[[MapBatch, list[dict]], object]
+                     metrics: Optional[MetricsByClass], encode: Callable[[MapBatch, list[dict]], object],
+                     on_batch: Optional[Callable[[int], None]] = None
                      ) -> tuple[list[Optional[dict]], list[tuple[list[int], object]]]:
         """Score ``records`` given their LoadedImages (in order): (rows, [(row indices, encode(maps, rows))]).
 
         Rows of failed images are complete; rows of scored images get their map
         fields from ``encode``, called once per batch while the next batch runs.
         With ``metrics`` (and ``label``/``class_name`` columns), scores and maps
-        are also added to that per-class metric state.
+        are also added to that per-class metric state. ``on_batch(n)`` is called
+        as each forward batch of ``n`` images is done (progress within a shard).
         """
         options = self.options
         rows: list[Optional[dict]] = [None] * len(records)
@@ -128,6 +130,8 @@ class ImageScorer:
                     row.update(out.row_fields(j))
                 rows[i] = row
             encodes.append(([i for i, _ in scored], encode(maps, rows_of)))
+            if on_batch is not None:
+                on_batch(len(scored))
 
         for i, image in enumerate(loaded):
             if image.error is not None:
@@ -147,18 +151,21 @@ class ImageScorer:
     # -- with reading, decoding and encoding --------------------------------------------
 
     def score_rows(self, records: list[dict], loaded: Optional[Iterable] = None, shard_index: int = 0,
-                   metrics: Optional[MetricsByClass] = None) -> list[dict]:
+                   metrics: Optional[MetricsByClass] = None,
+                   on_batch: Optional[Callable[[int], None]] = None) -> list[dict]:
         """Finished rows (maps encoded) of ``records``, in order: one per record, error rows included.
 
         ``loaded``: their LoadedImages, decoded elsewhere; None reads and decodes
         them here, ahead of the model. A record's own ``shard`` wins over
         ``shard_index``. With ``metrics``, labelled images are added to it.
+        ``on_batch(n)``: called as each forward batch of ``n`` images is done.
         """
         if loaded is None:
             loaded = self.loader.iterate(records)
         rows, encodes = self.score_images(records, loaded, shard_index, metrics,
                                           encode=lambda maps, rows_of: self.loader.submit(encode_rows, maps,
-                                                                                          rows_of))
+                                                                                          rows_of),
+                                          on_batch=on_batch)
         for indices, future in encodes:
             for i, row in zip(indices, future.result()):
                 rows[i] = row
