@@ -69,10 +69,10 @@ def s3_bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (2 CPUs); yields its address."""
+    """One local Ray for the whole session (2 CPUs), never a cluster found on the machine; yields its address."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
