@@ -25,7 +25,7 @@ def _exit(main, prog, argv, capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def known_good(tmp_path_factory, tiny_checkpoint):
+def known_good(tmp_path_factory, tiny_checkpoint, ray_cluster):
     root = tmp_path_factory.mktemp("ref")
     paths = write_images(root / "img", 8)
     lines = ["image_uri,image_id,line"] + [f"{p},{p.name},{'L1' if i % 2 else 'L2'}" for i, p in enumerate(paths)]
