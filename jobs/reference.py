@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 from headclip.redact import redact_text
 
-from .cli import (Parser, UsageError, add_cluster_flags, check_storage_options, init_ray, pool_settings,
-                  positive_int, redacted_command, run)
+from .cli import (Parser, UsageError, add_bank_flags, add_cluster_flags, bank_settings, check_storage_options,
+                  init_ray, pool_settings, redacted_command, run)
 
 PROG = "python -m jobs.reference"
 EXAMPLE = """examples:
@@ -32,24 +32,9 @@ EXAMPLE = """examples:
 log = logging.getLogger("jobs.reference")
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        layers = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated block numbers, got {text!r}") from None
-    if not layers:
-        raise argparse.ArgumentTypeError("is empty")
-    return layers
-
-
 def build_parser() -> Parser:
     from headclip.data.decode import IMAGE_EXTENSIONS
-    from headclip.reference.build import BankSettings
-    from headclip.reference.coreset import METHODS
 
-    defaults = BankSettings()
     p = Parser(prog=PROG, description=__doc__, epilog=EXAMPLE)
     p.add_argument("--input", required=True, help="known-good images: prefix, glob or manifest (CSV/Parquet)")
     p.add_argument("--output", required=True, help="the bank to write (safetensors, local or s3://)")
@@ -57,15 +42,7 @@ def build_parser() -> Parser:
     p.add_argument("--group-column", default=None,
                    help="manifest column whose values get banks of their own (lines, cameras, classes); "
                         "default: one bank")
-    p.add_argument("--budget", type=positive_int, default=defaults.budget,
-                   help="patches kept per group (default: %(default)s)")
-    p.add_argument("--coreset", choices=METHODS, default=defaults.coreset,
-                   help="how patches are kept: greedy k-centre (PatchCore) or random (default: %(default)s)")
-    p.add_argument("--layers", type=_layers, default=None,
-                   help="comma-separated map layers (block numbers) whose features are used (default: all)")
-    p.add_argument("--aggregate", choices=("max", "top1"), default=defaults.aggregate,
-                   help="image reference score: the largest patch value or the mean of the top 1%% "
-                        "(default: %(default)s)")
+    add_bank_flags(p)
     p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions of a prefix or glob --input (default: %(default)s)")
@@ -80,7 +57,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.errors import CheckpointError
     from headclip.model.checkpoint import read_checkpoint
     from headclip.reference import write_bank
-    from headclip.reference.build import BankSettings
     from headclip.reference.collect import bank_layers, build_bank
     from headclip.scoring.runner import JobConfig
     from headclip.scoring.scorer import ScoringOptions
@@ -90,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        scoring=ScoringOptions(batch_size=args.batch_size, device=args.device),
                        placement_timeout=args.placement_timeout)
     check_storage_options(args.storage_options, args.input, args.output, config.checkpoint_uri)
-    settings = BankSettings(budget=args.budget, coreset=args.coreset, layers=args.layers, aggregate=args.aggregate)
+    settings = bank_settings(args)
     try:
         bank_layers(read_checkpoint(config.checkpoint_uri, args.storage_options), settings)
     except (CheckpointError, ValueError) as err:

@@ -165,7 +165,7 @@ def collect_features(listing: pa.Table, config, image_size: int, layers: Sequenc
     stage = dict(num_cpus=config.stage_cpus, resources=dict(config.stage_resources) or None, batch_format="pyarrow")
     threads = config.scoring.io_threads or max(4, 4 * int(max(1.0, config.stage_cpus)))
     actor = dict(checkpoint=config.checkpoint_uri, layers=tuple(layers), method=settings.coreset, seed=settings.seed,
-                 options=config.scoring, storage_options=config.storage_options, run_id="reference",
+                 options=replace(config.scoring, reference=None), storage_options=config.storage_options, run_id="reference",
                  model_overrides=config.model_overrides, torch_threads=max(1, int(size.cpus)))
     ds = ray.data.from_arrow([rows.slice(i, shard) for i in range(0, n, shard)])
     ds = ds.map_batches(decode_images, fn_args=(image_size, config.scoring, config.storage_options, threads),
@@ -183,7 +183,7 @@ def collect_features(listing: pa.Table, config, image_size: int, layers: Sequenc
                 if error is not None:
                     out.errors[row] = error
                 else:
-                    out.features[row] = np.asarray(array, np.float32)
+                    out.features[row] = np.array(array, np.float32)  # a writable copy of the block's
     except Exception as err:  # noqa: BLE001 - a step failed for good: one line
         raise _one_line(err, size, config, time.monotonic() - started) from None
     out.seconds = time.monotonic() - started
