@@ -138,27 +138,24 @@ def calibrate(manifest: Path, checkpoint: str, output: str, target_fpr: float, c
 
 
 def reference_bank(good_manifest: Path, checkpoint: str, output: str, per_texture: int, command: str) -> str:
-    """A bank from the first ``per_texture`` known-good images of each texture, on the scoring actors (as
-    jobs.reference); its URI."""
-    import pyarrow as pa
-
+    """A bank from the first ``per_texture`` known-good images of each texture (as jobs.reference); its URI."""
     from headclip.data.listing import list_images
-    from headclip.reference import write_bank
-    from headclip.reference.build import BankSettings
-    from headclip.reference.collect import build_bank
-    from headclip.scoring.runner import JobConfig
-    from headclip.scoring.scorer import ScoringOptions
+    from headclip.model.checkpoint import read_checkpoint
+    from headclip.reference import BankBuilder, write_bank
+    from headclip.reference.collect import collect_features
+    from headclip.scoring.scorer import ImageScorer, ScoringOptions
 
-    listed, rows, taken = list_images(str(good_manifest)), [], {}
-    for i, name in enumerate(listed["class_name"].to_pylist()):
-        if taken.get(name, 0) < per_texture:
-            taken[name] = taken.get(name, 0) + 1
-            rows.append(i)
-    good = listed.take(pa.array(rows, pa.int64()))
-    config = JobConfig(input=str(good_manifest), output=output, checkpoint=checkpoint, shard_size=64,
-                       scoring=ScoringOptions(batch_size=32))
-    init_ray(None)
-    bank, _ = build_bank(good, good["class_name"].to_pylist(), config, BankSettings(), "class_name", command)
+    records, taken = [], {}
+    for record in list_images(str(good_manifest)).to_pylist():
+        if taken.get(record["class_name"], 0) < per_texture:
+            taken[record["class_name"]] = taken.get(record["class_name"], 0) + 1
+            records.append(record)
+    with ImageScorer("reference", checkpoint, ScoringOptions(batch_size=32)) as scorer:
+        builder = BankBuilder(scorer.model.vision.map_layers)
+        collect_features(scorer, records, builder, "class_name")
+        model = scorer.model
+        bank = builder.build(read_checkpoint(checkpoint).checkpoint_id, model.config.backbone, model.image_size,
+                             model.clip.visual.output_dim, "class_name", command)
     uri = f"{output}/_reference.safetensors"
     write_bank(bank, uri)
     return uri

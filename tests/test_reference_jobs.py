@@ -171,7 +171,7 @@ def test_actors_preselect_an_images_patches_as_the_bank_would(known_good, tiny_c
     import numpy as np
 
     from headclip.reference.build import BankSettings
-    from headclip.reference.collect import collect_features
+    from headclip.reference.collect import collect_on_ray
     from headclip.reference.coreset import subsample
     from headclip.scoring.runner import JobConfig
     from headclip.scoring.scorer import ScoringOptions
@@ -182,7 +182,7 @@ def test_actors_preselect_an_images_patches_as_the_bank_would(known_good, tiny_c
     config = JobConfig(input="", output="", checkpoint=tiny_checkpoint, shard_size=4,
                        scoring=ScoringOptions(batch_size=4))
     caps = [0, 5, 1, 16, 5, 0]
-    got = collect_features(listing, config, 64, map_layers, BankSettings(coreset="greedy", seed=3), caps)
+    got = collect_on_ray(listing, config, 64, map_layers, BankSettings(coreset="greedy", seed=3), caps)
     assert sorted(got.features) == list(range(6)) and not got.errors
     for row, cap in enumerate(caps):
         full = features[row].flatten(1)

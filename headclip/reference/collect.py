@@ -12,6 +12,10 @@ returning, instead of result rows, each image's patch features of the bank's
 layers as a float32 Arrow tensor column ``(patches, layers * embed_dim)``. An
 unreadable image is a row with its error and no features.
 
+:func:`collect_features` is the same model step in this process (a loaded
+:class:`~headclip.scoring.scorer.ImageScorer`, no Ray), for a bank built
+where the model already is.
+
 Pre-selection, to bound what travels: a group whose images hold more patches
 than ``PRESELECT_FACTOR`` x budget has each image beyond its first
 ``SCALE_IMAGES`` (which set the group's distance scale, and travel whole) send
@@ -83,39 +87,8 @@ class PatchFeatures(HeadCLIPScorer):
         consumed = [c for c in (*DECODED_COLUMNS, *IMAGE_COLUMNS) if c in table.column_names]
         records = table.drop_columns(consumed).to_pylist()
         loaded = self._loaded(table, records)
-        if loaded is None:
-            loaded = self.scorer.loader.iterate(records)
-        errors: list[Optional[str]] = [None] * len(records)
-        features: list[Optional[np.ndarray]] = [None] * len(records)
-        pending: list[tuple[int, object]] = []
-
-        def flush() -> None:
-            pixels, failed = self.scorer.feeder.batch([image for _, image in pending])
-            good = []
-            for (i, _), error in zip(pending, failed):
-                if error is None:
-                    good.append(i)
-                else:
-                    errors[i] = error
-            pending.clear()
-            if good:
-                out = self.scorer.model.score(pixels, patch_features=True)
-                chosen = out.patch_features[:, :, self.index].flatten(2).to("cpu").float()
-                for i, image in zip(good, chosen):
-                    cap = int(records[i].get(CAP) or 0)
-                    if 0 < cap < image.shape[0]:
-                        image = image[subsample(image, cap, self.method, self.seed)]
-                    features[i] = image.numpy()
-
-        for i, image in enumerate(loaded):
-            if image.error is not None:
-                errors[i] = image.error
-                continue
-            pending.append((i, image))
-            if len(pending) == self.options.batch_size:
-                flush()
-        if pending:
-            flush()
+        features, errors = patch_features(self.scorer, records, loaded, self.index, [r.get(CAP) for r in records],
+                                          self.method, self.seed)
         width = next((f.shape[1] for f in features if f is not None), 0)
         empty = np.zeros((0, width), np.float32)
         arrays = [empty if f is None else f for f in features]
@@ -126,6 +99,68 @@ class PatchFeatures(HeadCLIPScorer):
             stacked[:] = arrays
         return pa.table({ROW: pa.array([int(r[ROW]) for r in records], pa.int64()),
                          ERROR: pa.array(errors, pa.string()), FEATURES: _arrow(stacked)})
+
+
+def patch_features(scorer, records: list[dict], loaded, index: Sequence[int], caps: Optional[Sequence] = None,
+                   method: str = "greedy", seed: int = 0) -> tuple[list[Optional[np.ndarray]], list[Optional[str]]]:
+    """Each record's patch features (N or cap, len(index) * embed_dim) float32 of the map layers at positions
+    ``index``, or its error: read and decoded by ``scorer`` (an :class:`~headclip.scoring.scorer.ImageScorer`)
+    unless ``loaded`` (their LoadedImages) is given, batched by its feeder, run by its model. An image whose
+    cap (``caps``, None or 0: all) is below its patch count keeps ``subsample(features, cap, method, seed)``."""
+    if loaded is None:
+        loaded = scorer.loader.iterate(records)
+    errors: list[Optional[str]] = [None] * len(records)
+    features: list[Optional[np.ndarray]] = [None] * len(records)
+    pending: list[tuple[int, object]] = []
+
+    def flush() -> None:
+        pixels, failed = scorer.feeder.batch([image for _, image in pending])
+        good = []
+        for (i, _), error in zip(pending, failed):
+            if error is None:
+                good.append(i)
+            else:
+                errors[i] = error
+        pending.clear()
+        if good:
+            out = scorer.model.score(pixels, patch_features=True)
+            chosen = out.patch_features[:, :, list(index)].flatten(2).to("cpu").float()
+            for i, image in zip(good, chosen):
+                cap = int((caps[i] if caps is not None else 0) or 0)
+                if 0 < cap < image.shape[0]:
+                    image = image[subsample(image, cap, method, seed)]
+                features[i] = image.numpy()
+
+    for i, image in enumerate(loaded):
+        if image.error is not None:
+            errors[i] = image.error
+            continue
+        pending.append((i, image))
+        if len(pending) == scorer.options.batch_size:
+            flush()
+    if pending:
+        flush()
+    return features, errors
+
+
+def collect_features(scorer, records: list[dict], builder: BankBuilder, group_column: Optional[str] = None
+                     ) -> tuple[int, list[tuple[str, str]]]:
+    """In this process: ``records``' patch features (:func:`patch_features`, every patch, every map layer)
+    into ``builder`` under their ``group_column`` values. Returns (images added, [(image_id, error)])."""
+    import torch
+
+    layers = len(scorer.model.vision.map_layers)
+    features, errors = patch_features(scorer, records, None, range(layers))
+    added = 0
+    for record, array in zip(records, features):
+        if array is not None:
+            builder.add(torch.from_numpy(array).reshape(1, array.shape[0], layers, -1),
+                        [record.get(group_column) if group_column else None])
+            added += 1
+    failed = [(str(r.get("image_id")), e) for r, e in zip(records, errors) if e is not None]
+    for image_id, error in failed[:5]:
+        log.warning("known-good image %s left out: %s", image_id, error)
+    return added, failed
 
 
 @dataclass
@@ -139,7 +174,7 @@ class Collected:
     seconds: float = 0.0
 
 
-def collect_features(listing: pa.Table, config, image_size: int, layers: Sequence[int], settings: BankSettings,
+def collect_on_ray(listing: pa.Table, config, image_size: int, layers: Sequence[int], settings: BankSettings,
                      caps: Sequence[int]) -> Collected:
     """Run ``listing`` (image_uri, image_id, extras) through the decode stage and a pool of
     :class:`PatchFeatures` actors sized from ``config`` (a :class:`~headclip.scoring.config.JobConfig`:
@@ -213,14 +248,14 @@ def bank_layers(checkpoint, settings: BankSettings) -> tuple[int, ...]:
 def build_bank(listing: pa.Table, groups: Sequence, config, settings: BankSettings,
                group_column: Optional[str] = None, command: str = ""):
     """(bank, :class:`Collected`) of the known-good images of ``listing`` (``groups``: each row's group
-    value, None for one pooled bank), their features collected on Ray (:func:`collect_features`).
+    value, None for one pooled bank), their features collected on Ray (:func:`collect_on_ray`).
     ValueError when no image could be read."""
     from ..model.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
     model_config = checkpoint.config.replace(**config.model_overrides) if config.model_overrides else checkpoint.config
     layers = bank_layers(checkpoint, settings)
-    collected = collect_features(listing, config, model_config.image_size, layers, settings,
+    collected = collect_on_ray(listing, config, model_config.image_size, layers, settings,
                                  patch_caps(groups, settings.budget))
     for row, error in sorted(collected.errors.items())[:5]:
         log.warning("known-good image %s left out: %s", listing["image_id"][row].as_py(), error)
