@@ -20,9 +20,9 @@ Pre-selection, to bound what travels: a group whose images hold more patches
 than ``PRESELECT_FACTOR`` x budget has each image beyond its first
 ``SCALE_IMAGES`` (which set the group's distance scale, and travel whole) send
 at most ``ceil(PRESELECT_FACTOR x budget / images of the group)`` patches,
-chosen in the image by the bank's own method (greedy k-centre or random, same
-seed). Groups below that send every patch, and their bank is the one every
-patch gives.
+chosen in the image by the bank's own method (greedy k-centre or random, seeded
+by the bank's seed plus the image's row number). Groups below that send every
+patch, and their bank is the one every patch gives.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class PatchFeatures(HeadCLIPScorer):
         records = table.drop_columns(consumed).to_pylist()
         loaded = self._loaded(table, records)
         features, errors = patch_features(self.scorer, records, loaded, self.index, [r.get(CAP) for r in records],
-                                          self.method, self.seed)
+                                          self.method, self.seed, [int(r[ROW]) for r in records])
         width = next((f.shape[1] for f in features if f is not None), 0)
         empty = np.zeros((0, width), np.float32)
         arrays = [empty if f is None else f for f in features]
@@ -102,11 +102,13 @@ class PatchFeatures(HeadCLIPScorer):
 
 
 def patch_features(scorer, records: list[dict], loaded, index: Sequence[int], caps: Optional[Sequence] = None,
-                   method: str = "greedy", seed: int = 0) -> tuple[list[Optional[np.ndarray]], list[Optional[str]]]:
+                   method: str = "greedy", seed: int = 0, rows: Optional[Sequence[int]] = None
+                   ) -> tuple[list[Optional[np.ndarray]], list[Optional[str]]]:
     """Each record's patch features (N or cap, len(index) * embed_dim) float32 of the map layers at positions
     ``index``, or its error: read and decoded by ``scorer`` (an :class:`~headclip.scoring.scorer.ImageScorer`)
     unless ``loaded`` (their LoadedImages) is given, batched by its feeder, run by its model. An image whose
-    cap (``caps``, None or 0: all) is below its patch count keeps ``subsample(features, cap, method, seed)``."""
+    cap (``caps``, None or 0: all) is below its patch count keeps ``subsample(features, cap, method, seed + row)``,
+    ``row`` its number in ``rows`` (so random picks differ between images and not between runs)."""
     if loaded is None:
         loaded = scorer.loader.iterate(records)
     errors: list[Optional[str]] = [None] * len(records)
@@ -128,7 +130,7 @@ def patch_features(scorer, records: list[dict], loaded, index: Sequence[int], ca
             for i, image in zip(good, chosen):
                 cap = int((caps[i] if caps is not None else 0) or 0)
                 if 0 < cap < image.shape[0]:
-                    image = image[subsample(image, cap, method, seed)]
+                    image = image[subsample(image, cap, method, seed + (rows[i] if rows is not None else i))]
                 features[i] = image.numpy()
 
     for i, image in enumerate(loaded):
