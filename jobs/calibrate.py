@@ -266,6 +266,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_storage_options(args.storage_options, build)
         config.scoring = dataclasses.replace(config.scoring, reference=build)
     plans = [prepare_or_exit(config, table) for table in (good, defects) if table is not None]
+    if build and any(plan.resumed for plan in plans):  # its rows were scored with an earlier bank
+        raise UsageError(f"calibration rows of these images exist under {redact_text(config.output)} (run "
+                         f"{next(p.run_id for p in plans if p.resumed)}), scored with an earlier --build-reference "
+                         f"bank; give another --rows or remove them")
     init_ray(args.ray_address)
     if build:  # the bank first: the held-out images are scored with it
         try:

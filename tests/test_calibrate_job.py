@@ -423,7 +423,7 @@ def test_thresholds_of_a_bank_are_refused_without_it_or_with_another(one_pass, t
     assert "calibrated on zero-shot scores" in caplog.text
 
 
-def test_build_reference_flags_are_checked_before_ray(one_pass, tmp_path, capsys, monkeypatch):
+def test_build_reference_flags_are_checked_before_ray(one_pass, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     from .cli_helpers import job_in_process, one_line_refusal
 
     root = one_pass["root"]
@@ -437,6 +437,15 @@ def test_build_reference_flags_are_checked_before_ray(one_pass, tmp_path, capsys
         code, _, err = job_in_process("calibrate", base + extra, capsys)
         one_line_refusal(code, err, *words)
     assert not any(tmp_path.iterdir())
+    # the same command again (another --budget): the bank would be rebuilt, so its calibration rows are not resumed
+    bank = (root / "bank.safetensors").read_bytes()
+    again = ["--input", root / "good.csv", "--output", tmp_path / "t.json", "--group-column", "line",
+             "--checkpoint", tiny_checkpoint,
+             "--rows", root / "t-rows", "--build-reference", root / "bank.safetensors", "--reference-images", IN_BANK,
+             "--budget", "12", "--target-fpr", ONE_PASS_TARGET, "--shard-size", "4", "--batch-size", "4"]
+    code, _, err = job_in_process("calibrate", again, capsys)
+    one_line_refusal(code, err, "scored with an earlier --build-reference bank", "give another --rows")
+    assert not any(tmp_path.iterdir()) and (root / "bank.safetensors").read_bytes() == bank
 
 
 def test_reference_split_is_seeded_per_group_and_ignores_the_listing_order():
