@@ -3,9 +3,10 @@
 Reads the images (a prefix, glob or manifest, as jobs.score takes them) and runs them
 through the scoring job's stages on Ray (decode tasks, then a pool of model actors: a local
 Ray on a laptop, the cluster's under `ray job submit`); the actors send back each image's
-patch features of the bank's layers, and this process subsamples each group's (--group-column, one bank per group; default one pooled bank) to
---budget patches: greedy k-centre coreset (PatchCore) or random. Writes one safetensors file
-whose header records the checkpoint id, backbone, image size, layers, counts, per-group
+patch features of the bank's layers, and this process subsamples each group's
+(--group-column, one bank per group; default one pooled bank) to --budget patches: greedy
+k-centre coreset (PatchCore) or random; unreadable images are left out and counted. Writes one
+safetensors file whose header records the checkpoint id, backbone, image size, layers, counts, per-group
 distance scales and this command (storage options and secrets removed). jobs.score takes it
 with --reference; a bank from another checkpoint or image size is refused there.
 """

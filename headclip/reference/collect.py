@@ -202,8 +202,8 @@ def collect_on_ray(listing: pa.Table, config, image_size: int, layers: Sequence[
     stage = dict(num_cpus=config.stage_cpus, resources=dict(config.stage_resources) or None, batch_format="pyarrow")
     threads = config.scoring.io_threads or max(4, 4 * int(max(1.0, config.stage_cpus)))
     actor = dict(checkpoint=config.checkpoint_uri, layers=tuple(layers), method=settings.coreset, seed=settings.seed,
-                 options=replace(config.scoring, reference=None), storage_options=config.storage_options, run_id="reference",
-                 model_overrides=config.model_overrides, torch_threads=max(1, int(size.cpus)))
+                 options=replace(config.scoring, reference=None), storage_options=config.storage_options,
+                 run_id="reference", model_overrides=config.model_overrides, torch_threads=max(1, int(size.cpus)))
     ds = ray.data.from_arrow([rows.slice(i, shard) for i in range(0, n, shard)])
     ds = ds.map_batches(decode_images, fn_args=(image_size, config.scoring, config.storage_options, threads),
                         batch_size=shard, **stage)
