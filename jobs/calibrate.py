@@ -15,6 +15,14 @@ With labelled defects (--label-column of a manifest, or a labelled data set via 
 reports the detection rate at the threshold, and --rule f1 picks the F1-optimal threshold
 instead (anomalib's adaptive threshold). jobs.score, jobs.audit and jobs.evaluate apply the file
 with --thresholds; it is refused with any other checkpoint.
+
+With --reference BANK the scores calibrated are those combined with that bank; with
+--build-reference BANK_OUT the good images of each group are split (--reference-images K or
+--reference-fraction F of them, chosen by the order of sha256("<--split-seed>:<image_id>"), not by
+the listing's order): that part's patch features build the bank on the scoring actors (as
+jobs.reference does), the rest is scored once with it and the thresholds are calibrated on their
+combined scores. Each image is scored once. The thresholds file names the bank (its fingerprint);
+jobs.score, jobs.audit and jobs.evaluate refuse it without that bank or with another.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .cli import (Parser, UsageError, add_cluster_flags, bins_int, init_ray, load_dataset_arg,
+from .cli import (Parser, UsageError, add_cluster_flags, bins_int, check_storage_options, init_ray, load_dataset_arg,
                   open_unit_float, pool_settings, prepare_or_exit, rate_float, redacted_command, run, unit_float)
-from .cli import add_reference_flag, apply_reference_arg
+from .cli import (add_bank_flags, add_reference_flag, apply_reference_arg, bank_settings, positive_int,
+                  read_bank_once, seed_int)
 
 PROG = "python -m jobs.calibrate"
 EXAMPLE = """examples:
@@ -33,6 +42,8 @@ EXAMPLE = """examples:
       --checkpoint s3://bucket/models/headclip.safetensors --target-fpr 0.01 --output s3://bucket/thresholds.json
   python -m jobs.calibrate --input demo-data/known-good.csv --group-column class_name --target-fpr 0.1 \\
       --output out/thresholds.json
+  python -m jobs.calibrate --input demo-data/known-good.csv --group-column class_name \\
+      --output out/thresholds-bank.json --build-reference out/bank-16.safetensors --reference-images 16
 """
 RULE_HELP = ("quantile: the order statistic whose expected false-alarm rate is at most the target (default); "
              "bound: the one whose rate is below the target with --confidence; "
@@ -74,6 +85,18 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
     add_cluster_flags(p)
     add_reference_flag(p)
+    p.add_argument("--build-reference", metavar="BANK_OUT", default=None,
+                   help="also build a reference bank (safetensors, local or s3://) from part of each group's good "
+                        "images and calibrate on the rest, scored with it")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--reference-images", type=positive_int, default=None,
+                       help="with --build-reference: good images per group that build the bank")
+    split.add_argument("--reference-fraction", type=open_unit_float, default=None,
+                       help="with --build-reference: share of each group's good images that build the bank "
+                            "(default 0.5)")
+    p.add_argument("--split-seed", type=seed_int, default=None,
+                   help="with --build-reference: seed of the split between bank and calibration images (default 0)")
+    add_bank_flags(p)
     return p
 
 
@@ -170,6 +193,31 @@ def split_images(table, args):
     return part(good, 0, [True] * len(good)), defects
 
 
+def hold_out(good, args):
+    """(bank part, held-out part) of the good images for --build-reference, and the bank part's groups."""
+    from headclip.evaluation.calibration import UNGROUPED, reference_split
+
+    if args.reference:
+        raise UsageError("give --reference (a bank to use) or --build-reference (a bank to build), not both")
+    keys = good["class_name"].to_pylist()
+    if args.group_column is not None and UNGROUPED in keys:
+        raise UsageError(f"--build-reference: {keys.count(UNGROUPED)} good images have no value in column "
+                         f"{args.group_column!r}, so no bank of theirs")
+    ids = good["image_id" if "image_id" in good.column_names else "image_uri"].to_pylist()
+    fraction = 0.5 if args.reference_images is None and args.reference_fraction is None else args.reference_fraction
+    try:
+        chosen = reference_split(keys, [str(i) for i in ids], args.reference_images, fraction,
+                                 args.split_seed or 0)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    import pyarrow as pa
+
+    mask = pa.array(chosen)
+    bank_part, held = good.filter(mask), good.filter(pa.compute.invert(mask))
+    groups = bank_part["class_name"].to_pylist() if args.group_column is not None else [None] * bank_part.num_rows
+    return bank_part, held, groups
+
+
 def default_rows(output: str) -> str:
     """Where the calibration rows go by default: ``thresholds.json`` -> ``thresholds-rows``."""
     base = output[:-5] if output.lower().endswith(".json") else output
@@ -179,20 +227,61 @@ def default_rows(output: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     command = redacted_command(PROG, sys.argv[1:] if argv is None else list(argv))
+    import dataclasses
+
+    from headclip.errors import CheckpointError
     from headclip.evaluation.thresholds import calibrate, write_thresholds
+    from headclip.model.checkpoint import read_checkpoint
     from headclip.redact import redact_text
+    from headclip.reference import write_bank
+    from headclip.reference.collect import bank_layers, build_bank
+    from headclip.reference.fingerprint import bank_fingerprint
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
 
+    build = args.build_reference
+    unused = [flag for flag, value in (("--reference-images", args.reference_images),
+                                       ("--reference-fraction", args.reference_fraction),
+                                       ("--split-seed", args.split_seed)) if value is not None]
+    if unused and not build:
+        raise UsageError(f"{unused[0]} needs --build-reference")
     good, defects = split_images(read_images(args), args)
+    if build:
+        bank_part, good, bank_groups = hold_out(good, args)
     config = JobConfig(input=args.input or args.data, output=args.rows or default_rows(args.output),
                        checkpoint=args.checkpoint, shard_size=args.shard_size, **pool_settings(args),
                        storage_options=args.storage_options,
                        scoring=ScoringOptions(batch_size=args.batch_size, device=args.device,
                                               metric_bins=args.pixel_bins))
     apply_reference_arg(args, config)
+    reference = None
+    if args.reference:
+        reference = {"bank": redact_text(args.reference),
+                     "fingerprint": bank_fingerprint(read_bank_once(args.reference, args.storage_options))}
+    if build:
+        settings = bank_settings(args)
+        try:
+            bank_layers(read_checkpoint(config.checkpoint_uri, args.storage_options), settings)
+        except (CheckpointError, ValueError) as err:
+            raise UsageError(str(err)) from None
+        check_storage_options(args.storage_options, build)
+        config.scoring = dataclasses.replace(config.scoring, reference=build)
     plans = [prepare_or_exit(config, table) for table in (good, defects) if table is not None]
+    if build and any(plan.resumed for plan in plans):  # its rows were scored with an earlier bank
+        raise UsageError(f"calibration rows of these images exist under {redact_text(config.output)} (run "
+                         f"{next(p.run_id for p in plans if p.resumed)}), scored with an earlier --build-reference "
+                         f"bank; give another --rows or remove them")
     init_ray(args.ray_address)
+    if build:  # the bank first: the held-out images are scored with it
+        try:
+            bank, collected = build_bank(bank_part, bank_groups, config, settings, args.group_column, command)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        write_bank(bank, build, args.storage_options)
+        print_bank_part(bank, build, collected, bank_part.num_rows, good.num_rows)
+        reference = {"bank": redact_text(build), "fingerprint": bank_fingerprint(bank),
+                     "bank_images": len(collected.features), "held_out_images": good.num_rows,
+                     "split": split_rule(args)}
     summaries = [execute(plan, config) for plan in plans]
     from headclip.storage.layout import run_uri
 
@@ -214,10 +303,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                command=command)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    thresholds.reference = reference
     write_thresholds(thresholds, args.output, args.storage_options)
     print_thresholds(thresholds)
     print(f"wrote {args.output}")
     return 0
+
+
+def split_rule(args) -> str:
+    """The --build-reference split, as the thresholds file records it."""
+    if args.reference_images is not None:
+        part = f"the first {args.reference_images} images"
+    else:
+        part = f"the first round({args.reference_fraction or 0.5:g} x n) images (at least 1, at most n - 1)"
+    return (f"per group, images ordered by sha256('{args.split_seed or 0}:<image_id>'): {part} build the bank, "
+            f"the rest are calibrated on")
+
+
+def print_bank_part(bank, output: str, collected, images: int, held_out: int) -> None:
+    from headclip.redact import redact_text
+
+    print(f"reference bank {redact_text(output)}: built from {len(collected.features)} of {images} good images "
+          f"({len(collected.errors)} unreadable); {held_out} other good images are calibrated on, scored with it")
+    for group in bank.groups:
+        c = bank.counts[group]
+        print(f"  {group}: {c['images']} images, {c['kept']} of {c['patches']} patches kept, "
+              f"distance scale {bank.scales[group]:.4f}")
 
 
 def print_thresholds(thresholds) -> None:
@@ -237,6 +348,9 @@ def print_thresholds(thresholds) -> None:
             detection = f"{d['detected']}/{d['images']} detected, {d['detection_rate']:.3f} ({a:.3f}-{b:.3f})"
         print(f"{name[:16]:<16} {g.good_images:>6} {g.threshold:>10.4f} {g.mask_threshold:>7.4f} "
               f"{g.expected_fpr:>12.4f}  {low:.4f}-{high:.4f}     {detection}")
+    if thresholds.reference is not None:
+        print(f"calibrated on scores combined with reference bank {thresholds.reference['bank']} "
+              f"({thresholds.reference['fingerprint'][:12]}): apply them with --reference and that bank")
     for name, g in named:
         for warning in g.warnings:
             print(f"WARNING: {name}: {warning}")

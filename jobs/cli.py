@@ -360,6 +360,7 @@ def load_thresholds_arg(args, checkpoint_uri: str):
                                     redact_text(checkpoint_uri))
     except ThresholdsError as err:
         raise UsageError(str(err)) from None
+    check_thresholds_bank(thresholds, getattr(args, "reference", None), args.storage_options)
     group = getattr(args, "threshold_group", None)
     if group is not None:
         if group not in thresholds.groups:
@@ -411,6 +412,81 @@ def add_reference_flag(p: argparse.ArgumentParser) -> None:
                         "(rows keep zero_shot_score and reference_score); must come from the same checkpoint")
 
 
+def check_thresholds_bank(thresholds, reference: Optional[str], storage_options: Optional[dict]) -> None:
+    """Refuse thresholds calibrated with a reference bank when ``reference`` is not that bank (one line,
+    before Ray starts); warn when a bank is given to thresholds calibrated without one."""
+    from headclip.errors import ThresholdsError
+    from headclip.redact import redact_text
+    from headclip.reference.bank import BankError
+    from headclip.reference.fingerprint import bank_fingerprint
+
+    fingerprint = None
+    if reference and thresholds.reference is not None:
+        try:
+            fingerprint = bank_fingerprint(read_bank_once(reference, storage_options))
+        except BankError as err:
+            raise UsageError(str(err)) from None
+    elif reference:
+        fingerprint = "given"  # any bank: only its presence matters for thresholds calibrated without one
+    try:
+        warning = thresholds.check_reference(fingerprint, redact_text(reference or ""))
+    except ThresholdsError as err:
+        raise UsageError(str(err)) from None
+    if warning:
+        log.warning("%s", warning)
+
+
+_BANK_READ: dict = {}
+
+
+def read_bank_once(uri: str, storage_options: Optional[dict]):
+    """read_bank, the last bank kept: the thresholds check and --reference read a bank once between them."""
+    import json
+
+    from headclip.reference.bank import read_bank
+
+    key = (uri, json.dumps(storage_options, sort_keys=True, default=str))
+    if key not in _BANK_READ:
+        _BANK_READ.clear()
+        _BANK_READ[key] = read_bank(uri, storage_options)
+    return _BANK_READ[key]
+
+
+def add_bank_flags(p: argparse.ArgumentParser) -> None:
+    """--budget, --coreset, --layers and --aggregate: how a reference bank is built (jobs.reference and
+    jobs.calibrate --build-reference)."""
+    from headclip.reference.build import BankSettings
+    from headclip.reference.coreset import METHODS
+
+    defaults = BankSettings()
+    p.add_argument("--budget", type=positive_int, default=defaults.budget,
+                   help="bank patches kept per group (default: %(default)s)")
+    p.add_argument("--coreset", choices=METHODS, default=defaults.coreset,
+                   help="how bank patches are kept: greedy k-centre (PatchCore) or random (default: %(default)s)")
+    p.add_argument("--layers", type=_layers, default=None,
+                   help="comma-separated map layers (block numbers) whose features the bank uses (default: all)")
+    p.add_argument("--aggregate", choices=("max", "top1"), default=defaults.aggregate,
+                   help="image reference score: the largest patch value or the mean of the top 1%% "
+                        "(default: %(default)s)")
+
+
+def bank_settings(args):
+    """The :class:`~headclip.reference.build.BankSettings` of :func:`add_bank_flags`' flags."""
+    from headclip.reference.build import BankSettings
+
+    return BankSettings(budget=args.budget, coreset=args.coreset, layers=args.layers, aggregate=args.aggregate)
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated block numbers, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("is empty")
+    return layers
+
+
 def apply_reference_arg(args, config) -> None:
     """Give ``config`` (a JobConfig) the bank of --reference, checked against its checkpoint and image
     size; any problem is a UsageError (one line, exit 2) before Ray starts. Nothing without --reference."""
@@ -418,11 +494,11 @@ def apply_reference_arg(args, config) -> None:
         return
     from headclip.errors import CheckpointError
     from headclip.model.checkpoint import read_checkpoint
-    from headclip.reference.bank import BankError, read_bank
+    from headclip.reference.bank import BankError
     from headclip.redact import redact_text
 
     try:
-        bank = read_bank(args.reference, config.storage_options)
+        bank = read_bank_once(args.reference, config.storage_options)
         checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
         size = config.model_overrides.get("image_size", checkpoint.config.image_size)
         bank.check(checkpoint.checkpoint_id, size, f"reference bank {redact_text(args.reference)}")

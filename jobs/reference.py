@@ -1,10 +1,12 @@
 """Build a reference bank from known-good images: their map-layer patch features, per group.
 
-Reads the images (a prefix, glob or manifest, as jobs.score takes them), runs them through
-the model in this process, keeps each image's patch features of the map layers and
-subsamples each group's (--group-column, one bank per group; default one pooled bank) to
---budget patches: greedy k-centre coreset (PatchCore) or random. Writes one safetensors file
-whose header records the checkpoint id, backbone, image size, layers, counts, per-group
+Reads the images (a prefix, glob or manifest, as jobs.score takes them) and runs them
+through the scoring job's stages on Ray (decode tasks, then a pool of model actors: a local
+Ray on a laptop, the cluster's under `ray job submit`); the actors send back each image's
+patch features of the bank's layers, and this process subsamples each group's
+(--group-column, one bank per group; default one pooled bank) to --budget patches: greedy
+k-centre coreset (PatchCore) or random; unreadable images are left out and counted. Writes one
+safetensors file whose header records the checkpoint id, backbone, image size, layers, counts, per-group
 distance scales and this command (storage options and secrets removed). jobs.score takes it
 with --reference; a bank from another checkpoint or image size is refused there.
 """
@@ -17,36 +19,23 @@ from typing import Optional, Sequence
 
 from headclip.redact import redact_text
 
-from .cli import Parser, UsageError, add_storage_flag, positive_int, redacted_command, run
+from .cli import (Parser, UsageError, add_bank_flags, add_cluster_flags, bank_settings, check_storage_options,
+                  init_ray, pool_settings, redacted_command, run)
 
 PROG = "python -m jobs.reference"
 EXAMPLE = """examples:
   python -m jobs.reference --input demo-data/known-good.csv --group-column class_name --output out/bank.safetensors
-  python -m jobs.reference --input s3://bucket/known-good/manifest.csv --group-column line \\
+  ray job submit --working-dir . -- python -m jobs.reference \\
+      --input s3://bucket/known-good/manifest.csv --group-column line --gpus-per-actor 1 \\
       --checkpoint s3://bucket/models/headclip.safetensors --output s3://bucket/banks/line.safetensors
 """
 
 log = logging.getLogger("jobs.reference")
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        layers = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated block numbers, got {text!r}") from None
-    if not layers:
-        raise argparse.ArgumentTypeError("is empty")
-    return layers
-
-
 def build_parser() -> Parser:
     from headclip.data.decode import IMAGE_EXTENSIONS
-    from headclip.reference.build import BankSettings
-    from headclip.reference.coreset import METHODS
 
-    defaults = BankSettings()
     p = Parser(prog=PROG, description=__doc__, epilog=EXAMPLE)
     p.add_argument("--input", required=True, help="known-good images: prefix, glob or manifest (CSV/Parquet)")
     p.add_argument("--output", required=True, help="the bank to write (safetensors, local or s3://)")
@@ -54,20 +43,11 @@ def build_parser() -> Parser:
     p.add_argument("--group-column", default=None,
                    help="manifest column whose values get banks of their own (lines, cameras, classes); "
                         "default: one bank")
-    p.add_argument("--budget", type=positive_int, default=defaults.budget,
-                   help="patches kept per group (default: %(default)s)")
-    p.add_argument("--coreset", choices=METHODS, default=defaults.coreset,
-                   help="how patches are kept: greedy k-centre (PatchCore) or random (default: %(default)s)")
-    p.add_argument("--layers", type=_layers, default=None,
-                   help="comma-separated map layers (block numbers) whose features are used (default: all)")
-    p.add_argument("--aggregate", choices=("max", "top1"), default=defaults.aggregate,
-                   help="image reference score: the largest patch value or the mean of the top 1%% "
-                        "(default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward (default: 16)")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
+    add_bank_flags(p)
+    p.add_argument("--device", default="auto", help="torch device in each actor (default: cuda if available)")
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions of a prefix or glob --input (default: %(default)s)")
-    add_storage_flag(p)
+    add_cluster_flags(p)
     return p
 
 
@@ -76,19 +56,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = redacted_command(PROG, sys.argv[1:] if argv is None else list(argv))
     from headclip.data.listing import InputError, list_images
     from headclip.errors import CheckpointError
-    from headclip.model.assets import DEMO_CHECKPOINT_URI
     from headclip.model.checkpoint import read_checkpoint
-    from headclip.reference import BankBuilder, write_bank
-    from headclip.reference.build import BankSettings
-    from headclip.reference.collect import collect_features
-    from headclip.scoring.scorer import ImageScorer, ScoringOptions
+    from headclip.reference import write_bank
+    from headclip.reference.collect import bank_layers, build_bank
+    from headclip.scoring.runner import JobConfig
+    from headclip.scoring.scorer import ScoringOptions
 
-    checkpoint = args.checkpoint or DEMO_CHECKPOINT_URI
+    config = JobConfig(input=args.input, output=args.output, checkpoint=args.checkpoint, shard_size=args.shard_size,
+                       **pool_settings(args), storage_options=args.storage_options,
+                       scoring=ScoringOptions(batch_size=args.batch_size, device=args.device),
+                       placement_timeout=args.placement_timeout)
+    check_storage_options(args.storage_options, args.input, args.output, config.checkpoint_uri)
+    settings = bank_settings(args)
     try:
-        checkpoint_id = read_checkpoint(checkpoint, args.storage_options).checkpoint_id
-    except CheckpointError as err:
+        bank_layers(read_checkpoint(config.checkpoint_uri, args.storage_options), settings)
+    except (CheckpointError, ValueError) as err:
         raise UsageError(str(err)) from None
     extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    if not extensions:
+        raise UsageError("--extensions is empty")
     try:
         table = list_images(args.input, extensions, args.storage_options)
     except InputError as err:
@@ -100,27 +86,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         missing = sum(v is None for v in table[column].to_pylist())
         if missing:
             raise UsageError(f"{missing} images have no value in column {column!r}")
-    settings = BankSettings(budget=args.budget, coreset=args.coreset, layers=args.layers, aggregate=args.aggregate)
-    options = ScoringOptions(batch_size=args.batch_size, device=args.device)
-    with ImageScorer("reference", checkpoint, options, args.storage_options) as scorer:
-        try:
-            builder = BankBuilder(scorer.model.vision.map_layers, settings)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        added, errors = collect_features(scorer, table.to_pylist(), builder, column)
-        if not added:
-            raise UsageError(f"none of the {table.num_rows} known-good images could be read")
-        model = scorer.model
-        bank = builder.build(checkpoint_id, model.config.backbone, model.image_size, model.clip.visual.output_dim,
-                             column, command)
+    groups = table[column].to_pylist() if column else [None] * table.num_rows
+    init_ray(args.ray_address)
+    try:
+        bank, collected = build_bank(table, groups, config, settings, column, command)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     write_bank(bank, args.output, args.storage_options)
-    print(f"bank {redact_text(args.output)}: {added} known-good images ({len(errors)} unreadable), "
-          f"layers {list(bank.layers)}, {bank.nbytes() / 2**20:.1f} MiB of features")
+    print_bank(bank, args.output, collected, args.coreset)
+    return 0
+
+
+def print_bank(bank, output: str, collected, coreset: str) -> None:
+    """What was built: images, unreadable ones, layers, size, and per group the patches kept."""
+    print(f"bank {redact_text(output)}: {len(collected.features)} known-good images ({len(collected.errors)} "
+          f"unreadable), layers {list(bank.layers)}, {bank.nbytes() / 2**20:.1f} MiB of features; "
+          f"{collected.sent_bytes / 2**20:.1f} MiB sent by the actors in {collected.seconds:.1f}s")
     for group in bank.groups:
         c = bank.counts[group]
-        print(f"  {group}: {c['images']} images, {c['kept']} of {c['patches']} patches kept ({args.coreset}), "
+        print(f"  {group}: {c['images']} images, {c['kept']} of {c['patches']} patches kept ({coreset}), "
               f"distance scale {bank.scales[group]:.4f}")
-    return 0
 
 
 if __name__ == "__main__":

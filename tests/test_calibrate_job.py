@@ -301,3 +301,162 @@ def test_calibrate_inputs_are_checked_in_one_line(tmp_path, capsys, monkeypatch)
     good, defects = calibrate_job.split_images(calibrate_job.read_images(data), data)
     assert good.num_rows == 1 and defects.num_rows == 1 and defects["has_masks"].to_pylist() == [True]
     assert calibrate_job.default_rows("s3://b/x/thresholds.json") == "s3://b/x/thresholds-rows"
+
+
+# -- one pass: a reference bank from part of the good images, thresholds on the rest -------------------
+
+PER_LINE, IN_BANK, ONE_PASS_TARGET = 6, 2, 0.2
+
+
+@pytest.fixture(scope="module")
+def one_pass(ray_cluster, tiny_checkpoint, tmp_path_factory):
+    """jobs.calibrate --build-reference on six good images of each line, two of each into the bank."""
+    root = tmp_path_factory.mktemp("one-pass")
+    lines = ["image_uri,image_id,line"]
+    for line_index, line in enumerate(LINES):
+        for i in range(PER_LINE):
+            path = _write(root / "images", f"{line}-{i}.png",
+                          make_sample(300 + 10 * line_index + i, SIZE, texture_kind=line, defect=None).image)
+            lines.append(f"{path},{line}-{i},{line}")
+    (root / "good.csv").write_text("\n".join(lines) + "\n")
+    argv = ["--input", root / "good.csv", "--checkpoint", tiny_checkpoint, "--output", root / "t.json",
+            "--group-column", "line", "--build-reference", root / "bank.safetensors", "--reference-images", IN_BANK,
+            "--budget", "24", "--target-fpr", ONE_PASS_TARGET, "--shard-size", "4", "--batch-size", "4"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert calibrate_job.main([str(a) for a in argv]) == 0
+    rows = results.read_run(str(next((root / "t-rows").glob("run_id=*"))))
+    return {"root": root, "rows": rows, "printed": out.getvalue(), "listing": lines[1:],
+            "thresholds": read_thresholds(str(root / "t.json"))}
+
+
+def test_one_pass_bank_holds_exactly_the_images_not_calibrated_on(one_pass, tiny_checkpoint, capsys):
+    from headclip.reference import read_bank
+    from headclip.reference.fingerprint import bank_fingerprint
+
+    from .cli_helpers import job_in_process
+
+    root, rows, thresholds = one_pass["root"], one_pass["rows"], one_pass["thresholds"]
+    held_out = set(rows["image_id"])
+    assert len(rows) == len(held_out) == 2 * (PER_LINE - IN_BANK) and (rows["status"] == "ok").all()
+    assert rows["reference_score"].notna().all()  # scored once, with the bank
+    in_bank = [line for line in one_pass["listing"] if line.split(",")[1] not in held_out]
+    assert len(in_bank) == 2 * IN_BANK
+    ids = [line.split(",")[1] for line in one_pass["listing"]]
+    chosen = cal.reference_split([i.split("-")[0] for i in ids], ids, count=IN_BANK)  # the stated rule
+    assert [line.split(",")[1] for line in in_bank] == [i for i, c in zip(ids, chosen) if c]
+    bank = read_bank(str(root / "bank.safetensors"))
+    assert {g: c["images"] for g, c in bank.counts.items()} == {line: IN_BANK for line in LINES}
+    assert thresholds.reference == {**thresholds.reference, "bank_images": 2 * IN_BANK,
+                                    "held_out_images": len(held_out), "fingerprint": bank_fingerprint(bank)}
+    # the same bank as jobs.reference builds from exactly the images not calibrated on
+    (root / "in-bank.csv").write_text("image_uri,image_id,line\n" + "\n".join(in_bank) + "\n")
+    code, _, err = job_in_process("reference", ["--input", root / "in-bank.csv", "--output", root / "again.safetensors",
+                                                "--group-column", "line", "--budget", "24", "--checkpoint",
+                                                tiny_checkpoint, "--shard-size", "4"], capsys)
+    assert code == 0, err
+    again = read_bank(str(root / "again.safetensors"))
+    assert again.counts == bank.counts and again.scales == pytest.approx(bank.scales, rel=1e-4)
+    for line in LINES:
+        assert torch.allclose(again.features[line], bank.features[line], atol=1e-5)
+    assert "reference bank" in one_pass["printed"] and "calibrated on scores combined with" in one_pass["printed"]
+
+
+def test_one_pass_thresholds_are_those_of_the_held_out_combined_scores(one_pass, tiny_checkpoint, capsys):
+    """jobs.score --reference on the held-out images, then the calibration function, give the same thresholds."""
+    from .cli_helpers import job_in_process
+
+    root, thresholds = one_pass["root"], one_pass["thresholds"]
+    held_out = set(one_pass["rows"]["image_id"])
+    lines = [line for line in one_pass["listing"] if line.split(",")[1] in held_out]
+    (root / "held-out.csv").write_text("image_uri,image_id,line\n" + "\n".join(lines) + "\n")
+    code, _, err = job_in_process("score", ["--input", root / "held-out.csv", "--output", root / "scores",
+                                            "--checkpoint", tiny_checkpoint, "--reference", root / "bank.safetensors",
+                                            "--thresholds", root / "t.json", "--shard-size", "4"], capsys)
+    assert code == 0, err  # the thresholds go with this bank: not refused
+    scored = results.read_run(str(next((root / "scores").glob("run_id=*"))))
+    assert len(scored) == len(held_out) and scored["reference_score"].notna().all()
+    hist = np.ones(BINS, np.int64)  # the image threshold does not depend on the pixels
+    for line in LINES:
+        scores = scored[scored["line"] == line]["score"].to_numpy(np.float64)
+        expected = cal.fit_group(scores, hist, ONE_PASS_TARGET, 0.001)
+        group = thresholds.groups[line]
+        assert group.good_images == len(scores) == PER_LINE - IN_BANK
+        assert group.threshold == pytest.approx(expected.threshold, abs=1e-6) and group.rank == expected.rank
+    pooled = cal.fit_group(scored["score"].to_numpy(np.float64), hist, ONE_PASS_TARGET, 0.001)
+    assert thresholds.default.threshold == pytest.approx(pooled.threshold, abs=1e-6)
+    assert thresholds.groups[LINES[0]].threshold != thresholds.groups[LINES[1]].threshold
+
+
+def test_thresholds_of_a_bank_are_refused_without_it_or_with_another(one_pass, tiny_checkpoint, tmp_path, capsys,
+                                                                     monkeypatch, caplog):
+    from headclip.reference import read_bank, write_bank
+
+    from .cli_helpers import job_in_process, one_line_refusal
+
+    root = one_pass["root"]
+    for module in (score_job, audit_job):
+        monkeypatch.setattr(module, "init_ray", lambda *a: pytest.fail("Ray started"))
+    other = read_bank(str(root / "bank.safetensors"))
+    other.scales = {g: s * 2 for g, s in other.scales.items()}
+    write_bank(other, str(tmp_path / "other.safetensors"))
+    score = ["--input", root / "good.csv", "--output", tmp_path / "o", "--checkpoint", tiny_checkpoint,
+             "--thresholds", root / "t.json"]
+    code, _, err = job_in_process("score", score, capsys)
+    one_line_refusal(code, err, "calibrated on scores combined with reference bank", "give it with --reference")
+    code, _, err = job_in_process("score", score + ["--reference", tmp_path / "other.safetensors"], capsys)
+    one_line_refusal(code, err, "calibrated with reference bank", "not with")
+    audit = ["--input", root / "images", "--date", "2026-11-23", "--history", tmp_path / "h", "--checkpoint",
+             tiny_checkpoint, "--thresholds", root / "t.json"]
+    code, _, err = job_in_process("audit", audit, capsys)
+    one_line_refusal(code, err, "give it with --reference")
+    assert not any((tmp_path / name).exists() for name in ("o", "h"))
+    # zero-shot thresholds with a bank: a warning, not a refusal
+    data = json.loads((root / "t.json").read_text())
+    data.pop("reference")
+    (tmp_path / "zero-shot.json").write_text(json.dumps(data))
+    plan = ["--input", root / "good.csv", "--output", tmp_path / "p", "--checkpoint", tiny_checkpoint,
+            "--thresholds", tmp_path / "zero-shot.json", "--reference", root / "bank.safetensors", "--plan-only"]
+    with caplog.at_level("WARNING"):
+        code, _, err = job_in_process("score", plan, capsys)
+    assert code == 0, err
+    assert "calibrated on zero-shot scores" in caplog.text
+
+
+def test_build_reference_flags_are_checked_before_ray(one_pass, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from .cli_helpers import job_in_process, one_line_refusal
+
+    root = one_pass["root"]
+    monkeypatch.setattr(calibrate_job, "init_ray", lambda *a: pytest.fail("Ray started"))
+    base = ["--input", root / "good.csv", "--output", tmp_path / "t.json", "--group-column", "line"]
+    bank = ["--build-reference", tmp_path / "b.safetensors"]
+    for extra, words in [(bank + ["--reference-images", PER_LINE], ("has 6 good images", "too few")),
+                         (["--reference-fraction", "0.5"], ("--reference-fraction needs --build-reference",)),
+                         (bank + ["--reference", root / "bank.safetensors"], ("not both",)),
+                         (bank + ["--layers", "99"], ("not map layers",))]:
+        code, _, err = job_in_process("calibrate", base + extra, capsys)
+        one_line_refusal(code, err, *words)
+    assert not any(tmp_path.iterdir())
+    # the same command again (another --budget): the bank would be rebuilt, so its calibration rows are not resumed
+    bank = (root / "bank.safetensors").read_bytes()
+    again = ["--input", root / "good.csv", "--output", tmp_path / "t.json", "--group-column", "line",
+             "--checkpoint", tiny_checkpoint,
+             "--rows", root / "t-rows", "--build-reference", root / "bank.safetensors", "--reference-images", IN_BANK,
+             "--budget", "12", "--target-fpr", ONE_PASS_TARGET, "--shard-size", "4", "--batch-size", "4"]
+    code, _, err = job_in_process("calibrate", again, capsys)
+    one_line_refusal(code, err, "scored with an earlier --build-reference bank", "give another --rows")
+    assert not any(tmp_path.iterdir()) and (root / "bank.safetensors").read_bytes() == bank
+
+
+def test_reference_split_is_seeded_per_group_and_ignores_the_listing_order():
+    ids = [f"img-{i}" for i in range(20)]
+    keys = ["a"] * 12 + ["b"] * 8
+    chosen = cal.reference_split(keys, ids, fraction=0.25, seed=7)
+    assert sum(chosen[:12]) == 3 and sum(chosen[12:]) == 2
+    order = np.random.default_rng(0).permutation(20)
+    shuffled = cal.reference_split([keys[i] for i in order], [ids[i] for i in order], fraction=0.25, seed=7)
+    assert {ids[i] for i, c in zip(order, shuffled) if c} == {i for i, c in zip(ids, chosen) if c}
+    assert cal.reference_split(keys, ids, fraction=0.25, seed=8) != chosen
+    assert sum(cal.reference_split(keys, ids, count=1)) == 2
+    with pytest.raises(ValueError, match="group 'b' has 1 good image"):
+        cal.reference_split(["a", "a", "b"], ["1", "2", "3"], fraction=0.5)

@@ -15,6 +15,7 @@ from jobs import evaluate as evaluate_job
 from jobs import reference as reference_job
 from jobs import score as score_job
 
+from .cli_helpers import job_in_process, one_line_refusal
 from .scoring_helpers import write_images
 
 
@@ -25,7 +26,7 @@ def _exit(main, prog, argv, capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def known_good(tmp_path_factory, tiny_checkpoint):
+def known_good(tmp_path_factory, tiny_checkpoint, ray_cluster):
     root = tmp_path_factory.mktemp("ref")
     paths = write_images(root / "img", 8)
     lines = ["image_uri,image_id,line"] + [f"{p},{p.name},{'L1' if i % 2 else 'L2'}" for i, p in enumerate(paths)]
@@ -47,8 +48,9 @@ def test_reference_job_builds_one_bank_per_group(known_good, tiny_checkpoint):
     assert bank.image_size == 64 and bank.command.startswith("python -m jobs.reference --input")
 
 
-def test_reference_job_checks_its_inputs_in_one_line(known_good, tiny_checkpoint, tmp_path, capsys):
+def test_reference_job_checks_its_inputs_in_one_line(known_good, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     root, _ = known_good
+    monkeypatch.setattr(reference_job, "init_ray", lambda *a: pytest.fail("Ray started"))
     base = ["--input", str(root / "good.csv"), "--output", str(tmp_path / "b.safetensors"),
             "--checkpoint", tiny_checkpoint]
     for extra, message in [(["--group-column", "camera"], "no column 'camera'"),
@@ -97,3 +99,93 @@ def test_score_job_with_a_bank_on_ray(known_good, tiny_checkpoint, tmp_path, ray
     combined = 0.5 * frame["zero_shot_score"] + 0.5 * frame["reference_score"]
     assert ((frame["score"] - combined).abs() < 1e-5).all()
     assert frame["reference_score"].between(0, 1).all()
+
+
+def _in_process_features(checkpoint, uris):
+    """(B, N, layers, E) patch features of ``uris`` from the model in this process, and its map layers:
+    read and decoded by the scorer's own loader, batched by its feeder, no Ray."""
+    from headclip.scoring.scorer import ImageScorer, ScoringOptions
+
+    with ImageScorer("ref", checkpoint, ScoringOptions(batch_size=len(uris))) as scorer:
+        images = list(scorer.loader.iterate([{"image_uri": str(u), "image_id": str(u)} for u in uris]))
+        pixels, errors = scorer.feeder.batch(images)
+        assert errors == [None] * len(uris)
+        return scorer.model.score(pixels, patch_features=True).patch_features, tuple(scorer.model.vision.map_layers)
+
+
+def _same_bank(a, b):
+    assert a.groups == b.groups and a.layers == b.layers and a.counts == b.counts
+    for group in a.groups:
+        assert torch.allclose(a.features[group], b.features[group], atol=1e-5), group
+    assert a.scales == pytest.approx(b.scales, rel=1e-4)
+
+
+def test_the_ray_bank_is_the_in_process_one(known_good, tiny_checkpoint):
+    """The actors' features, gathered on the driver, build the bank the model in this process builds."""
+    from headclip.reference import BankBuilder
+    from headclip.reference.build import BankSettings
+
+    root, bank_path = known_good
+    rows = [line.split(",") for line in (root / "good.csv").read_text().splitlines()[1:]]
+    features, map_layers = _in_process_features(tiny_checkpoint, [r[0] for r in rows])
+    builder = BankBuilder(map_layers, BankSettings(budget=20))
+    builder.add(features, [r[2] for r in rows])
+    ray_bank = read_bank(str(bank_path))
+    expected = builder.build(ray_bank.checkpoint_id, ray_bank.backbone, 64, ray_bank.embed_dim, "line")
+    _same_bank(ray_bank, expected)
+    assert ray_bank.groups == ["L1", "L2"] and all(t.shape[0] == 20 for t in ray_bank.features.values())
+
+
+def test_unreadable_known_good_images_are_counted(known_good, tiny_checkpoint, tmp_path, capsys):
+    root, _ = known_good
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    good = (root / "good.csv").read_text().splitlines()[:4]
+    lines = good + [f"{tmp_path / 'broken.png'},broken,L1", f"{tmp_path / 'missing.png'},missing,L2"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    code, out, err = job_in_process("reference", ["--input", tmp_path / "m.csv", "--output", tmp_path / "b.safetensors",
+                                                  "--checkpoint", tiny_checkpoint, "--group-column", "line",
+                                                  "--budget", "100", "--shard-size", "2"], capsys)
+    assert code == 0, err
+    assert "3 known-good images (2 unreadable)" in out, out
+    bank = read_bank(str(tmp_path / "b.safetensors"))
+    assert sum(c["images"] for c in bank.counts.values()) == 3
+    (tmp_path / "bad.csv").write_text("\n".join(lines[:1] + lines[-2:]) + "\n")
+    code, out, err = job_in_process("reference", ["--input", tmp_path / "bad.csv", "--output", tmp_path / "c",
+                                                  "--checkpoint", tiny_checkpoint], capsys)
+    one_line_refusal(code, err, "none of the 2 known-good images could be read")
+    assert not (tmp_path / "c").exists()
+
+
+def test_patch_caps_rule():
+    from headclip.reference.collect import PRESELECT_FACTOR, SCALE_IMAGES, patch_caps
+
+    groups = ["a"] * (SCALE_IMAGES + 10) + ["b"] * 3
+    caps = patch_caps(groups, budget=50)
+    cap = -(-PRESELECT_FACTOR * 50 // (SCALE_IMAGES + 10))
+    assert caps == [0] * SCALE_IMAGES + [cap] * 10 + [0] * 3  # group b: its images are its first ones
+    assert patch_caps(groups, budget=50, patches_per_image=cap) == [0] * len(groups)  # the cap saves nothing
+    assert patch_caps(groups, budget=50, patches_per_image=cap + 1)[SCALE_IMAGES] == cap
+
+
+def test_actors_preselect_an_images_patches_as_the_bank_would(known_good, tiny_checkpoint):
+    """A capped image sends the patches the bank's own method picks from all of its patches."""
+    import numpy as np
+
+    from headclip.reference.build import BankSettings
+    from headclip.reference.collect import collect_on_ray
+    from headclip.reference.coreset import subsample
+    from headclip.scoring.runner import JobConfig
+    from headclip.scoring.scorer import ScoringOptions
+
+    root, _ = known_good
+    listing = headclip.data.listing.list_images(str(root / "good.csv"))
+    features, map_layers = _in_process_features(tiny_checkpoint, listing["image_uri"].to_pylist())
+    config = JobConfig(input="", output="", checkpoint=tiny_checkpoint, shard_size=4,
+                       scoring=ScoringOptions(batch_size=4))
+    caps = [0, 5, 1, 16, 5, 0]
+    got = collect_on_ray(listing, config, 64, map_layers, BankSettings(coreset="greedy", seed=3), caps)
+    assert sorted(got.features) == list(range(6)) and not got.errors
+    for row, cap in enumerate(caps):
+        full = features[row].flatten(1)
+        expected = full if cap in (0, 16) else full[subsample(full, cap, "greedy", 3 + row)]
+        np.testing.assert_allclose(got.features[row], expected.numpy(), atol=1e-5)

@@ -329,3 +329,30 @@ def state_table(table, keys: Sequence[str], label: int, has_masks: Sequence[bool
     out = out.append_column("class_name", pa.array(keys, pa.string()))
     out = out.append_column("label", pa.array([int(label)] * table.num_rows, pa.int32()))
     return out.append_column("has_masks", pa.array([bool(m) for m in has_masks], pa.bool_()))
+
+
+def reference_split(keys: Sequence[str], image_ids: Sequence[str], count: Optional[int] = None,
+                    fraction: Optional[float] = None, seed: int = 0) -> list[bool]:
+    """Which good images build a reference bank (True) and which are held out to calibrate on (False).
+
+    Per group (``keys``), its images are ordered by ``sha256(f"{seed}:{image_id}")`` and the first
+    ``count`` of them, or ``round(fraction * n)`` (at least 1, at most n - 1), build the bank: the
+    choice depends on the seed and the ids only, not on the listing's order. ValueError (one line)
+    for a group that would keep no image on either side.
+    """
+    import hashlib
+
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    chosen = [False] * len(keys)
+    for key, rows in sorted(members.items()):
+        n = len(rows)
+        take = count if count is not None else min(n - 1, max(1, round(float(fraction) * n)))
+        if n < 2 or take >= n:
+            raise ValueError(f"group {key or '(no value)'!r} has {n} good image{'s' * (n != 1)}: too few to build "
+                             f"a bank from {take} and calibrate on the rest")
+        order = sorted(rows, key=lambda i: (hashlib.sha256(f"{seed}:{image_ids[i]}".encode()).hexdigest(), i))
+        for i in order[:take]:
+            chosen[i] = True
+    return chosen

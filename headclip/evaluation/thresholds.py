@@ -11,7 +11,11 @@ that was not calibrated. Calibration and scoring read a group value alike
      "rule": "quantile", "target_fpr": 0.01, "target_pixel_fpr": 0.001, "confidence": 0.95,
      "default": {"threshold": 0.73, "mask_threshold": 0.61, "good_images": 900, ...},
      "groups": {"line-1": {...}, "line-2": {...}}, "command": "...", "checkpoint": "...",
-     "created_at": "..."}
+     "created_at": "...", "reference": {"bank": "bank.safetensors", "fingerprint": "<sha256>", ...}}
+
+``reference`` (absent without one) names the reference bank whose combined scores were
+calibrated: the thresholds are refused without that bank, or with another
+(:meth:`Thresholds.check_reference`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Thresholds:
     checkpoint: str = ""  # where the checkpoint was read (credentials removed)
     command: str = ""  # the command that calibrated (secrets removed)
     created_at: str = ""
+    reference: Optional[dict] = None  # the bank calibrated with: bank (its URI, redacted), fingerprint, ...
 
     def for_group(self, value: Any) -> GroupThreshold:
         """The thresholds of a group value (no value, or a value not calibrated: the default)."""
@@ -77,6 +82,25 @@ class Thresholds:
                 f"the thresholds were calibrated with checkpoint {self.checkpoint_id[:12]}, not with "
                 f"{checkpoint or 'the checkpoint given'} ({checkpoint_id[:12]}); run jobs.calibrate for it")
 
+    def check_reference(self, fingerprint: Optional[str], bank: str = "") -> Optional[str]:
+        """Refuse a bank other than the one calibrated with, or none when one was (ThresholdsError, one
+        line). ``fingerprint``: :func:`~headclip.reference.fingerprint.bank_fingerprint` of the bank given,
+        None without one. Returns a warning when a bank is given to thresholds calibrated without one."""
+        if self.reference is None:
+            if fingerprint is not None:
+                return (f"the thresholds were calibrated on zero-shot scores, but {bank or 'the bank given'} "
+                        "combines them with a reference: run jobs.calibrate with this bank (--reference) for "
+                        "thresholds of the combined scores")
+            return None
+        calibrated = f"{self.reference.get('bank', '')} ({str(self.reference['fingerprint'])[:12]})"
+        if fingerprint is None:
+            raise ThresholdsError(f"the thresholds were calibrated on scores combined with reference bank "
+                                  f"{calibrated}: give it with --reference")
+        if fingerprint != self.reference["fingerprint"]:
+            raise ThresholdsError(f"the thresholds were calibrated with reference bank {calibrated}, not with "
+                                  f"{bank or 'the bank given'} ({fingerprint[:12]}); run jobs.calibrate with it")
+        return None
+
     def summary(self) -> str:
         """One line: rule, target and the thresholds per group."""
         parts = [f"{name} {g.threshold:.4g}" for name, g in sorted(self.groups.items())]
@@ -91,7 +115,8 @@ class Thresholds:
                 "target_pixel_fpr": self.target_pixel_fpr, "confidence": self.confidence,
                 "default": self.default.to_dict(),
                 "groups": {name: g.to_dict() for name, g in sorted(self.groups.items())},
-                "command": self.command, "created_at": self.created_at}
+                "command": self.command, "created_at": self.created_at,
+                **({"reference": self.reference} if self.reference is not None else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -119,13 +144,17 @@ class Thresholds:
         column = data.get("group_column")
         if groups and not isinstance(column, str):
             fail("groups without a group_column")
+        reference = data.get("reference")
+        if reference is not None and not (isinstance(reference, dict) and isinstance(reference.get("fingerprint"), str)
+                                          and reference["fingerprint"]):
+            fail("reference must be an object with the bank's fingerprint")
         return cls(checkpoint_id=checkpoint_id, default=_group(data.get("default"), "default", fail),
                    groups={str(k): _group(v, f"group {k!r}", fail) for k, v in groups.items()
                            if group_key(k) is not None},
                    group_column=column, rule=data["rule"], target_fpr=float(data["target_fpr"]),
                    target_pixel_fpr=float(data["target_pixel_fpr"]), confidence=float(data["confidence"]),
                    checkpoint=str(data.get("checkpoint", "")), command=str(data.get("command", "")),
-                   created_at=str(data.get("created_at", "")))
+                   created_at=str(data.get("created_at", "")), reference=reference)
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "thresholds") -> "Thresholds":
