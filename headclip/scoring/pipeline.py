@@ -46,7 +46,7 @@ from ..storage.fs import filesystem
 from ..storage.schema import result_schema
 from .config import JobConfig
 from .placement import (ActorSize, actor_layout, check_placement, cpus_per_gpu, describe_need, largest_node, live_nodes,
-                        pool_bounds, wait_for_stage_nodes)
+                        node_can_hold, pool_bounds, wait_for_stage_nodes)
 from .plan import RunPlan
 from .progress import Progress, ScoredImages, watch_batches
 from .shards import BrokenShard, shard_result
@@ -314,6 +314,14 @@ def _one_line(err: BaseException, size: ActorSize, config: JobConfig, seconds: f
     import ray
 
     if _caused_by(err, ray.exceptions.GetTimeoutError):  # the pool's minimum did not start in time
+        need = size.need()
+        if node_can_hold(need):  # a node is large enough: the actors died while starting, or waited for others
+            return JobError(f"no scoring actor finished starting in {config.placement_timeout:g}s "
+                            f"(--placement-timeout) although a node can hold one ({describe_need(need)}): they "
+                            f"died while loading the model (killed by Ray for lack of memory, when the raylet's "
+                            f"lines above say so: give the actors more memory or a smaller --reference bank) or "
+                            f"waited for resources other work holds, or the model loads slowly (a longer "
+                            f"--placement-timeout)")
         return PlacementError(f"no node can hold a scoring actor needing {describe_need(size.need())} "
                               f"({largest_node(live_nodes())}); gave up after {config.placement_timeout:g}s "
                               f"(--placement-timeout); lower --cpus-per-actor/--gpus-per-actor or add nodes")

@@ -61,6 +61,11 @@ def _fits(resources: dict, need: dict[str, float]) -> bool:
     return all(resources.get(name, 0.0) >= amount for name, amount in need.items() if amount > 0)
 
 
+def node_can_hold(need: dict[str, float], nodes: Optional[list[dict]] = None) -> bool:
+    """Whether some live node (of ``nodes``, default the cluster's now) has the resources ``need`` in total."""
+    return any(_fits(node, need) for node in (live_nodes() if nodes is None else nodes))
+
+
 def live_nodes() -> list[dict]:
     """Each live node's total resources."""
     import ray
