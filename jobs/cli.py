@@ -463,7 +463,7 @@ def add_bank_flags(p: argparse.ArgumentParser) -> None:
                    help="bank patches kept per group (default: %(default)s)")
     p.add_argument("--coreset", choices=METHODS, default=defaults.coreset,
                    help="how bank patches are kept: greedy k-centre (PatchCore) or random (default: %(default)s)")
-    p.add_argument("--layers", type=_layers, default=None,
+    p.add_argument("--layers", type=layers_arg, default=None,
                    help="comma-separated map layers (block numbers) whose features the bank uses (default: all)")
     p.add_argument("--aggregate", choices=("max", "top1"), default=defaults.aggregate,
                    help="image reference score: the largest patch value or the mean of the top 1%% "
@@ -477,13 +477,16 @@ def bank_settings(args):
     return BankSettings(budget=args.budget, coreset=args.coreset, layers=args.layers, aggregate=args.aggregate)
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def layers_arg(text: str) -> tuple[int, ...]:
+    """Comma-separated block numbers, each 1 to 1000 (a tower's depth is far below)."""
     try:
         layers = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated block numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated block numbers, got {text[:40]!r}") from None
     if not layers:
         raise argparse.ArgumentTypeError("is empty")
+    if any(not 1 <= layer <= 1000 for layer in layers):
+        raise argparse.ArgumentTypeError(f"takes block numbers from 1 to 1000, got {text[:40]!r}")
     return layers
 
 

@@ -42,9 +42,9 @@ DAY = "2026-11-23"
 
 
 def _numeric_actions():
-    from jobs.cli import resources_arg, storage_options_arg
+    from jobs.cli import layers_arg, resources_arg, storage_options_arg
 
-    known = {storage_options_arg, resources_arg}
+    known = {storage_options_arg, resources_arg, layers_arg}
     for name in JOBS:
         module = importlib.import_module(f"jobs.{name}")
         known |= {getattr(module, f, None) for f in ("webhook_url", "exit_code", "iso_date")} - {None}
@@ -298,3 +298,14 @@ def test_a_long_lookback_reads_only_the_days_the_history_holds(tmp_path):
     args = build_parser().parse_args(["--input", "x", "--history", str(history), "--lookback-days", "3660"])
     assert lookup_days(args, day) == [day - dt.timedelta(days=400), day - dt.timedelta(days=1), day]
     assert len(list(Path(day_index_uri(str(history), day)).parent.iterdir())) == 3  # none for an empty day
+
+
+def test_layer_lists_are_range_checked():
+    """--layers (jobs.reference, jobs.calibrate) takes block numbers 1 to 1000. Catches: a huge or negative
+    block number taken as it is (an index error or a silent empty selection later)."""
+    from jobs.cli import layers_arg
+
+    assert layers_arg("3, 6,9") == (3, 6, 9)
+    for hostile in ("0", "-1", "99999999999999999999", "1e3", "", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            layers_arg(hostile)

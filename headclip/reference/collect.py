@@ -212,8 +212,9 @@ def collect_on_ray(listing: pa.Table, config, image_size: int, layers: Sequence[
                         num_cpus=size.cpus, num_gpus=size.gpus or None, resources=dict(size.resources) or None,
                         batch_format="pyarrow")
     out, started = Collected(), time.monotonic()
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in batches:
             out.sent_bytes += batch.nbytes
             arrays = _numpy(batch[FEATURES])
             for row, error, array in zip(batch[ROW].to_pylist(), batch[ERROR].to_pylist(), arrays):
@@ -223,6 +224,10 @@ def collect_on_ray(listing: pa.Table, config, image_size: int, layers: Sequence[
                     out.features[row] = np.array(array, np.float32)  # a writable copy of the block's
     except Exception as err:  # noqa: BLE001 - a step failed for good: one line
         raise _one_line(err, size, config, time.monotonic() - started) from None
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:  # the executor stops now, so its last log lines come before the job's own
+            close()
     out.seconds = time.monotonic() - started
     return out
 
