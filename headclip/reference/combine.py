@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ..model.smoothing import gaussian_blur
 from .bank import BankError, ReferenceBank
-from .nearest import DEFAULT_CHUNK, nearest_distances
+from .index import GroupSearch, IndexSettings
+from .nearest import DEFAULT_CHUNK
 
 REFERENCE_WEIGHT = 0.5
 
@@ -50,10 +51,15 @@ class ReferenceOutput:
 
 
 class ReferenceScorer:
-    """A bank on the model's device, applied to :meth:`HeadCLIP.score` outputs with patch features."""
+    """A bank on the model's device, applied to :meth:`HeadCLIP.score` outputs with patch features.
+
+    Groups with an index are searched through it, ``nprobe`` lists per patch (default: the
+    bank's setting); the others exactly, ``chunk`` bank rows per matmul. The pooled bank is
+    searched group by group, keeping the smallest distance.
+    """
 
     def __init__(self, bank: ReferenceBank, model, device=None, chunk: Optional[int] = DEFAULT_CHUNK,
-                 weight: float = REFERENCE_WEIGHT):
+                 weight: float = REFERENCE_WEIGHT, nprobe: Optional[int] = None):
         map_layers = tuple(model.vision.map_layers)
         missing = [l for l in bank.layers if l not in map_layers]
         if missing:
@@ -64,16 +70,25 @@ class ReferenceScorer:
         self.grid, self.size, self.sigma = model.vision.grid, model.image_size, model.config.sigma
         self.chunk, self.weight = chunk, weight
         self.aggregate = bank.settings.get("aggregate", "max")
+        self.nprobe = nprobe or IndexSettings.from_dict(bank.settings.get("index")).nprobe
+        self.searches = {g: GroupSearch(f, self.bank.indexes.get(g), self.nprobe, chunk)
+                         for g, f in self.bank.features.items()}
+
+    def distances(self, features: torch.Tensor, name: str) -> torch.Tensor:
+        """(..., D) -> (...) distances to the bank of group ``name`` (``*``: the pooled one)."""
+        if name in self.searches:
+            return self.searches[name](features)
+        return torch.stack([search(features) for search in self.searches.values()]).amin(0)
 
     def patch_scores(self, features: torch.Tensor, groups: Sequence) -> tuple[torch.Tensor, list[str]]:
         """features (B, N, layers, E) -> reference values per patch (B, N) in [0, 1), and the banks used."""
         chosen = features[:, :, self.index].flatten(2)
         out = torch.empty(chosen.shape[:2], device=chosen.device)
-        used = [self.bank.bank_for(g)[0] for g in groups]
+        used = [self.bank.group_of(g) for g in groups]
         for name in sorted(set(used)):
             rows = [i for i, u in enumerate(used) if u == name]
-            _, bank, scale = self.bank.bank_for(None if name == "*" else name)
-            d = nearest_distances(chosen[rows], bank, self.chunk)
+            scale = self.bank.scales[name]
+            d = self.distances(chosen[rows], name)
             out[rows] = d / (d + scale)
         return out, used
 
