@@ -11,6 +11,7 @@ rounding), equal to it when ``nprobe >= nlist``. Small banks are searched exactl
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -29,14 +30,14 @@ class IndexSettings:
     and a 100k-patch bank (python -m jobs.benchmark_reference)."""
 
     exact_below: int = 16_384  # a group with fewer rows is searched exactly (no index built)
-    nlist: Optional[int] = None  # coarse lists; None: round(sqrt(rows * nprobe)), at most rows // 8
-    nprobe: int = 8  # lists searched per query
+    nlist: Optional[int] = None  # coarse lists; None: round(sqrt(rows)); at most rows // 8
+    nprobe: int = 4  # lists searched per query
     iterations: int = 10  # k-means steps
     train_per_list: int = 64  # k-means trains on up to this many rows per list (a fixed random sample)
     seed: int = 0
 
     def lists_for(self, rows: int) -> int:
-        nlist = self.nlist or round(math.sqrt(rows * self.nprobe))
+        nlist = self.nlist or round(math.sqrt(rows))
         return max(1, min(int(nlist), rows // 8 or 1))
 
     def to_dict(self) -> dict:
@@ -139,15 +140,17 @@ class GroupSearch:
     features: (M, D) float32, list-ordered when ``index`` is given; all on one device.
     """
 
-    def __init__(self, features: torch.Tensor, index: Optional[ListIndex] = None, nprobe: int = 8,
+    def __init__(self, features: torch.Tensor, index: Optional[ListIndex] = None, nprobe: int = 4,
                  chunk: Optional[int] = DEFAULT_CHUNK):
         self.features, self.index, self.chunk = features, index, chunk
         self.nprobe = max(1, int(nprobe))
         if index is not None:
             self.centroids = index.centroids.to(features.device, torch.float32)
             self.c_sq = self.centroids.square().sum(1)
-            self.row_sq = features.float().square().sum(1)
-            self.bounds = index.offsets.tolist()
+            row_sq = features.float().square().sum(1)
+            bounds = index.offsets.tolist()
+            # per list: (1, rows) squared norms and the (D, rows) transposed rows, views made once
+            self.lists = [(row_sq[lo:hi].unsqueeze(0), features[lo:hi].t()) for lo, hi in zip(bounds, bounds[1:])]
 
     @property
     def exact(self) -> bool:
@@ -161,23 +164,47 @@ class GroupSearch:
         if width != self.features.shape[1]:
             raise ValueError(f"queries of width {width} against a bank of width {self.features.shape[1]}")
         q = queries.reshape(-1, width).float()
-        n, nprobe = q.shape[0], self.nprobe
-        probes = torch.addmm(self.c_sq.unsqueeze(0), q, self.centroids.t(), alpha=-2.0)
-        probes = probes.topk(nprobe, dim=1, largest=False).indices.flatten()  # (n * nprobe,) list ids
-        pairs = torch.argsort(probes)  # query/probe pairs grouped by list
-        owners = pairs // nprobe
-        q_pairs = q.index_select(0, owners)  # (n * nprobe, D) in list order
-        counts = torch.bincount(probes, minlength=self.index.nlist).tolist()
-        parts, start = [], 0
-        for j, count in enumerate(counts):
-            if not count:
-                continue
-            lo, hi = self.bounds[j], self.bounds[j + 1]
-            rows = self.features[lo:hi]
-            part = torch.addmm(self.row_sq[lo:hi].unsqueeze(0), q_pairs[start:start + count], rows.t(), alpha=-2.0)
-            parts.append(part.amin(1))
-            start += count
+        return self.scan(q, self.probe(q)).reshape(shape)
+
+    def probe(self, q: torch.Tensor) -> torch.Tensor:
+        """(n, D) -> (n, nprobe): the lists of each query's nearest centroids."""
+        d = torch.addmm(self.c_sq.unsqueeze(0), q, self.centroids.t(), alpha=-2.0)
+        return d.topk(self.nprobe, dim=1, largest=False).indices
+
+    def scan(self, q: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+        """(n, D), (n, nprobe) list ids -> (n,) distance to the nearest row of those lists;
+        the query/probe pairs grouped by list, one matmul per list touched."""
+        with _one_thread(q.device):
+            return self._scan(q, probes)
+
+    def _scan(self, q: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+        n, nprobe = probes.shape
+        flat = probes.flatten()
+        pairs = torch.argsort(flat)
+        q_pairs = q.index_select(0, pairs // nprobe)  # (n * nprobe, D) in list order
+        counts = torch.bincount(flat, minlength=len(self.lists)).tolist()
+        touched = [j for j, count in enumerate(counts) if count]
+        blocks = torch.split(q_pairs, [counts[j] for j in touched])
+        parts = [torch.addmm(self.lists[j][0], block, self.lists[j][1], alpha=-2.0).amin(1)
+                 for j, block in zip(touched, blocks)]
         best = torch.empty(n * nprobe, device=q.device)
         best[pairs] = torch.cat(parts)
         best = best.view(n, nprobe).amin(1) + q.square().sum(1)
-        return best.clamp_(min=0.0).sqrt_().reshape(shape)
+        return best.clamp_(min=0.0).sqrt_()
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """On the CPU, the scan (per-list matmuls of tens of queries x about a hundred rows) runs
+    on one thread: its ops are too small to share, and each op's thread handoff costs more
+    than its work, many times more on a busy machine (measured: 1.3 s against 30 s for 6,272
+    queries in a 100k bank, 2 threads, load 20). Restored afterwards; GPUs are left alone."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
