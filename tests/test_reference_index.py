@@ -13,18 +13,30 @@ from headclip.reference import (POOLED, BankBuilder, GroupSearch, IndexSettings,
 from headclip.reference.bank import BankError
 from headclip.reference.build import BankSettings
 
-from .test_reference import _cdist_loop, _Model
+from .test_reference import _Model
 
-RECALL = 0.9  # share of queries whose true nearest patch the default nprobe finds on the clustered data below
+# share of queries whose true nearest patch the default nprobe (4 of 141 lists) finds in the clustered data of
+# test_recall (0.997 measured; 0.968 with nprobe 1); the demo textures' figures: python -m jobs.benchmark_reference
+RECALL = 0.99
+SPREAD = 0.8  # noise norm around the unit centres: the clusters overlap
 
 
-def _clustered(rows: int, clusters: int = 40, width: int = 16, seed: int = 0, spread: float = 0.15) -> torch.Tensor:
+def _clustered(rows: int, clusters: int = 40, width: int = 16, seed: int = 0, spread: float = 0.15,
+               centres_seed: int = 0) -> torch.Tensor:
     """Rows around ``clusters`` random unit centres (unit-norm), as patch features cluster by texture and part."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(centres_seed)
     centres = torch.nn.functional.normalize(torch.randn(clusters, width, generator=generator), dim=-1)
+    generator = torch.Generator().manual_seed(1000 + seed)
     pick = torch.randint(clusters, (rows,), generator=generator)
     x = centres[pick] + spread * torch.randn(rows, width, generator=generator) / width ** 0.5
     return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _cdist_loop(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """The exact nearest distance of each query (..., D) by torch.cdist in float64, 256 queries at a time."""
+    flat = queries.reshape(-1, queries.shape[-1]).double()
+    out = torch.cat([torch.cdist(part, bank.double()).amin(1) for part in flat.split(256)])
+    return out.reshape(queries.shape[:-1]).float()
 
 
 def _search(bank: torch.Tensor, **settings) -> GroupSearch:
@@ -50,6 +62,7 @@ def test_indexed_distances_never_fall_below_the_exact_ones(nprobe):
     exact = _cdist_loop(queries, bank)
     got = _search(bank, nlist=50, nprobe=nprobe)(queries)
     assert got.shape == (500,)
+    assert _search(bank, nlist=50, nprobe=nprobe)(queries[:0]).shape == (0,)
     assert bool((got >= exact - 1e-4).all())
     # each indexed distance is a distance to some bank row: at least one row lies that far or nearer
     assert bool((torch.cdist(queries.double(), bank.double()).min(1).values <= got.double() + 1e-4).all())
@@ -60,19 +73,18 @@ def test_probing_every_list_is_the_exact_search():
     search = _search(bank, nlist=25, nprobe=25)
     assert search.exact
     torch.testing.assert_close(search(queries), _cdist_loop(queries, bank), rtol=1e-4, atol=5e-3)
-    search.nprobe, search.index = 24, search.index  # one list short: the list-by-list scan, still exact here
+    # the list-by-list scan itself, every list given: exact too
     scanned = search.scan(queries.reshape(-1, 16), torch.arange(25).repeat(300, 1))
     torch.testing.assert_close(scanned.reshape(3, 100), _cdist_loop(queries, bank), rtol=1e-4, atol=5e-3)
 
 
 def test_recall_of_the_true_nearest_patch_on_clustered_data():
-    bank, queries = _clustered(20_000, clusters=200, width=32), _clustered(2000, clusters=200, width=32, seed=0)[::7]
-    queries = queries + 0.02 * torch.randn(queries.shape, generator=torch.Generator().manual_seed(5))
-    exact = nearest = _cdist_loop(queries, bank)
+    bank = _clustered(20_000, clusters=200, width=32, spread=SPREAD)
+    queries = _clustered(1000, clusters=200, width=32, spread=SPREAD, seed=1)  # same centres, other points
+    exact = _cdist_loop(queries, bank)
     got = _search(bank)(queries)  # the default nprobe and list count
-    found = (got <= nearest + 1e-4 * (1 + exact)).float().mean()
-    assert float(found) >= RECALL
-    assert float(_search(bank, nprobe=1)(queries).sub(exact).abs().mean()) > float(got.sub(exact).abs().mean())
+    assert float((got <= exact + 1e-4 * (1 + exact)).float().mean()) >= RECALL
+    assert float(_search(bank, nprobe=1)(queries).sub(exact).mean()) > float(got.sub(exact).mean())
 
 
 def _bank(rows_per_group: int, exact_below: int, nprobe: int = 8):
@@ -111,7 +123,8 @@ def test_an_index_is_written_read_back_and_checked(tmp_path):
     path = str(tmp_path / "bank.safetensors")
     write_bank(bank, path)
     back = read_bank(path)
-    assert set(back.indexes) == {"a", "b"} and back.settings["index"] == IndexSettings(exact_below=1000).to_dict()
+    assert set(back.indexes) == {"a", "b"}
+    assert back.settings["index"] == IndexSettings(exact_below=1000, nprobe=8).to_dict()
     for group in ("a", "b"):
         assert torch.equal(back.features[group], bank.features[group])
         assert torch.equal(back.indexes[group].centroids, bank.indexes[group].centroids)

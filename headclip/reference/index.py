@@ -164,6 +164,8 @@ class GroupSearch:
         if width != self.features.shape[1]:
             raise ValueError(f"queries of width {width} against a bank of width {self.features.shape[1]}")
         q = queries.reshape(-1, width).float()
+        if q.shape[0] == 0:
+            return q.new_zeros(shape)
         return self.scan(q, self.probe(q)).reshape(shape)
 
     def probe(self, q: torch.Tensor) -> torch.Tensor:
