@@ -43,6 +43,7 @@ def build_parser() -> Parser:
     p.add_argument("--cost-images", type=positive_int, default=64, help="images timed for the cost (default: 64)")
     p.add_argument("--skip-cost", action="store_true", help="accuracy only")
     p.add_argument("--skip-choices", action="store_true", help="no settings sweep (known-good counts, coreset, layers)")
+    p.add_argument("--cost-only", action="store_true", help="the cost only (no accuracy, no forward of every image)")
     return p
 
 
@@ -343,6 +344,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.scoring.scorer import ImageScorer, ScoringOptions
 
     with ImageScorer("bench", DEMO_CHECKPOINT_URI, ScoringOptions(batch_size=32)) as scorer:
+        if args.cost_only:
+            cost(folder, scorer, args.cost_images)
+            return 0
         start = time.perf_counter()
         bench = Bench(folder, scorer)
         print(f"{len(bench.archive)} archive and {len(bench.good)} known-good images through the demo model in "

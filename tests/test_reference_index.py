@@ -152,3 +152,23 @@ def test_an_index_is_written_read_back_and_checked(tmp_path):
     assert "do not rise from 0" in broken(indexes=dict(bank.indexes, a=ListIndex(bank.indexes["a"].centroids, offsets)))
     narrow = ListIndex(bank.indexes["a"].centroids[:, :8], bank.indexes["a"].offsets)
     assert "centroids of shape" in broken(indexes=dict(bank.indexes, a=narrow))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 4.0])
+def test_reference_map_is_the_bilinear_upsampling_then_the_blur_of_the_patch_values(sigma):
+    import torch.nn.functional as F
+
+    from headclip.model.smoothing import gaussian_blur
+
+    from .test_reference import _bank as small_bank
+    from .test_reference import _features, _Out
+
+    model = _Model(grid=4, size=16)
+    model.config.sigma = sigma
+    scorer = ReferenceScorer(small_bank(), model)
+    out = _Out(torch.cat([_features(2, -1.0, 7), _features(2, 1.0, 8)]))
+    ref = scorer.apply(out, ["a", "a", "b", None])
+    patch, _ = scorer.patch_scores(out.patch_features, ["a", "a", "b", None])
+    up = F.interpolate(patch.reshape(-1, 1, 4, 4), size=(16, 16), mode="bilinear", align_corners=False).squeeze(1)
+    expected = 0.5 * out.anomaly_map + 0.5 * gaussian_blur(up, sigma).clamp(0.0, 1.0)
+    torch.testing.assert_close(ref.anomaly_map, expected.clamp(0.0, 1.0), rtol=0, atol=1e-5)

@@ -68,11 +68,15 @@ class ReferenceScorer:
         self.index = [map_layers.index(l) for l in bank.layers]
         self.bank = bank.to(device or model.image_mean.device)
         self.grid, self.size, self.sigma = model.vision.grid, model.image_size, model.config.sigma
+        self.upsample = upsample_operator(self.grid, self.size, self.sigma, self.bank_device())
         self.chunk, self.weight = chunk, weight
         self.aggregate = bank.settings.get("aggregate", "max")
         self.nprobe = nprobe or IndexSettings.from_dict(bank.settings.get("index")).nprobe
         self.searches = {g: GroupSearch(f, self.bank.indexes.get(g), self.nprobe, chunk)
                          for g, f in self.bank.features.items()}
+
+    def bank_device(self):
+        return next(iter(self.bank.features.values())).device
 
     def distances(self, features: torch.Tensor, name: str) -> torch.Tensor:
         """(..., D) -> (...) distances to the bank of group ``name`` (``*``: the pooled one)."""
@@ -105,9 +109,9 @@ class ReferenceScorer:
             raise ValueError("score with patch_features=True to use a reference bank")
         patch, used = self.patch_scores(out.patch_features, groups)
         reference_score = self.image_scores(patch)
-        grid_map = patch.reshape(-1, 1, self.grid, self.grid)
-        ref_map = F.interpolate(grid_map, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        ref_map = gaussian_blur(ref_map.squeeze(1), self.sigma).clamp_(0.0, 1.0)
+        grid_map = patch.reshape(-1, self.grid, self.grid)
+        up = self.upsample.to(grid_map.device)
+        ref_map = (up @ grid_map @ up.t()).clamp_(0.0, 1.0)
         w = self.weight
         joint = (1 - w) * out.joint_score.float() + w * reference_score
         anomaly_map = ((1 - w) * out.anomaly_map.float() + w * ref_map).clamp_(0.0, 1.0)
@@ -120,6 +124,15 @@ class ReferenceScorer:
         ref = self.apply(out, [r.get(column) if column else None for r in records])
         return ReferencedScores(ref.joint_score, out.global_score, ref.anomaly_map, out.joint_score.float(),
                                 ref.reference_score, ref.groups)
+
+
+def upsample_operator(grid: int, size: int, sigma: float, device=None) -> torch.Tensor:
+    """(size, grid) matrix A with ``A @ m @ A.T`` = bilinear upsampling of a (grid, grid) map to
+    (size, size) (align_corners=False), then the Gaussian blur of the zero-shot maps: both are
+    separable and linear, so one small matmul per side replaces the 2-D convolution."""
+    basis = torch.eye(grid, dtype=torch.float64).unsqueeze(1)  # (grid, 1, grid): one row per grid cell
+    up = F.interpolate(basis, size=size, mode="linear", align_corners=False)  # (grid, 1, size)
+    return gaussian_blur(up, sigma).squeeze(1).t().float().contiguous().to(device)
 
 
 @dataclass

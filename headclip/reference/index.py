@@ -21,6 +21,7 @@ import torch
 from .nearest import DEFAULT_CHUNK, nearest_distances
 
 ROWS_PER_STEP = 16_384  # rows compared with all centroids at a time: (rows x nlist) float32
+SMALL_BLOCK = 65_536  # (queries x rows) of one list below which the CPU scan runs it on one thread
 CHECK_ROWS = 2_048  # rows whose list is checked against their nearest centroid when a bank is read
 
 
@@ -176,10 +177,6 @@ class GroupSearch:
     def scan(self, q: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
         """(n, D), (n, nprobe) list ids -> (n,) distance to the nearest row of those lists;
         the query/probe pairs grouped by list, one matmul per list touched."""
-        with _one_thread(q.device):
-            return self._scan(q, probes)
-
-    def _scan(self, q: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
         n, nprobe = probes.shape
         flat = probes.flatten()
         pairs = torch.argsort(flat)
@@ -187,20 +184,31 @@ class GroupSearch:
         counts = torch.bincount(flat, minlength=len(self.lists)).tolist()
         touched = [j for j, count in enumerate(counts) if count]
         blocks = torch.split(q_pairs, [counts[j] for j in touched])
-        parts = [torch.addmm(self.lists[j][0], block, self.lists[j][1], alpha=-2.0).amin(1)
-                 for j, block in zip(touched, blocks)]
+        parts = [None] * len(touched)
+        small = [i for i, j in enumerate(touched) if counts[j] * self.lists[j][1].shape[1] < SMALL_BLOCK]
+        with _one_thread(q.device):
+            for i in small:
+                parts[i] = self._block(touched[i], blocks[i])
+        for i, part in enumerate(parts):
+            if part is None:
+                parts[i] = self._block(touched[i], blocks[i])
         best = torch.empty(n * nprobe, device=q.device)
         best[pairs] = torch.cat(parts)
         best = best.view(n, nprobe).amin(1) + q.square().sum(1)
         return best.clamp_(min=0.0).sqrt_()
 
+    def _block(self, j: int, block: torch.Tensor) -> torch.Tensor:
+        """(count, D) queries probing list j -> (count,) their smallest ``|b|^2 - 2 q.b`` over its rows."""
+        row_sq, rows_t = self.lists[j]
+        return torch.addmm(row_sq, block, rows_t, alpha=-2.0).amin(1)
+
 
 @contextlib.contextmanager
 def _one_thread(device: torch.device):
-    """On the CPU, the scan (per-list matmuls of tens of queries x about a hundred rows) runs
-    on one thread: its ops are too small to share, and each op's thread handoff costs more
-    than its work, many times more on a busy machine (measured: 1.3 s against 30 s for 6,272
-    queries in a 100k bank, 2 threads, load 20). Restored afterwards; GPUs are left alone."""
+    """On the CPU, the scan's small per-list matmuls (below SMALL_BLOCK query x row pairs) run
+    on one thread: too small to share, each op's thread handoff costs more than its work, many
+    times more on a busy machine (measured: 1.3 s against 30 s for 6,272 queries in a 100k
+    bank, 2 threads, load 20). Restored afterwards; GPUs are left alone."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
