@@ -9,10 +9,13 @@ applied to the stored outputs, so the settings are compared on the same forward 
 Prints, per texture and as the mean: image AUROC (sklearn) of the zero-shot joint score,
 the reference score alone and their combination, and pixel AUROC of the zero-shot and the
 combined map; the same for known-good counts 1, 4, 16 and all; the aggregation (max vs top
-1 %), the coreset (greedy vs random at several budgets) and the layers. Then the cost: the
-time to score the archive's images (read, decode, model, encode) without a bank and with a
-100k-patch bank, in one run, and the memory and nearest-neighbour time per image of 10k,
-100k and 1M-patch banks at ViT-B-16 and ViT-L-14 widths.
+1 %), the coreset (greedy vs random at several budgets) and the layers. Then the index
+(headclip.reference.index): recall of the true nearest patch, the distances' excess and the
+AUROC with exact vs indexed search on the demo's banks (index forced on, nprobe swept) and
+on one large bank of all other images' patches. Then the cost: the time to score the
+archive's images (read, decode, model, encode) without a bank and with a 100k-patch bank,
+exact and indexed, in one run, and the memory and nearest-neighbour time per image of 10k,
+100k and 1M-patch banks at ViT-B-16 and ViT-L-14 widths, exact and indexed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ EXAMPLE = """example:
 # (backbone, embed_dim, patches per image at its usual input size)
 WIDTHS = (("ViT-B-16", 512, 14 * 14), ("ViT-L-14-336 at 518 px", 768, 37 * 37))
 MAP_LAYERS = 4
+BATCH = 16  # images whose patches one indexed search takes (the scorer searches a batch at once)
 
 
 def build_parser() -> Parser:
@@ -39,6 +43,8 @@ def build_parser() -> Parser:
     p.add_argument("--good", type=positive_int, default=16, help="known-good images per texture (default: 16)")
     p.add_argument("--cost-images", type=positive_int, default=64, help="images timed for the cost (default: 64)")
     p.add_argument("--skip-cost", action="store_true", help="accuracy only")
+    p.add_argument("--skip-choices", action="store_true", help="no settings sweep (known-good counts, coreset, layers)")
+    p.add_argument("--cost-only", action="store_true", help="the cost only (no accuracy, no forward of every image)")
     return p
 
 
@@ -104,12 +110,13 @@ class Bench:
         self.masks = _masks(folder, archive, scorer.image_size)
 
     def bank(self, per_texture: int, budget: int = 10_000, coreset: str = "greedy", layers=None,
-             aggregate: str = "max"):
-        from headclip.reference import BankBuilder
+             aggregate: str = "max", index=None):
+        from headclip.reference import BankBuilder, IndexSettings
         from headclip.reference.build import BankSettings
 
-        builder = BankBuilder(self.scorer.model.vision.map_layers,
-                              BankSettings(budget=budget, coreset=coreset, layers=layers, aggregate=aggregate))
+        settings = BankSettings(budget=budget, coreset=coreset, layers=layers, aggregate=aggregate,
+                                index=index or IndexSettings())
+        builder = BankBuilder(self.scorer.model.vision.map_layers, settings)
         for texture in self.textures:
             rows = [i for i, c in enumerate(self.good_classes) if c == texture][:per_texture]
             builder.add(self.good_features[rows], [texture] * len(rows))
@@ -117,13 +124,13 @@ class Bench:
         return builder.build("bench", model.config.backbone, model.image_size, model.clip.visual.output_dim,
                              "class_name")
 
-    def evaluate(self, bank) -> dict[str, dict[str, float]]:
+    def evaluate(self, bank, nprobe=None) -> dict[str, dict[str, float]]:
         """Per texture: image AUROC of zero-shot, reference and combined; pixel AUROC of zero-shot and combined."""
         import numpy as np
 
         from headclip.reference import ReferenceScorer
 
-        scorer = ReferenceScorer(bank, self.scorer.model)
+        scorer = ReferenceScorer(bank, self.scorer.model, nprobe=nprobe)
         result = {}
         for texture in self.textures:
             rows = np.flatnonzero(self.classes == texture)
@@ -183,12 +190,72 @@ def choices(bench: Bench, good: int) -> None:
         print(_row(name, mean))
 
 
+def _recall(exact, approx) -> tuple[float, float]:
+    """(share of queries whose indexed distance is the exact one, mean relative excess), to float32 rounding."""
+    tolerance = 1e-4 * (1 + exact)
+    assert bool((approx >= exact - tolerance).all()), "an indexed distance below the exact one"
+    return float((approx <= exact + tolerance).float().mean()), float((approx / exact.clamp(min=1e-6) - 1).mean())
+
+
+def index_accuracy(bench: Bench, good: int) -> None:
+    """Exact vs indexed search on the demo's banks (index forced on) and on one large bank of real patches."""
+    import dataclasses
+
+    import torch
+
+    from headclip.reference import GroupSearch, IndexSettings, ReferenceScorer, build_index
+
+    defaults = IndexSettings()
+    print(f"\nindex settings (defaults): {defaults.to_dict()}; lists per group: round(sqrt(rows)), at most "
+          "rows // 8")
+    exact_bank = bench.bank(good)
+    exact = bench.evaluate(exact_bank)["mean"]
+    scorer = ReferenceScorer(exact_bank, bench.scorer.model)
+    chosen = bench.features[:, :, scorer.index].flatten(2)
+    truth = {t: scorer.distances(chosen[bench.classes == t], t) for t in bench.textures}
+    print(f"{good} known-good images per texture ({exact_bank.counts[bench.textures[0]]['kept']} patches per group), "
+          "archive patches against their texture's bank; recall = share of patches whose nearest patch is found:")
+    print(f"  {'search':<24}{'recall':>10}{'excess':>10}{'image':>10}{'pixel':>10}")
+    print(f"  {'exact':<24}{1:>10.3f}{0:>10.4f}{exact['combined']:>10.3f}{exact['pixel combined']:>10.3f}")
+    bank = bench.bank(good, index=dataclasses.replace(defaults, exact_below=0))
+    for nprobe in (1, 2, 4, 8, 16):
+        mean = bench.evaluate(bank, nprobe)["mean"]
+        indexed = ReferenceScorer(bank, bench.scorer.model, nprobe=nprobe)
+        got = torch.cat([indexed.distances(chosen[bench.classes == t], t) for t in bench.textures])
+        recall, excess = _recall(torch.cat([truth[t] for t in bench.textures]), got)
+        lists = bank.indexes[bench.textures[0]].nlist
+        print(f"  {f'nprobe {nprobe} of {lists} lists':<24}{recall:>10.3f}{excess:>10.4f}{mean['combined']:>10.3f}"
+              f"{mean['pixel combined']:>10.3f}")
+    # one large bank: every patch of the known-good images and of the archive but the 32 query images
+    queries = chosen[:32].flatten(0, 1)
+    good_chosen = bench.good_features[:, :, scorer.index].flatten(2)
+    rows = torch.cat([good_chosen.flatten(0, 1), chosen[32:].flatten(0, 1)])
+    start = time.perf_counter()
+    order, index = build_index(rows, defaults)
+    built = time.perf_counter() - start
+    search = GroupSearch(rows[order].contiguous(), index, defaults.nprobe)
+    exact_search = GroupSearch(rows)
+    start = time.perf_counter()
+    truth = exact_search(queries)
+    exact_s = time.perf_counter() - start
+    print(f"one bank of {rows.shape[0]:,} real patches (all other images), {queries.shape[0]:,} query patches of 32 "
+          f"archive images; index built in {built:.1f}s ({index.nlist} lists); exact search {exact_s:.2f}s:")
+    for nprobe in (1, 2, 4, 8, 16):
+        search.nprobe = nprobe
+        start = time.perf_counter()
+        got = search(queries)
+        seconds = time.perf_counter() - start
+        recall, excess = _recall(truth, got)
+        print(f"  nprobe {nprobe:>2}: recall {recall:.3f}, mean excess {excess:.4f}, {seconds:.2f}s "
+              f"({exact_s / seconds:.0f}x faster)")
+
+
 def cost(folder: Path, scorer, images: int) -> None:
-    """Scoring time without a bank and with a 100k-patch bank (random unit features), in one run."""
+    """Scoring time without a bank and with a 100k-patch bank (random unit features), exact and indexed, in one run."""
     import pyarrow as pa
     import torch
 
-    from headclip.reference import ReferenceBank, ReferenceScorer, nearest_distances
+    from headclip.reference import GroupSearch, IndexSettings, ReferenceBank, ReferenceScorer, build_index
 
     records = list(csv.DictReader(open(folder / "manifest.csv")))[:images]
     for r in records:
@@ -197,38 +264,76 @@ def cost(folder: Path, scorer, images: int) -> None:
     model = scorer.model
     layers, dim = len(model.vision.map_layers), model.clip.visual.output_dim
     generator = torch.Generator().manual_seed(0)
-    features = torch.nn.functional.normalize(torch.randn(100_000, layers, dim, generator=generator), dim=-1)
-    bank = ReferenceBank({"*": features.flatten(1)}, {"*": 1.0}, model.checkpoint_id or "untrained",
-                         model.config.backbone, model.image_size, tuple(model.vision.map_layers), dim)
+    features = torch.nn.functional.normalize(torch.randn(100_000, layers, dim, generator=generator), dim=-1).flatten(1)
+    settings = IndexSettings()
+    start = time.perf_counter()
+    order, index = build_index(features, settings)
+    built = time.perf_counter() - start
+    make = lambda f, indexes: ReferenceBank(  # noqa: E731
+        {"*": f}, {"*": 1.0}, model.checkpoint_id or "untrained", model.config.backbone, model.image_size,
+        tuple(model.vision.map_layers), dim, settings={"index": settings.to_dict()}, indexes=indexes)
+    banked = {"exact": ReferenceScorer(make(features, {}), model),
+              "indexed": ReferenceScorer(make(features[order].contiguous(), {"*": index}), model)}
     scorer.score_table(table.slice(0, 8))  # warm up
     times = {}
-    banked_scorer = ReferenceScorer(bank, model)
-    for name in ("without", "with", "without again", "with again"):
-        scorer.reference = banked_scorer if name.startswith("with") and not name.startswith("without") else None
-        start = time.perf_counter()
-        scorer.score_table(table)
-        times[name] = time.perf_counter() - start
+    for _ in range(3):
+        for name in ("without", "exact", "indexed"):
+            scorer.reference = banked.get(name)
+            start = time.perf_counter()
+            scorer.score_table(table)
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
     scorer.reference = None
-    plain = min(times["without"], times["without again"])
-    banked = min(times["with"], times["with again"])
+    plain = times["without"]
     print(f"\ncost on this CPU ({torch.get_num_threads()} threads), {images} archive images read, decoded, scored and "
-          f"encoded: {plain:.2f}s without a bank, {banked:.2f}s with a 100,000-patch bank (width {layers} x {dim}): "
-          f"{banked / plain:.2f}x (target <= 1.3x: {'met' if banked / plain <= 1.3 else 'NOT met'})")
-    print("\nbank memory (float32, 4 map layers) and nearest-neighbour time per image on this CPU "
-          "(1M: ten 100k chunks, timed as one 100k bank x 10):")
+          f"encoded (best of 3, interleaved): {plain:.2f}s without a bank; with a 100,000-patch bank (random unit "
+          f"features, width {layers} x {dim}): {times['exact']:.2f}s exact ({times['exact'] / plain:.2f}x), "
+          f"{times['indexed']:.2f}s indexed ({times['indexed'] / plain:.2f}x; index of {index.nlist} lists built in "
+          f"{built:.1f}s, nprobe {settings.nprobe}); target <= 1.3x: "
+          f"{'met' if times['indexed'] / plain <= 1.3 else 'NOT met'}")
+    print("\nbank memory (float32, 4 map layers) and nearest-neighbour time per image on this CPU; exact: 1M timed as "
+          "one 100k bank x 10; indexed (nprobe %d): a batch of %d images' patches, the probe timed with the size's "
+          "lists, the scan with its list size on equal lists of random rows:" % (settings.nprobe, BATCH))
     for backbone, width, patches in WIDTHS:
+        queries = torch.nn.functional.normalize(torch.randn(patches, MAP_LAYERS * width), dim=-1)
         for size in (10_000, 100_000, 1_000_000):
             nbytes = size * MAP_LAYERS * width * 4
             measured = min(size, 100_000)
             bank_t = torch.nn.functional.normalize(torch.randn(measured, MAP_LAYERS * width), dim=-1)
-            queries = torch.nn.functional.normalize(torch.randn(patches, MAP_LAYERS * width), dim=-1)
             start = time.perf_counter()
-            nearest_distances(queries, bank_t)
+            GroupSearch(bank_t)(queries)
             seconds = (time.perf_counter() - start) * size / measured
+            batch = torch.nn.functional.normalize(torch.randn(BATCH * patches, MAP_LAYERS * width), dim=-1)
+            indexed = _indexed_time(bank_t, batch, size, settings) / BATCH
             flops = 2 * patches * size * MAP_LAYERS * width
             print(f"  {backbone:<24} {size:>9,} patches: {nbytes / 2**30:6.2f} GiB, {flops / 1e12:7.2f} TFLOP and "
-                  f"{seconds * 1e3:9.0f} ms per image ({patches} patches)")
+                  f"{seconds * 1e3:8.0f} ms per image exact, {indexed * 1e3:6.1f} ms indexed "
+                  f"({settings.lists_for(size)} lists{', exact by default' if size < settings.exact_below else ''})")
             del bank_t
+
+
+def _indexed_time(bank, queries, size: int, settings) -> float:
+    """Seconds of an indexed search of ``queries`` in a ``size``-row bank: the probe against its
+    lists_for(size) centroids, then the scan of nprobe lists of size // nlist rows (equal lists of
+    ``bank``'s rows, which holds at most 100k: the scan's cost is set by the lists' sizes)."""
+    import torch
+
+    from headclip.reference import GroupSearch, ListIndex
+
+    nlist = settings.lists_for(size)
+    per_list = max(1, size // nlist)
+    lists = bank.shape[0] // per_list
+    offsets = torch.arange(lists + 1) * per_list
+    centroids = bank[torch.randperm(bank.shape[0])[:nlist]] if nlist <= bank.shape[0] else torch.randn(nlist, bank.shape[1])
+    probe = GroupSearch(bank, ListIndex(centroids, torch.arange(nlist + 1)), settings.nprobe)
+    scan = GroupSearch(bank[:lists * per_list], ListIndex(bank[:lists], offsets), settings.nprobe)
+    picks = torch.rand(queries.shape[0], lists).argsort(1)[:, :min(settings.nprobe, lists)]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        probe.probe(queries)
+        scan.scan(queries, picks)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -241,13 +346,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.scoring.scorer import ImageScorer, ScoringOptions
 
     with ImageScorer("bench", DEMO_CHECKPOINT_URI, ScoringOptions(batch_size=32)) as scorer:
+        if args.cost_only:
+            cost(folder, scorer, args.cost_images)
+            return 0
         start = time.perf_counter()
         bench = Bench(folder, scorer)
         print(f"{len(bench.archive)} archive and {len(bench.good)} known-good images through the demo model in "
               f"{time.perf_counter() - start:.1f}s; input {scorer.image_size}px, map layers "
               f"{list(scorer.model.vision.map_layers)}, {bench.features.shape[1]} patches per image")
         accuracy(bench, args.good)
-        choices(bench, args.good)
+        if not args.skip_choices:
+            choices(bench, args.good)
+        index_accuracy(bench, args.good)
         if not args.skip_cost:
             cost(folder, scorer, args.cost_images)
     return 0

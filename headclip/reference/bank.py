@@ -1,7 +1,9 @@
 """A reference bank: per group, known-good patch features of a checkpoint's map layers.
 
 Stored as one safetensors file: tensor ``bank.<i>`` (M_i, layers * embed_dim) float32
-is group ``groups[i]``; the header's ``headclip.reference`` entry (JSON) names the
+is group ``groups[i]``; a group with an index (see :mod:`.index`) also has
+``index.<i>.centroids`` (nlist, layers * embed_dim) float32 and ``index.<i>.offsets``
+(nlist + 1,) int64, its rows then stored list by list; the header's ``headclip.reference`` entry (JSON) names the
 checkpoint id, backbone, image size, layers, per-group counts and distance scales,
 the settings it was built with and the redacted command that built it.
 """
@@ -15,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..errors import HeadCLIPError
+from .index import ListIndex, check_index
 
 FORMAT = "headclip-reference-1"
 METADATA_KEY = "headclip.reference"
@@ -34,6 +37,8 @@ class ReferenceBank:
         ``scale_quantile`` of leave-one-image-out nearest distances); the reference
         map is ``d / (d + scale)``, 0.5 at that distance.
     layers: the map layers (block numbers) whose features are concatenated.
+    indexes: group -> its inverted-file index, for groups large enough to have one; that
+        group's features are then in list order. Groups without one are searched exactly.
     """
 
     features: dict[str, torch.Tensor]
@@ -47,10 +52,16 @@ class ReferenceBank:
     counts: dict[str, dict] = field(default_factory=dict)  # group -> images, patches, kept
     settings: dict = field(default_factory=dict)  # budget, coreset, aggregate, scale_quantile
     command: str = ""
+    indexes: dict[str, ListIndex] = field(default_factory=dict)
 
     @property
     def groups(self) -> list[str]:
         return sorted(self.features)
+
+    def group_of(self, group) -> str:
+        """The bank an image's group value uses: its own, else the pooled one (``*``)."""
+        key = None if group is None else str(group)
+        return key if key in self.features else POOLED
 
     def bank_for(self, group) -> tuple[str, torch.Tensor, float]:
         """(group used, features, scale) for an image's group value: its own bank, else the pooled one."""
@@ -69,18 +80,17 @@ class ReferenceBank:
         return cached
 
     def to(self, device) -> "ReferenceBank":
-        """The same bank with its features on ``device`` (the pooled bank made once there)."""
+        """The same bank with its features and indexes on ``device``."""
         moved = dict(self.__dict__)
         moved.pop("_pooled", None)
         moved["features"] = {g: t.to(device) for g, t in self.features.items()}
-        bank = ReferenceBank(**moved)
-        bank.pooled_features()
-        return bank
+        moved["indexes"] = {g: i.to(device) for g, i in self.indexes.items()}
+        return ReferenceBank(**moved)
 
     def nbytes(self) -> int:
-        """Bytes of the features, the pooled copy included when one is made."""
-        total = sum(t.numel() * t.element_size() for t in self.features.values())
-        return total * (1 if POOLED in self.features or len(self.features) == 1 else 2)
+        """Bytes of the features and indexes (the pooled bank is searched group by group: no copy)."""
+        return (sum(t.numel() * t.element_size() for t in self.features.values())
+                + sum(i.nbytes() for i in self.indexes.values()))
 
     def check(self, checkpoint_id: str, image_size: int, source: str = "reference bank") -> None:
         """BankError (one line) unless the bank was built with this checkpoint and input size."""
@@ -103,6 +113,10 @@ def serialize(bank: ReferenceBank) -> bytes:
 
     tensors = {f"bank.{i}": bank.features[g].detach().to("cpu", torch.float32).contiguous()
                for i, g in enumerate(bank.groups)}
+    for i, g in enumerate(bank.groups):
+        if g in bank.indexes:
+            tensors[f"index.{i}.centroids"] = bank.indexes[g].centroids.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"index.{i}.offsets"] = bank.indexes[g].offsets.detach().to("cpu", torch.int64).contiguous()
     return save(tensors, metadata={METADATA_KEY: json.dumps(bank.metadata(), sort_keys=True)})
 
 
@@ -117,7 +131,7 @@ def parse(data: bytes, source: str = "reference bank") -> ReferenceBank:
         raise BankError(f"{source}: malformed tensor data: {' '.join(str(err).split())[:200]}") from None
     groups = meta["groups"]
     width = len(meta["layers"]) * int(meta["embed_dim"])
-    features = {}
+    features, indexes = {}, {}
     for i, group in enumerate(groups):
         tensor = tensors.get(f"bank.{i}")
         if tensor is None or tensor.ndim != 2 or tensor.shape[1] != width or tensor.shape[0] == 0:
@@ -125,6 +139,15 @@ def parse(data: bytes, source: str = "reference bank") -> ReferenceBank:
         if not bool(torch.isfinite(tensor).all()):
             raise BankError(f"{source}: group {group!r} holds NaN or infinite features")
         features[group] = tensor
+        parts = [tensors.get(f"index.{i}.{name}") for name in ("centroids", "offsets")]
+        if any(p is not None for p in parts):  # banks written without an index have neither: exact search
+            if any(p is None for p in parts):
+                raise BankError(f"{source}: group {group!r} has an incomplete index (centroids and offsets needed)")
+            index = ListIndex(*parts)
+            problem = check_index(tensor, index)
+            if problem:
+                raise BankError(f"{source}: group {group!r}'s index does not fit its features: {problem}")
+            indexes[group] = index
     scales = {g: float(s) for g, s in meta["scales"].items()}
     if not (set(groups) | {POOLED}) <= set(scales):
         raise BankError(f"{source}: distance scales missing for {sorted(set(groups) | {POOLED} - set(scales))}")
@@ -132,7 +155,7 @@ def parse(data: bytes, source: str = "reference bank") -> ReferenceBank:
                          backbone=meta["backbone"], image_size=int(meta["image_size"]),
                          layers=tuple(int(l) for l in meta["layers"]), embed_dim=int(meta["embed_dim"]),
                          group_column=meta.get("group_column"), counts=meta.get("counts", {}),
-                         settings=meta.get("settings", {}), command=meta.get("command", ""))
+                         settings=meta.get("settings", {}), command=meta.get("command", ""), indexes=indexes)
 
 
 def _metadata(data: bytes, source: str) -> dict:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from .bank import POOLED, ReferenceBank
 from .coreset import subsample
+from .index import IndexSettings, build_index
 from .nearest import nearest_distances
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,11 @@ class BankSettings:
     aggregate: str = "max"  # image reference score: "max" patch, or "top1" (mean of the top 1 % of patches)
     scale_quantile: float = 0.99  # leave-one-out distance that maps to 0.5
     seed: int = 0
+    index: IndexSettings = field(default_factory=IndexSettings)  # groups of index.exact_below rows or more
 
     def to_dict(self) -> dict:
         return {"budget": self.budget, "coreset": self.coreset, "aggregate": self.aggregate,
-                "scale_quantile": self.scale_quantile, "seed": self.seed}
+                "scale_quantile": self.scale_quantile, "seed": self.seed, "index": self.index.to_dict()}
 
 
 class BankBuilder:
@@ -61,24 +63,30 @@ class BankBuilder:
 
     def build(self, checkpoint_id: str, backbone: str, image_size: int, embed_dim: int,
               group_column: Optional[str] = None, command: str = "") -> ReferenceBank:
-        """The bank: each group's features subsampled to the budget, its distance scale measured."""
+        """The bank: each group's features subsampled to the budget, its distance scale measured,
+        an index built for groups of ``settings.index.exact_below`` kept patches or more."""
         if not self._features:
             raise ValueError("no known-good images were scored: nothing to build a bank from")
         settings = self.settings
-        features, scales, counts, distances = {}, {}, {}, []
+        features, scales, counts, distances, indexes = {}, {}, {}, [], {}
         for group, images in sorted(self._features.items()):
             kept, scale, normal = _group_bank(images, settings)
+            counts[group] = {"images": len(images), "patches": sum(i.shape[0] for i in images), "kept": kept.shape[0]}
+            if kept.shape[0] >= settings.index.exact_below:
+                order, indexes[group] = build_index(kept, settings.index)
+                kept = kept[order].contiguous()
+                counts[group]["lists"] = indexes[group].nlist
             features[group], scales[group] = kept, scale
             distances.append(normal)
-            counts[group] = {"images": len(images), "patches": sum(i.shape[0] for i in images), "kept": kept.shape[0]}
-            log.info("group %s: %d images, %d of %d patches kept, distance scale %.4f", group, len(images),
-                     kept.shape[0], counts[group]["patches"], scale)
+            log.info("group %s: %d images, %d of %d patches kept, distance scale %.4f, %s", group, len(images),
+                     kept.shape[0], counts[group]["patches"], scale,
+                     f"{indexes[group].nlist} lists" if group in indexes else "exact search")
         if POOLED not in scales:  # the pooled bank is all groups' banks together
             scales[POOLED] = float(_quantile(torch.cat(distances), settings.scale_quantile))
         return ReferenceBank(features=features, scales=scales, checkpoint_id=checkpoint_id, backbone=backbone,
                              image_size=int(image_size), layers=self.layers, embed_dim=int(embed_dim),
                              group_column=group_column, counts=counts, settings=settings.to_dict(),
-                             command=command)
+                             command=command, indexes=indexes)
 
 
 def _group_bank(images: list[torch.Tensor], settings: BankSettings) -> tuple[torch.Tensor, float, torch.Tensor]:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ..model.smoothing import gaussian_blur
 from .bank import BankError, ReferenceBank
-from .nearest import DEFAULT_CHUNK, nearest_distances
+from .index import GroupSearch, IndexSettings
+from .nearest import DEFAULT_CHUNK
 
 REFERENCE_WEIGHT = 0.5
 
@@ -50,10 +51,15 @@ class ReferenceOutput:
 
 
 class ReferenceScorer:
-    """A bank on the model's device, applied to :meth:`HeadCLIP.score` outputs with patch features."""
+    """A bank on the model's device, applied to :meth:`HeadCLIP.score` outputs with patch features.
+
+    Groups with an index are searched through it, ``nprobe`` lists per patch (default: the
+    bank's setting); the others exactly, ``chunk`` bank rows per matmul. The pooled bank is
+    searched group by group, keeping the smallest distance.
+    """
 
     def __init__(self, bank: ReferenceBank, model, device=None, chunk: Optional[int] = DEFAULT_CHUNK,
-                 weight: float = REFERENCE_WEIGHT):
+                 weight: float = REFERENCE_WEIGHT, nprobe: Optional[int] = None):
         map_layers = tuple(model.vision.map_layers)
         missing = [l for l in bank.layers if l not in map_layers]
         if missing:
@@ -62,18 +68,31 @@ class ReferenceScorer:
         self.index = [map_layers.index(l) for l in bank.layers]
         self.bank = bank.to(device or model.image_mean.device)
         self.grid, self.size, self.sigma = model.vision.grid, model.image_size, model.config.sigma
+        self.upsample = upsample_operator(self.grid, self.size, self.sigma, self.bank_device())
         self.chunk, self.weight = chunk, weight
         self.aggregate = bank.settings.get("aggregate", "max")
+        self.nprobe = nprobe or IndexSettings.from_dict(bank.settings.get("index")).nprobe
+        self.searches = {g: GroupSearch(f, self.bank.indexes.get(g), self.nprobe, chunk)
+                         for g, f in self.bank.features.items()}
+
+    def bank_device(self):
+        return next(iter(self.bank.features.values())).device
+
+    def distances(self, features: torch.Tensor, name: str) -> torch.Tensor:
+        """(..., D) -> (...) distances to the bank of group ``name`` (``*``: the pooled one)."""
+        if name in self.searches:
+            return self.searches[name](features)
+        return torch.stack([search(features) for search in self.searches.values()]).amin(0)
 
     def patch_scores(self, features: torch.Tensor, groups: Sequence) -> tuple[torch.Tensor, list[str]]:
         """features (B, N, layers, E) -> reference values per patch (B, N) in [0, 1), and the banks used."""
         chosen = features[:, :, self.index].flatten(2)
         out = torch.empty(chosen.shape[:2], device=chosen.device)
-        used = [self.bank.bank_for(g)[0] for g in groups]
+        used = [self.bank.group_of(g) for g in groups]
         for name in sorted(set(used)):
             rows = [i for i, u in enumerate(used) if u == name]
-            _, bank, scale = self.bank.bank_for(None if name == "*" else name)
-            d = nearest_distances(chosen[rows], bank, self.chunk)
+            scale = self.bank.scales[name]
+            d = self.distances(chosen[rows], name)
             out[rows] = d / (d + scale)
         return out, used
 
@@ -90,9 +109,9 @@ class ReferenceScorer:
             raise ValueError("score with patch_features=True to use a reference bank")
         patch, used = self.patch_scores(out.patch_features, groups)
         reference_score = self.image_scores(patch)
-        grid_map = patch.reshape(-1, 1, self.grid, self.grid)
-        ref_map = F.interpolate(grid_map, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        ref_map = gaussian_blur(ref_map.squeeze(1), self.sigma).clamp_(0.0, 1.0)
+        grid_map = patch.reshape(-1, self.grid, self.grid)
+        up = self.upsample.to(grid_map.device)
+        ref_map = (up @ grid_map @ up.t()).clamp_(0.0, 1.0)
         w = self.weight
         joint = (1 - w) * out.joint_score.float() + w * reference_score
         anomaly_map = ((1 - w) * out.anomaly_map.float() + w * ref_map).clamp_(0.0, 1.0)
@@ -105,6 +124,15 @@ class ReferenceScorer:
         ref = self.apply(out, [r.get(column) if column else None for r in records])
         return ReferencedScores(ref.joint_score, out.global_score, ref.anomaly_map, out.joint_score.float(),
                                 ref.reference_score, ref.groups)
+
+
+def upsample_operator(grid: int, size: int, sigma: float, device=None) -> torch.Tensor:
+    """(size, grid) matrix A with ``A @ m @ A.T`` = bilinear upsampling of a (grid, grid) map to
+    (size, size) (align_corners=False), then the Gaussian blur of the zero-shot maps: both are
+    separable and linear, so one small matmul per side replaces the 2-D convolution."""
+    basis = torch.eye(grid, dtype=torch.float64).unsqueeze(1)  # (grid, 1, grid): one row per grid cell
+    up = F.interpolate(basis, size=size, mode="linear", align_corners=False)  # (grid, 1, size)
+    return gaussian_blur(up, sigma).squeeze(1).t().float().contiguous().to(device)
 
 
 @dataclass
