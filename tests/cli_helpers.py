@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import sys
 
 import pytest
 
@@ -12,6 +14,7 @@ from jobs.cli import run
 def job_in_process(name: str, argv: list, capsys) -> tuple[int, str, str]:
     """Run ``python -m jobs.<name> argv`` in this process: (exit code, stdout, stderr)."""
     module = importlib.import_module(f"jobs.{name}")
+    _rebind_closed_streams()
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
         run(module.main, f"jobs.{name}", [str(a) for a in argv])
@@ -26,3 +29,15 @@ def one_line_refusal(code: int, err: str, *words: str) -> str:
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
+
+
+def _rebind_closed_streams() -> None:
+    """Log handlers bound to a stream an earlier test's capture has closed (Ray's console handler binds
+    sys.stderr when Ray is first imported) write to the process's stderr instead of failing on every record."""
+    loggers = [logging.getLogger()] + [logger for logger in logging.root.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+                handler.setStream(sys.__stderr__)

@@ -109,7 +109,8 @@ def reference_section_aurocs() -> dict[str, dict[str, float]]:
     """The AUROC table of README's reference section ("Known-good images as a reference"), per row."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Known-good images as a reference", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+    table = section.split("\n| texture |", 1)[1].split("\n\n", 1)[0]  # the first table after its header
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in ("| texture |" + table).splitlines()
             if line.startswith("| ") and "---" not in line]
     header = rows[0]
     assert header[:1] == ["texture"] and "pixel combined" in header, header

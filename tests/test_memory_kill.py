@@ -49,6 +49,7 @@ def _big_bank(path: Path) -> None:
     write_bank(bank, str(path))
 
 
+@pytest.mark.own_ray
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads the node's memory from /proc/meminfo")
 def test_a_scoring_actor_killed_for_memory_ends_the_job_in_one_line(tmp_path):
     total, used = _node_memory()

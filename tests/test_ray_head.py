@@ -152,6 +152,7 @@ def _job_api(url: str, token: str):
             time.sleep(1)
 
 
+@pytest.mark.own_ray
 def test_readme_head_runs_a_scoring_job_through_the_job_api(head, tmp_path):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient

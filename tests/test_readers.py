@@ -182,6 +182,7 @@ def test_run_id_lives_in_the_path_and_the_file_metadata(outputs):
     assert parquet.schema_arrow.metadata[b"headclip.run_id"].decode() == run_ids[0]
 
 
+@pytest.mark.demo
 def test_demo_output_reads_and_says_what_the_model_is(ray_cluster, tmp_path, capsys):
     data, out = tmp_path / "demo-data", tmp_path / "demo"
     assert demo_job.main(["--images", "8", "--size", "64", "--data", str(data), "--output", str(out)]) == 0
