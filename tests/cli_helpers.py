@@ -40,4 +40,5 @@ def _rebind_closed_streams() -> None:
         for handler in logger.handlers:
             stream = getattr(handler, "stream", None)
             if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
-                handler.setStream(sys.__stderr__)
+                with handler.lock:  # not setStream: it flushes the closed stream first
+                    handler.stream = sys.__stderr__

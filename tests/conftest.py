@@ -6,7 +6,6 @@ import os
 import socket
 
 import pytest
-import ray  # noqa: F401 - imported here, outside any test's capture: Ray's console log handler keeps the stderr it finds
 import torch
 
 import headclip
