@@ -26,6 +26,7 @@ step checks each shard's row count against the plan.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -268,6 +269,10 @@ def run_pipeline(plan: RunPlan, config: JobConfig, summary: JobSummary, progress
         logging.getLogger("ray.data.exceptions").removeFilter(quiet)
         stop.set()
         ray.kill(counter)
+        # the dataset's iterators shut their executor down when collected; an exception's traceback keeps
+        # this frame (and them) alive until after the driver stops Ray, when they would start a new one
+        rows = results = close = None
+        gc.collect()
     missing = [shard for shard in pending if not progress.is_done(shard)]
     if missing:
         raise JobError(f"{len(missing)} shards ended without a result (first: {missing[0]}); run the job again "
