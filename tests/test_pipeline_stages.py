@@ -183,6 +183,7 @@ def test_default_actors_leave_cpus_to_the_stage_tasks():
     assert layout({"CPU": 2.0}, cpus_per_actor=2.0) == (1, 0.0, 2.0)  # as asked
 
 
+@pytest.mark.own_ray
 def test_a_job_through_its_cli_logs_no_pickled_columns(tiny_checkpoint, tmp_path):
     """jobs.score as a user runs it (its own local Ray): every stage hands Arrow columns to the next, so
     Ray Data never falls back to pickling Python objects, which it says in the job's log. Catches: a stage
