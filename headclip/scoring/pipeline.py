@@ -338,13 +338,11 @@ def _one_line(err: BaseException, size: ActorSize, config: JobConfig, seconds: f
                         f"give it more memory per node, or lower --batch-size or --shard-size")
     name, message = remote_cause(err)
     died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
-    if not getattr(cause, "actor_init_failed", False) and (isinstance(cause, died) or any(
-            _caused_by(err, kind) for kind in died)):
+    if not getattr(cause, "actor_init_failed", False) and (isinstance(cause, died) or _caused_by(err, died)):
         return JobError(f"a Ray worker of the run died ({cause_line(cause)[:200]}) and was not replaced within the "
                         f"run's bounds ({config.max_actor_restarts} actor restarts); published shards are kept: run "
-                        f"the same command to "
-                        f"resume. If it keeps dying, look for the reason in its node's log (`ray logs raylet.out "
-                        f"--node-id ...`): memory, a lost node, a crashing library")
+                        f"the same command to resume. If it keeps dying, look for the reason in its node's log "
+                        f"(`ray logs raylet.out --node-id ...`): memory, a lost node, a crashing library")
     if getattr(cause, "actor_init_failed", False):
         return JobError(f"scoring actors cannot start: {cause_line(cause)}")
     if name in ("JobError", "PlacementError"):  # a stage's own one line
@@ -354,10 +352,10 @@ def _one_line(err: BaseException, size: ActorSize, config: JobConfig, seconds: f
 
 
 def _bank_size(config: JobConfig) -> str:
-    """The size of the --reference bank's file, as its scoring actors hold it in memory (twice with groups)."""
+    """The size of the --reference bank's file: what each scoring actor holds of it in memory."""
     try:
         fs, path = filesystem(config.scoring.reference, config.storage_options)
-        return f"{fs.size(path) / 2**30:.2f} GiB on file, up to twice that in memory with groups"
+        return f"{fs.size(path) / 2**30:.2f} GiB"
     except Exception:  # noqa: BLE001 - the size is a hint only
         return "size unknown"
 
@@ -393,7 +391,8 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _caused_by(err: Optional[BaseException], kind: type) -> bool:
+def _caused_by(err: Optional[BaseException], kind) -> bool:
+    """Whether ``err`` or an error it wraps is a ``kind`` (a type or a tuple of types)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
