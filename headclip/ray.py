@@ -97,7 +97,9 @@ class DecodeImages:
 
     Adds ``pixels`` (S, S, 3) uint8, ``width``/``height`` of the full image
     (-1 unknown), ``decode_error`` ("" when decoded), ``gt_mask`` (S, S) bool
-    and ``gt_mask_known`` (for labelled records with ``has_masks``). Reads run
+    and ``gt_mask_known`` (for labelled records with ``has_masks``), and
+    ``reference_pixels`` (R, R, 3) uint8 where ``options.reference_size`` R (a
+    reference bank's own side) differs from S. Reads run
     on ``threads`` threads; a failed read or decode is the row's
     ``decode_error``, never an exception. ``node_column`` names a column that
     gets the node id.
@@ -115,7 +117,8 @@ class DecodeImages:
         if "image_uri" not in table.column_names:
             raise ValueError("DecodeImages needs an image_uri column")
         loaded = decode_records(records, self.size, self.options, self.storage_options, self.threads)
-        return _with_columns(table, loaded_to_columns(loaded, self.size), self.node_column)
+        return _with_columns(table, loaded_to_columns(loaded, self.size, self.options.reference_size),
+                             self.node_column)
 
 
 def decode_images(batch: Batch, image_size: int, options: Union[ScoringOptions, Mapping, None] = None,
@@ -187,7 +190,7 @@ class HeadCLIPScorer:
         """The batch's images as LoadedImages, or None to read them from ``image_uri`` in the scorer."""
         names = table.column_names
         if "pixels" in names:
-            return columns_to_loaded({c: _numpy(table[c]) for c in DECODED_COLUMNS})
+            return columns_to_loaded({c: _numpy(table[c]) for c in DECODED_COLUMNS if c in names})
         if "image" in names:
             from .data.loading import LoadedImage
 

@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 
 from .cli import (Parser, UsageError, add_cluster_flags, bins_int, check_storage_options, init_ray, load_dataset_arg,
                   open_unit_float, pool_settings, prepare_or_exit, rate_float, redacted_command, run, unit_float)
-from .cli import (add_bank_flags, add_reference_flag, apply_reference_arg, bank_settings, positive_int,
-                  read_bank_once, seed_int)
+from .cli import (add_bank_flags, add_reference_flag, apply_reference_arg, bank_settings, check_bank_settings,
+                  positive_int, read_bank_once, seed_int)
 
 PROG = "python -m jobs.calibrate"
 EXAMPLE = """examples:
@@ -234,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.model.checkpoint import read_checkpoint
     from headclip.redact import redact_text
     from headclip.reference import write_bank
-    from headclip.reference.collect import bank_layers, build_bank
+    from headclip.reference.collect import build_bank
     from headclip.reference.fingerprint import bank_fingerprint
     from headclip.scoring.runner import JobConfig, execute
     from headclip.scoring.scorer import ScoringOptions
@@ -261,11 +261,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if build:
         settings = bank_settings(args)
         try:
-            bank_layers(read_checkpoint(config.checkpoint_uri, args.storage_options), settings)
-        except (CheckpointError, ValueError) as err:
+            own = check_bank_settings(read_checkpoint(config.checkpoint_uri, args.storage_options), settings)
+        except CheckpointError as err:
             raise UsageError(str(err)) from None
         check_storage_options(args.storage_options, build)
-        config.scoring = dataclasses.replace(config.scoring, reference=build)
+        config.scoring = dataclasses.replace(config.scoring, reference=build, reference_size=own)
     plans = [prepare_or_exit(config, table) for table in (good, defects) if table is not None]
     if build and any(plan.resumed for plan in plans):  # its rows were scored with an earlier bank
         raise UsageError(f"calibration rows of these images exist under {redact_text(config.output)} (run "
@@ -324,7 +324,7 @@ def print_bank_part(bank, output: str, collected, images: int, held_out: int) ->
     from headclip.redact import redact_text
 
     print(f"reference bank {redact_text(output)}: built from {len(collected.features)} of {images} good images "
-          f"({len(collected.errors)} unreadable); {held_out} other good images are calibrated on, scored with it")
+          f"({len(collected.errors)} unreadable) at {bank.input_size}px; {held_out} other good images are calibrated on, scored with it")
     for group in bank.groups:
         c = bank.counts[group]
         print(f"  {group}: {c['images']} images, {c['kept']} of {c['patches']} patches kept, "

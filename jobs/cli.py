@@ -453,8 +453,8 @@ def read_bank_once(uri: str, storage_options: Optional[dict]):
 
 
 def add_bank_flags(p: argparse.ArgumentParser) -> None:
-    """--budget, --coreset, --layers and --aggregate: how a reference bank is built (jobs.reference and
-    jobs.calibrate --build-reference)."""
+    """--budget, --coreset, --layers, --aggregate and --reference-size: how a reference bank is built
+    (jobs.reference and jobs.calibrate --build-reference)."""
     from headclip.reference.build import BankSettings
     from headclip.reference.coreset import METHODS
 
@@ -468,13 +468,40 @@ def add_bank_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregate", choices=("max", "top1"), default=defaults.aggregate,
                    help="image reference score: the largest patch value or the mean of the top 1%% "
                         "(default: %(default)s)")
+    p.add_argument("--reference-size", type=side_int, default=defaults.input_size, metavar="PIXELS",
+                   help="side the known-good and scored images are resized to for the bank's features; a side "
+                        "other than the model's costs a second forward per image when scoring "
+                        "(default: the model's input size)")
 
 
 def bank_settings(args):
     """The :class:`~headclip.reference.build.BankSettings` of :func:`add_bank_flags`' flags."""
     from headclip.reference.build import BankSettings
 
-    return BankSettings(budget=args.budget, coreset=args.coreset, layers=args.layers, aggregate=args.aggregate)
+    return BankSettings(budget=args.budget, coreset=args.coreset, layers=args.layers, aggregate=args.aggregate,
+                        input_size=args.reference_size)
+
+
+def check_bank_settings(checkpoint, settings, overrides: Optional[dict] = None) -> Optional[int]:
+    """UsageError (one line) unless a bank of ``settings`` can be built with ``checkpoint`` (its layers
+    are map layers; its reference size fits the backbone's patches). Returns the reference size where it
+    differs from the model's input size (the decode stage then sends that side too), else None."""
+    from headclip.errors import CheckpointError
+    from headclip.model.validate import check_checkpoint
+    from headclip.reference.collect import bank_layers
+
+    try:
+        bank_layers(checkpoint, settings)
+        size = (overrides or {}).get("image_size", checkpoint.config.image_size)
+        side = settings.input_size
+        if side is None or side == size:
+            return None
+        check_checkpoint(checkpoint, {**(overrides or {}), "image_size": side})
+    except CheckpointError as err:
+        raise UsageError(f"--reference-size {side}: {str(err).split(': ', 1)[-1]}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return side
 
 
 def layers_arg(text: str) -> tuple[int, ...]:
@@ -507,4 +534,5 @@ def apply_reference_arg(args, config) -> None:
         bank.check(checkpoint.checkpoint_id, size, f"reference bank {redact_text(args.reference)}")
     except (BankError, CheckpointError) as err:
         raise UsageError(str(err)) from None
-    config.scoring = dataclasses.replace(config.scoring, reference=args.reference)
+    own = bank.input_size if bank.input_size != size else None  # the decode stage sends that side too
+    config.scoring = dataclasses.replace(config.scoring, reference=args.reference, reference_size=own)

@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 from headclip.redact import redact_text
 
-from .cli import (Parser, UsageError, add_bank_flags, add_cluster_flags, bank_settings, check_storage_options,
-                  init_ray, pool_settings, redacted_command, run)
+from .cli import (Parser, UsageError, add_bank_flags, add_cluster_flags, bank_settings, check_bank_settings,
+                  check_storage_options, init_ray, pool_settings, redacted_command, run)
 
 PROG = "python -m jobs.reference"
 EXAMPLE = """examples:
@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from headclip.errors import CheckpointError
     from headclip.model.checkpoint import read_checkpoint
     from headclip.reference import write_bank
-    from headclip.reference.collect import bank_layers, build_bank
+    from headclip.reference.collect import build_bank
     from headclip.scoring.runner import JobConfig
     from headclip.scoring.scorer import ScoringOptions
 
@@ -69,8 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_storage_options(args.storage_options, args.input, args.output, config.checkpoint_uri)
     settings = bank_settings(args)
     try:
-        bank_layers(read_checkpoint(config.checkpoint_uri, args.storage_options), settings)
-    except (CheckpointError, ValueError) as err:
+        check_bank_settings(read_checkpoint(config.checkpoint_uri, args.storage_options), settings)
+    except CheckpointError as err:
         raise UsageError(str(err)) from None
     extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
     if not extensions:
@@ -100,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def print_bank(bank, output: str, collected, coreset: str) -> None:
     """What was built: images, unreadable ones, layers, size, and per group the patches kept."""
     print(f"bank {redact_text(output)}: {len(collected.features)} known-good images ({len(collected.errors)} "
-          f"unreadable), layers {list(bank.layers)}, {bank.nbytes() / 2**20:.1f} MiB of features; "
+          f"unreadable) at {bank.input_size}px (the model scores at {bank.image_size}px), layers "
+          f"{list(bank.layers)}, {bank.nbytes() / 2**20:.1f} MiB of features; "
           f"{collected.sent_bytes / 2**20:.1f} MiB sent by the actors in {collected.seconds:.1f}s")
     for group in bank.groups:
         c = bank.counts[group]

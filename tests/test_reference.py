@@ -87,7 +87,7 @@ def test_bank_round_trips_and_is_refused_for_another_checkpoint_or_size(tmp_path
     back.check("c" * 64, 64)
     with pytest.raises(BankError, match="built with checkpoint cccccccccccc, not dddddddddddd"):
         back.check("d" * 64, 64)
-    with pytest.raises(BankError, match="built at 64px"):
+    with pytest.raises(BankError, match="built for a model scoring at 64px"):
         back.check("c" * 64, 96)
     (tmp_path / "junk").write_bytes(b"\x08" + b"\x00" * 7 + b"{}garbage")
     with pytest.raises(BankError, match="not a HeadCLIP reference bank"):

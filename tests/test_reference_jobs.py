@@ -189,3 +189,48 @@ def test_actors_preselect_an_images_patches_as_the_bank_would(known_good, tiny_c
         full = features[row].flatten(1)
         expected = full if cap in (0, 16) else full[subsample(full, cap, "greedy", 3 + row)]
         np.testing.assert_allclose(got.features[row], expected.numpy(), atol=1e-5)
+
+
+def test_a_bank_at_its_own_size_through_the_jobs_on_ray(known_good, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """jobs.reference --reference-size builds, on Ray, the bank this process builds from the images at that
+    side; jobs.score --reference sends each image at both sides through the decode stage and scores as the
+    scorer in this process does; a side off the patch grid is one line before Ray."""
+    from headclip.reference import BankBuilder
+    from headclip.reference.build import BankSettings
+    from headclip.scoring.scorer import ImageScorer, ScoringOptions
+
+    root, _ = known_good
+    bank_path = tmp_path / "bank96.safetensors"
+    code, out, err = job_in_process("reference", ["--input", root / "good.csv", "--output", bank_path,
+                                                  "--checkpoint", tiny_checkpoint, "--reference-size", "96",
+                                                  "--budget", "1000", "--shard-size", "4"], capsys)
+    assert code == 0, err
+    assert "at 96px (the model scores at 64px)" in out, out
+    bank = read_bank(str(bank_path))
+    assert bank.input_size == 96 and bank.image_size == 64 and bank.counts["*"]["patches"] == 6 * 36
+    good = [line.split(",") for line in (root / "good.csv").read_text().splitlines()[1:]]
+    with ImageScorer("ref", tiny_checkpoint, ScoringOptions(batch_size=8)) as scorer:
+        scorer.read_at(96)
+        pixels, _ = scorer.feeder.batch(list(scorer.loader.iterate([{"image_uri": r[0], "image_id": r[1]} for r in good])))
+        builder = BankBuilder(scorer.model.vision.map_layers, BankSettings(budget=1000))
+        builder.add(scorer.model.patch_features(pixels), [None] * len(good))
+    _same_bank(bank, builder.build(bank.checkpoint_id, bank.backbone, 64, bank.embed_dim, reference_size=96))
+
+    out_dir = tmp_path / "scores"
+    assert score_job.main(["--input", str(root / "all.csv"), "--output", str(out_dir), "--checkpoint", tiny_checkpoint,
+                           "--reference", str(bank_path), "--shard-size", "4", "--cpus-per-actor", "1"]) == 0
+    run_dir = next(p for p in out_dir.iterdir() if p.name.startswith("run_id="))
+    frame = results.read_run(str(run_dir)).set_index("image_id")
+    records = [{"image_uri": line.split(",")[0], "image_id": line.split(",")[1]}
+               for line in (root / "all.csv").read_text().splitlines()[1:]]
+    with ImageScorer("x", tiny_checkpoint, ScoringOptions(batch_size=4, reference=str(bank_path))) as scorer:
+        expected = {r["image_id"]: r for r in scorer.score_rows(records)}
+    assert len(frame) == 9 and (frame["status"] == "ok").all()
+    for image_id, row in expected.items():
+        for column in ("score", "reference_score", "zero_shot_score"):
+            assert frame.loc[image_id, column] == pytest.approx(row[column], abs=1e-5), (image_id, column)
+
+    monkeypatch.setattr(reference_job, "init_ray", lambda *a: pytest.fail("Ray started"))
+    code, err = _exit(reference_job.main, "jobs.reference", ["--input", str(root / "good.csv"), "--output",
+                      str(tmp_path / "b.safetensors"), "--checkpoint", tiny_checkpoint, "--reference-size", "72"], capsys)
+    one_line_refusal(code, err, "--reference-size 72", "multiple of the patch size 16")

@@ -38,7 +38,8 @@ class LoadedImage:
     (S, S) bool ground truth where it is known (None for classes without pixel
     ground truth); width/height: the full upright image's size (also for some
     errors); error: one line, or None; jpeg: bytes left for decoding on the
-    model's device.
+    model's device; reference_pixels: (R, R, 3) uint8, the image at a reference
+    bank's own side, where one is asked for and the image is resized here.
     """
 
     pixels: Optional[np.ndarray] = None
@@ -48,6 +49,7 @@ class LoadedImage:
     error: Optional[str] = None
     jpeg: Optional[bytes] = None
     orientation: int = 1  # EXIF orientation of ``jpeg``
+    reference_pixels: Optional[np.ndarray] = None
 
 
 # Single-channel modes whose values are read as they are.
@@ -87,7 +89,8 @@ def _one_line(err: BaseException) -> str:
 
 def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
                max_pixels: int = DEFAULT_MAX_PIXELS, with_mask: bool = False, reduced_decode: bool = False,
-               resize: bool = True, keep_jpeg: bool = False, data: Optional[bytes] = None) -> LoadedImage:
+               resize: bool = True, keep_jpeg: bool = False, data: Optional[bytes] = None,
+               reference_size: Optional[int] = None) -> LoadedImage:
     """Read, decode and resize ``record["image_uri"]``; with ``with_mask`` also its mask.
 
     ``reduced_decode``: a large JPEG may decode at a reduced DCT scale that
@@ -97,7 +100,9 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
     size); its bytes stay in ``jpeg`` for decoding on the device, and
     ``pixels`` is None. The mask is known for an image with a ``mask_uri`` and
     for a normal image (``label`` 0: all background); an anomalous image
-    without one has none.
+    without one has none. ``reference_size``: with ``resize``, the image is also resized to
+    that side into ``reference_pixels`` (from the same decoded image); a reduced decode
+    then keeps both sides >= the larger of the two sizes.
     """
     uri = record["image_uri"]
     try:
@@ -107,14 +112,17 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
         if isinstance(err, FileNotFoundError) and not is_connection_error(err):
             return LoadedImage(error=f"not found: {uri}")
         return LoadedImage(error=f"read error: {describe_error(err)}")
-    jpeg, orientation = None, 1
+    jpeg, orientation, reference = None, 1, None
     try:
         if keep_jpeg and data[:3] == JPEG_MAGIC and data.rstrip(b"\x00")[-2:] == JPEG_END:
             opened = open_image(data, max_pixels)
             pixels, (width, height), jpeg, orientation = None, upright_size(opened), data, exif_orientation(opened)
         else:
-            image, (width, height) = decode_scaled(data, max_pixels, size if reduced_decode else None)
+            least = max(size, reference_size or 0)
+            image, (width, height) = decode_scaled(data, max_pixels, least if reduced_decode else None)
             pixels = resize_square(image, size) if resize else np.asarray(image, dtype=np.uint8)
+            if resize and reference_size:
+                reference = resize_square(image, reference_size)
     except ImageDecodeError as err:
         return LoadedImage(width=err.width, height=err.height, error=str(err))
     mask = None
@@ -126,7 +134,8 @@ def load_image(record: dict, size: int, storage_options: Optional[dict] = None,
                                error=f"cannot read mask {record.get('mask_uri')}: {_one_line(err)}")
         if mask is None and int(record.get("label", 0)) == 0:
             mask = np.zeros((size, size), dtype=bool)
-    return LoadedImage(pixels=pixels, mask=mask, width=width, height=height, jpeg=jpeg, orientation=orientation)
+    return LoadedImage(pixels=pixels, mask=mask, width=width, height=height, jpeg=jpeg, orientation=orientation,
+                       reference_pixels=reference)
 
 
 @dataclass

@@ -199,6 +199,26 @@ class HeadCLIP(nn.Module):
         return ScoreOutput(joint_score=joint, global_score=global_score, anomaly_map=anomaly_map,
                            patch_features=stacked)
 
+    @torch.inference_mode()
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The map layers' L2-normalised projected patch features of images at any side.
+
+        Args:
+            images: (B, 3, R, R) normalised float or uint8 RGB; R any multiple of the patch size.
+        Returns:
+            (B, (R/patch)^2, map layers, embed_dim) float32: at the model's own side, what
+            :meth:`score` returns with ``patch_features=True``; at another side, what a model built
+            at side R would (positional embedding interpolated alike). Blocks after the last map
+            layer are not run.
+        """
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        images = images.to(self.image_mean.device, non_blocking=True)
+        with self._autocast(images):
+            tokens = self.vision.map_tokens(images)
+            features = [F.normalize(self.vision.project(t), dim=-1) for t in tokens]
+        return torch.stack(features, dim=2).float()
+
 
 def resize_maps(anomaly_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize (B, S, S) or (S, S) maps to an image's own size, bilinear."""

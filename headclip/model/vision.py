@@ -32,12 +32,13 @@ from .config import HeadCLIPConfig, default_map_layers, default_vv_start_layer
 class VisionFeatures(NamedTuple):
     """Output of :class:`DualPathVisionEncoder`.
 
-    class_token: (B, width) class token of the original path after the last block.
+    class_token: (B, width) class token of the original path after the last block
+        (None from :meth:`DualPathVisionEncoder.map_tokens`, which stops at the last map layer).
     patch_tokens: one (B, grid*grid, width) tensor per map layer, V-V path,
         class token removed, before ``ln_post``.
     """
 
-    class_token: torch.Tensor
+    class_token: Optional[torch.Tensor]
     patch_tokens: list[torch.Tensor]
 
 
@@ -145,6 +146,8 @@ class DualPathVisionEncoder(nn.Module):
                                                           config.pos_embedding_interpolation),
             persistent=False,
         )
+        self.pos_interpolation = config.pos_embedding_interpolation
+        self._pos_at_grid: dict[int, torch.Tensor] = {}  # other grids' interpolated copies (map_tokens)
         self.head_weights = nn.Parameter(torch.ones(self.depth - start + 1, self.heads))
         self.options = ForwardOptions()
 
@@ -163,18 +166,37 @@ class DualPathVisionEncoder(nn.Module):
         resized = self._resized_pos_embedding
         return self.visual.positional_embedding if resized is None else resized
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, class token, positions, ln_pre; (B, 1 + grid*grid, width)."""
+    def pos_embedding_at(self, grid: int) -> torch.Tensor:
+        """(1 + grid*grid, width) positional embedding for inputs of ``grid`` patches a side: the model's own
+        at its grid, else the weights' embedding interpolated as a model built at that size would (cached)."""
+        if grid == self.grid:
+            return self.pos_embedding
+        native = self.visual.positional_embedding
+        cached = self._pos_at_grid.get(grid)
+        if cached is None or cached.device != native.device or cached.dtype != native.dtype:
+            cached = interpolate_pos_embedding(native.detach(), grid, self.pos_interpolation)
+            self._pos_at_grid[grid] = cached
+        return cached
+
+    def embed(self, images: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        """Patch embedding, class token, positions, ln_pre; (B, 1 + grid*grid, width).
+
+        ``any_size``: inputs of any square side that is a multiple of the patch size, with
+        :meth:`pos_embedding_at` their grid; otherwise only the model's own side is taken.
+        """
         visual = self.visual
+        side = images.shape[-1]
+        if images.shape[-2] != side or (any_size and side % self.patch_size) or \
+                (not any_size and side != self.grid * self.patch_size):
+            expected = f"square inputs whose side is a multiple of {self.patch_size}" if any_size else \
+                f"{self.grid * self.patch_size}px inputs"
+            raise ValueError(f"expected {expected}, got {tuple(images.shape[-2:])}")
         x = visual.conv1(images.to(self.dtype))
         batch, width = x.shape[:2]
-        if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
-            raise ValueError(
-                f"expected {self.grid * self.patch_size}px inputs, got {tuple(images.shape[-2:])}"
-            )
+        pos = self.pos_embedding_at(x.shape[-1])
         x = x.reshape(batch, width, -1).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embedding.to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
         return visual.ln_pre(x)
 
     def _qkv(self, attn: nn.MultiheadAttention, x: torch.Tensor, class_only: bool = False):
@@ -237,8 +259,15 @@ class DualPathVisionEncoder(nn.Module):
         with attention_backends(images.device, self.options.cudnn_attention):
             return self._forward(images)
 
-    def _forward(self, images: torch.Tensor) -> VisionFeatures:
-        x = self.embed(images)
+    def map_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images: (B, 3, R, R) normalised, R any multiple of the patch size -> per map layer the V-V
+        path's patch tokens (B, (R/patch)^2, width), as :meth:`forward` at a model built at side R gives
+        them; the blocks after the last map layer are not run."""
+        with attention_backends(images.device, self.options.cudnn_attention):
+            return self._forward(images, maps_only=True).patch_tokens
+
+    def _forward(self, images: torch.Tensor, maps_only: bool = False) -> VisionFeatures:
+        x = self.embed(images, any_size=maps_only)
         x_vv = None
         patch_tokens = {}
         last_map_layer = max(self.map_layers)
@@ -256,6 +285,8 @@ class DualPathVisionEncoder(nn.Module):
             x, x_vv = self.block_forward(block, x, x_vv, weights, class_only)
             if layer in self.map_layers:
                 patch_tokens[layer] = x_vv[:, 1:]
+            if maps_only and layer == last_map_layer:
+                return VisionFeatures(class_token=None, patch_tokens=[patch_tokens[l] for l in self.map_layers])
         return VisionFeatures(class_token=x[:, 0], patch_tokens=[patch_tokens[l] for l in self.map_layers])
 
     def project(self, tokens: torch.Tensor, layernorm: bool = True) -> torch.Tensor:

@@ -4,7 +4,8 @@ Stored as one safetensors file: tensor ``bank.<i>`` (M_i, layers * embed_dim) fl
 is group ``groups[i]``; a group with an index (see :mod:`.index`) also has
 ``index.<i>.centroids`` (nlist, layers * embed_dim) float32 and ``index.<i>.offsets``
 (nlist + 1,) int64, its rows then stored list by list; the header's ``headclip.reference`` entry (JSON) names the
-checkpoint id, backbone, image size, layers, per-group counts and distance scales,
+checkpoint id, backbone, image size (the model's), reference size (the side the bank's images were
+resized to: the reference path's input), layers, per-group counts and distance scales,
 the settings it was built with and the redacted command that built it.
 """
 
@@ -36,6 +37,9 @@ class ReferenceBank:
     scales: group -> the distance a known-good patch rarely exceeds (the quantile
         ``scale_quantile`` of leave-one-image-out nearest distances); the reference
         map is ``d / (d + scale)``, 0.5 at that distance.
+    image_size: the model's input side the bank is for (the zero-shot path's).
+    reference_size: the side images are resized to for the reference path's features (its
+        own forward when it differs from ``image_size``); None: ``image_size``.
     layers: the map layers (block numbers) whose features are concatenated.
     indexes: group -> its inverted-file index, for groups large enough to have one; that
         group's features are then in list order. Groups without one are searched exactly.
@@ -53,6 +57,12 @@ class ReferenceBank:
     settings: dict = field(default_factory=dict)  # budget, coreset, aggregate, scale_quantile
     command: str = ""
     indexes: dict[str, ListIndex] = field(default_factory=dict)
+    reference_size: Optional[int] = None
+
+    @property
+    def input_size(self) -> int:
+        """The side of the reference path's images (pixels)."""
+        return int(self.reference_size or self.image_size)
 
     @property
     def groups(self) -> list[str]:
@@ -98,13 +108,13 @@ class ReferenceBank:
             raise BankError(f"{source} was built with checkpoint {self.checkpoint_id[:12]}, not "
                             f"{checkpoint_id[:12]}: build a bank with this checkpoint (python -m jobs.reference)")
         if int(image_size) != self.image_size:
-            raise BankError(f"{source} was built at {self.image_size}px, the model scores at {image_size}px: "
-                            "build a bank at this image size")
+            raise BankError(f"{source} was built for a model scoring at {self.image_size}px, this one scores at "
+                            f"{image_size}px: build a bank at this image size")
 
     def metadata(self) -> dict:
         return {"format": FORMAT, "groups": self.groups, "scales": dict(sorted(self.scales.items())),
                 "checkpoint_id": self.checkpoint_id, "backbone": self.backbone, "image_size": self.image_size,
-                "layers": list(self.layers), "embed_dim": self.embed_dim, "group_column": self.group_column,
+                "reference_size": self.input_size, "layers": list(self.layers), "embed_dim": self.embed_dim, "group_column": self.group_column,
                 "counts": self.counts, "settings": self.settings, "command": self.command}
 
 
@@ -155,7 +165,16 @@ def parse(data: bytes, source: str = "reference bank") -> ReferenceBank:
                          backbone=meta["backbone"], image_size=int(meta["image_size"]),
                          layers=tuple(int(l) for l in meta["layers"]), embed_dim=int(meta["embed_dim"]),
                          group_column=meta.get("group_column"), counts=meta.get("counts", {}),
-                         settings=meta.get("settings", {}), command=meta.get("command", ""), indexes=indexes)
+                         settings=meta.get("settings", {}), command=meta.get("command", ""), indexes=indexes,
+                         reference_size=_reference_size(meta, source))
+
+
+def _reference_size(meta: dict, source: str) -> int:
+    """The header's reference size (banks written before it had none: the model's image size)."""
+    value = meta.get("reference_size", meta["image_size"])
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BankError(f"{source}: reference_size {value!r} is not a positive whole number of pixels")
+    return value
 
 
 def _metadata(data: bytes, source: str) -> dict:

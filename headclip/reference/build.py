@@ -25,6 +25,7 @@ class BankSettings:
     budget: int = 10_000  # patches kept per group
     coreset: str = "greedy"  # "greedy" (PatchCore's k-centre) or "random"
     layers: Optional[Sequence[int]] = None  # map layers (block numbers) used; None: all of them
+    input_size: Optional[int] = None  # side the reference path's images are resized to; None: the model's
     aggregate: str = "max"  # image reference score: "max" patch, or "top1" (mean of the top 1 % of patches)
     scale_quantile: float = 0.99  # leave-one-out distance that maps to 0.5
     seed: int = 0
@@ -62,9 +63,12 @@ class BankBuilder:
         return {g: len(v) for g, v in self._features.items()}
 
     def build(self, checkpoint_id: str, backbone: str, image_size: int, embed_dim: int,
-              group_column: Optional[str] = None, command: str = "") -> ReferenceBank:
+              group_column: Optional[str] = None, command: str = "", reference_size: Optional[int] = None
+              ) -> ReferenceBank:
         """The bank: each group's features subsampled to the budget, its distance scale measured,
-        an index built for groups of ``settings.index.exact_below`` kept patches or more."""
+        an index built for groups of ``settings.index.exact_below`` kept patches or more.
+        ``image_size``: the model's input side; ``reference_size``: the side the features were taken
+        at (None: ``image_size``)."""
         if not self._features:
             raise ValueError("no known-good images were scored: nothing to build a bank from")
         settings = self.settings
@@ -86,7 +90,7 @@ class BankBuilder:
         return ReferenceBank(features=features, scales=scales, checkpoint_id=checkpoint_id, backbone=backbone,
                              image_size=int(image_size), layers=self.layers, embed_dim=int(embed_dim),
                              group_column=group_column, counts=counts, settings=settings.to_dict(),
-                             command=command, indexes=indexes)
+                             command=command, indexes=indexes, reference_size=int(reference_size or image_size))
 
 
 def _group_bank(images: list[torch.Tensor], settings: BankSettings) -> tuple[torch.Tensor, float, torch.Tensor]:

@@ -72,12 +72,15 @@ class PatchFeatures(HeadCLIPScorer):
     image: ``_row``, ``error`` (None when scored) and ``features`` (k, len(layers) * embed_dim) float32.
 
     ``layers``: the bank's map layers (block numbers); ``method``/``seed``: how an image whose ``_cap``
-    is below its patch count picks that many (:func:`~headclip.reference.coreset.subsample`).
+    is below its patch count picks that many (:func:`~headclip.reference.coreset.subsample`);
+    ``input_size``: the side images are read and batched at (the bank's reference size; None: the model's).
     """
 
     def __init__(self, checkpoint: Optional[str] = None, *, layers: Sequence[int], method: str = "greedy",
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, input_size: Optional[int] = None, **kwargs):
         super().__init__(checkpoint, **kwargs)
+        if input_size:
+            self.scorer.read_at(input_size)
         map_layers = tuple(self.scorer.model.vision.map_layers)
         self.index = [map_layers.index(l) for l in layers]
         self.method, self.seed = method, seed
@@ -106,7 +109,8 @@ def patch_features(scorer, records: list[dict], loaded, index: Sequence[int], ca
                    ) -> tuple[list[Optional[np.ndarray]], list[Optional[str]]]:
     """Each record's patch features (N or cap, len(index) * embed_dim) float32 of the map layers at positions
     ``index``, or its error: read and decoded by ``scorer`` (an :class:`~headclip.scoring.scorer.ImageScorer`)
-    unless ``loaded`` (their LoadedImages) is given, batched by its feeder, run by its model. An image whose
+    unless ``loaded`` (their LoadedImages) is given, batched by its feeder at the side it reads at
+    (:meth:`~headclip.scoring.scorer.ImageScorer.read_at`), run by its model's ``patch_features``. An image whose
     cap (``caps``, None or 0: all) is below its patch count keeps ``subsample(features, cap, method, seed + row)``,
     ``row`` its number in ``rows`` (so random picks differ between images and not between runs)."""
     if loaded is None:
@@ -125,8 +129,7 @@ def patch_features(scorer, records: list[dict], loaded, index: Sequence[int], ca
                 errors[i] = error
         pending.clear()
         if good:
-            out = scorer.model.score(pixels, patch_features=True)
-            chosen = out.patch_features[:, :, list(index)].flatten(2).to("cpu").float()
+            chosen = scorer.model.patch_features(pixels)[:, :, list(index)].flatten(2).to("cpu").float()
             for i, image in zip(good, chosen):
                 cap = int((caps[i] if caps is not None else 0) or 0)
                 if 0 < cap < image.shape[0]:
@@ -180,8 +183,8 @@ def collect_on_ray(listing: pa.Table, config, image_size: int, layers: Sequence[
                      caps: Sequence[int]) -> Collected:
     """Run ``listing`` (image_uri, image_id, extras) through the decode stage and a pool of
     :class:`PatchFeatures` actors sized from ``config`` (a :class:`~headclip.scoring.config.JobConfig`:
-    checkpoint, shard size, actors, GPUs, scoring options); ``caps``: per row, see :func:`patch_caps`.
-    Ray must be running."""
+    checkpoint, shard size, actors, GPUs, scoring options); ``image_size``: the side the images are
+    resized to (the bank's reference size); ``caps``: per row, see :func:`patch_caps`. Ray must be running."""
     import ray
     from ray.data import DataContext
 
@@ -202,7 +205,8 @@ def collect_on_ray(listing: pa.Table, config, image_size: int, layers: Sequence[
     stage = dict(num_cpus=config.stage_cpus, resources=dict(config.stage_resources) or None, batch_format="pyarrow")
     threads = config.scoring.io_threads or max(4, 4 * int(max(1.0, config.stage_cpus)))
     actor = dict(checkpoint=config.checkpoint_uri, layers=tuple(layers), method=settings.coreset, seed=settings.seed,
-                 options=replace(config.scoring, reference=None), storage_options=config.storage_options,
+                 input_size=image_size, options=replace(config.scoring, reference=None, reference_size=None),
+                 storage_options=config.storage_options,
                  run_id="reference", model_overrides=config.model_overrides, torch_threads=max(1, int(size.cpus)))
     ds = ray.data.from_arrow([rows.slice(i, shard) for i in range(0, n, shard)])
     ds = ds.map_batches(decode_images, fn_args=(image_size, config.scoring, config.storage_options, threads),
@@ -262,8 +266,8 @@ def build_bank(listing: pa.Table, groups: Sequence, config, settings: BankSettin
     checkpoint = read_checkpoint(config.checkpoint_uri, config.storage_options)
     model_config = checkpoint.config.replace(**config.model_overrides) if config.model_overrides else checkpoint.config
     layers = bank_layers(checkpoint, settings)
-    collected = collect_on_ray(listing, config, model_config.image_size, layers, settings,
-                                 patch_caps(groups, settings.budget))
+    side = settings.input_size or model_config.image_size
+    collected = collect_on_ray(listing, config, side, layers, settings, patch_caps(groups, settings.budget))
     for row, error in sorted(collected.errors.items())[:5]:
         log.warning("known-good image %s left out: %s", listing["image_id"][row].as_py(), error)
     if not collected.features:
@@ -272,5 +276,5 @@ def build_bank(listing: pa.Table, groups: Sequence, config, settings: BankSettin
     add_collected(builder, collected, groups, layers)
     width = next(iter(collected.features.values())).shape[1]
     bank = builder.build(checkpoint.checkpoint_id, model_config.backbone, model_config.image_size,
-                         width // len(layers), group_column, command)
+                         width // len(layers), group_column, command, reference_size=side)
     return bank, collected

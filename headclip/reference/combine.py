@@ -6,7 +6,10 @@ few-shot maps and scores; PatchCore, Roth et al., CVPR 2022, for the distances):
 - reference map per patch: ``d / (d + s)``, ``d`` the distance of the patch's
   features to the nearest bank patch of the image's group, ``s`` that group's
   scale (see :class:`ReferenceBank`); in [0, 1), 0.5 at the distance a
-  known-good patch rarely exceeds; upsampled and smoothed as the zero-shot map;
+  known-good patch rarely exceeds; upsampled and smoothed as the zero-shot map. The
+  patches are those of the bank's reference size: the zero-shot forward's own when it
+  equals the model's input size, else a second forward of the images resized to it
+  (:meth:`HeadCLIP.patch_features`), whose map is upsampled to the model's side;
 - reference score: the map's largest patch value ("max") or the mean of its
   top 1 % ("top1");
 - published map = (1 - w) * zero-shot map + w * reference map, published score =
@@ -67,7 +70,15 @@ class ReferenceScorer:
                             f"({list(map_layers)})")
         self.index = [map_layers.index(l) for l in bank.layers]
         self.bank = bank.to(device or model.image_mean.device)
+        # the side of a second forward for the bank's features; None: the zero-shot forward's are used
+        self.own_size = bank.input_size if bank.input_size != bank.image_size else None
         self.grid, self.size, self.sigma = model.vision.grid, model.image_size, model.config.sigma
+        if self.own_size is not None:
+            patch = model.vision.patch_size
+            if self.own_size % patch:
+                raise BankError(f"reference bank's reference size {self.own_size}px is not a multiple of the "
+                                f"model's patch size {patch}")
+            self.grid = self.own_size // patch
         self.upsample = upsample_operator(self.grid, self.size, self.sigma, self.bank_device())
         self.chunk, self.weight = chunk, weight
         self.aggregate = bank.settings.get("aggregate", "max")
@@ -103,11 +114,21 @@ class ReferenceScorer:
         k = max(1, math.ceil(0.01 * patch.shape[1]))
         return patch.topk(k, dim=1).values.mean(1)
 
-    def apply(self, out, groups: Sequence) -> ReferenceOutput:
-        """Combine a ScoreOutput (with patch_features) with the bank; ``groups``: each image's group value."""
-        if out.patch_features is None:
+    def apply(self, out, groups: Sequence, features: Optional[torch.Tensor] = None) -> ReferenceOutput:
+        """Combine a ScoreOutput with the bank; ``groups``: each image's group value. ``features``: the
+        images' (B, N, layers, E) patch features at the bank's reference size when it has its own
+        (:attr:`own_size`), else None and ``out`` holds them (scored with patch_features=True)."""
+        if features is None:
+            if self.own_size is not None:
+                raise ValueError(f"this bank's features are taken at {self.own_size}px: pass the images' "
+                                 "patch_features at that side")
+            features = out.patch_features
+        if features is None:
             raise ValueError("score with patch_features=True to use a reference bank")
-        patch, used = self.patch_scores(out.patch_features, groups)
+        if features.shape[1] != self.grid * self.grid:
+            raise ValueError(f"{features.shape[1]} patches per image, the bank's reference size gives "
+                             f"{self.grid * self.grid}")
+        patch, used = self.patch_scores(features, groups)
         reference_score = self.image_scores(patch)
         grid_map = patch.reshape(-1, self.grid, self.grid)
         up = self.upsample.to(grid_map.device)
@@ -117,11 +138,12 @@ class ReferenceScorer:
         anomaly_map = ((1 - w) * out.anomaly_map.float() + w * ref_map).clamp_(0.0, 1.0)
         return ReferenceOutput(joint, reference_score, anomaly_map, patch.reshape(-1, self.grid, self.grid), used)
 
-    def apply_to(self, out, records: Sequence[dict]) -> "ReferencedScores":
+    def apply_to(self, out, records: Sequence[dict], features: Optional[torch.Tensor] = None
+                 ) -> "ReferencedScores":
         """:meth:`apply` for image records (their bank's group column read from each), as the scorer's
         model output: joint score and map combined, the zero-shot and reference scores kept."""
         column = self.bank.group_column
-        ref = self.apply(out, [r.get(column) if column else None for r in records])
+        ref = self.apply(out, [r.get(column) if column else None for r in records], features)
         return ReferencedScores(ref.joint_score, out.global_score, ref.anomaly_map, out.joint_score.float(),
                                 ref.reference_score, ref.groups)
 

@@ -74,8 +74,10 @@ class DeviceFeeder:
     in-order work.
     """
 
-    def __init__(self, device: torch.device, size: int, max_pixels: int):
+    def __init__(self, device: torch.device, size: int, max_pixels: int, reference_size: Optional[int] = None):
         self.device, self.size, self.max_pixels = device, size, max_pixels
+        # a reference bank's own side: batches also come at that side (:meth:`batches`)
+        self.reference_size = reference_size if reference_size and reference_size != size else None
         cuda = device.type == "cuda"
         self._staging: list[Optional[torch.Tensor]] = [None, None]
         self._copied: list[Optional[torch.cuda.Event]] = [None, None]
@@ -102,19 +104,19 @@ class DeviceFeeder:
         self._copied[turn].record()
         return [on_device[lo:hi].view(a.shape).permute(2, 0, 1) for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:])]
 
-    def _resize(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _resize(self, images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
         """(B, 3, size, size) uint8 from (3, H, W) images; one resize call per distinct size."""
-        out = torch.empty((len(images), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=self.device)
         groups: dict[tuple[int, int], list[int]] = {}
         for j, image in enumerate(images):
             groups.setdefault(tuple(image.shape[1:]), []).append(j)
         for shape, index in groups.items():
             stacked = torch.stack([images[j] for j in index])
-            if shape == (self.size, self.size):
+            if shape == (size, size):
                 out[index] = stacked
             else:
-                out[index] = torch.stack([resize_tensor(image, self.size) for image in stacked]) \
-                    if self.device.type == "cpu" else _resize_batch(stacked, self.size)
+                out[index] = torch.stack([resize_tensor(image, size) for image in stacked]) \
+                    if self.device.type == "cpu" else _resize_batch(stacked, size)
         return out
 
     def batch(self, items: Sequence[LoadedImage]) -> tuple[Optional[torch.Tensor], list[Optional[str]]]:
@@ -123,6 +125,18 @@ class DeviceFeeder:
         B' counts the items without an error, in order. Items with ``jpeg``
         bytes are decoded on the device first (on the host where that fails);
         the rest are uploaded as they are.
+        """
+        pixels, _, errors = self.batches(items)
+        return pixels, errors
+
+    def batches(self, items: Sequence[LoadedImage]
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[Optional[str]]]:
+        """:meth:`batch`, plus the same images at ``reference_size`` (B', 3, R, R) uint8 (None without one).
+
+        An image resized on the host brings its ``reference_pixels``; one at its decoded size is resized
+        to both sides from the same pixels on the device. ValueError for an image resized on the host
+        without its reference copy (decoded for another bank): resizing it again would not give the
+        pixels the bank was built from.
         """
         errors: list[Optional[str]] = [None] * len(items)
         images: list[Optional[torch.Tensor]] = [None] * len(items)
@@ -140,8 +154,24 @@ class DeviceFeeder:
         order = sorted(host)
         for j, image in zip(order, self._upload([host[j] for j in order])):
             images[j] = image
-        kept = [image for j, image in enumerate(images) if errors[j] is None]
-        return (self._resize(kept) if kept else None), errors
+        kept = [j for j in range(len(items)) if errors[j] is None]
+        if not kept:
+            return None, None, errors
+        pixels = self._resize([images[j] for j in kept], self.size)
+        if self.reference_size is None:
+            return pixels, None, errors
+        return pixels, self._reference_batch(items, images, kept), errors
+
+    def _reference_batch(self, items: Sequence[LoadedImage], images: list, kept: list[int]) -> torch.Tensor:
+        side = self.reference_size
+        copies = [j for j in kept if items[j].reference_pixels is not None]
+        for j in kept:
+            if items[j].reference_pixels is None and tuple(images[j].shape[1:]) == (self.size, self.size) \
+                    and (items[j].width, items[j].height) != (self.size, self.size):
+                raise ValueError(f"an image came resized to {self.size}px without its {side}px copy: decode "
+                                 f"with the scoring options' reference_size ({side})")
+        uploaded = dict(zip(copies, self._upload([items[j].reference_pixels for j in copies]))) if copies else {}
+        return self._resize([uploaded.get(j, images[j]) for j in kept], side)
 
     def mark(self) -> Optional[torch.cuda.Event]:
         """An event after the work queued so far (a batch's forward), or None on the CPU."""

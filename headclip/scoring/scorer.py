@@ -49,19 +49,33 @@ class ImageScorer:
                                  **(model_overrides or {}))
             prepare_for_inference(model, options.precision, options.compile, options.batch_size)
         self.model = model
-        self.feeder = DeviceFeeder(self.device, model.image_size, options.max_pixels)
         self.model.eval()
         self.checkpoint_id = self.model.checkpoint_id or "untrained"
         self.reference = _reference_scorer(options, storage_options, self.model, self.checkpoint_id)
+        # a bank with its own side gets each image at that side too, for its own forward
+        reference_size = self.reference.own_size if self.reference is not None else None
+        self.feeder = DeviceFeeder(self.device, model.image_size, options.max_pixels, reference_size)
         self.schema = result_schema(extra_fields or [], run_config, self.checkpoint_id, run_id)
         # on a CPU device images are resized where they are decoded, else on the device
         self.loader = ImageLoader(model.image_size, options, storage_options, threads,
-                                  resize=self.device.type == "cpu", keep_jpeg=options.device_decode)
+                                  resize=self.device.type == "cpu", keep_jpeg=options.device_decode,
+                                  reference_size=reference_size)
 
     @property
     def image_size(self) -> int:
         """The side, in pixels, that the model's input images are resized to."""
         return self.model.image_size
+
+    def read_at(self, side: int) -> None:
+        """Read and batch images at ``side`` instead of the model's (for the model's ``patch_features`` at a
+        reference bank's own side; :meth:`score_rows` then no longer fits the images)."""
+        if side == self.loader.size:
+            return
+        loader = self.loader
+        self.loader = ImageLoader(side, self.options, self.storage_options, loader.threads, resize=loader.resize,
+                                  keep_jpeg=loader.keep_jpeg)
+        loader.close()
+        self.feeder = DeviceFeeder(self.device, side, self.options.max_pixels)
 
     # -- the model stage -------------------------------------------------------------
 
@@ -97,16 +111,18 @@ class ImageScorer:
 
         def launch() -> None:
             """Upload, resize and queue the forward of the gathered batch."""
-            pixels, errors = self.feeder.batch([image for _, image in batch])
+            pixels, reference_pixels, errors = self.feeder.batches([image for _, image in batch])
             for (i, image), error in zip(batch, errors):
                 if error is not None:
                     rows[i] = error_row(i, image, error)
             scored = [(i, image) for (i, image), error in zip(batch, errors) if error is None]
             batch.clear()
             if scored:
-                out = self.model.score(pixels, patch_features=self.reference is not None)
+                own = reference_pixels is not None  # the bank's features come from a forward at its own side
+                out = self.model.score(pixels, patch_features=self.reference is not None and not own)
                 if self.reference is not None:
-                    out = self.reference.apply_to(out, [records[i] for i, _ in scored])
+                    features = self.model.patch_features(reference_pixels) if own else None
+                    out = self.reference.apply_to(out, [records[i] for i, _ in scored], features)
                 in_flight.append((scored, out, self.feeder.mark()))
 
         def collect() -> None:

@@ -33,15 +33,17 @@ log = logging.getLogger(__name__)
 class ImageLoader:
     """Reads and decodes images on a thread pool, ahead of their consumer, in their order.
 
-    ``resize``: images come out at the model's (size, size); otherwise at their
-    decoded size (resized on the model's device). ``keep_jpeg``: JPEG bytes are
+    ``resize``: images come out at the model's (size, size) (and, with a
+    ``reference_size``, also at that side); otherwise at their decoded size
+    (resized on the model's device). ``keep_jpeg``: JPEG bytes are
     left for decoding on the device. A read that takes over
     ``options.read_timeout`` seconds becomes an error; its thread is left behind.
     """
 
     def __init__(self, size: int, options: ScoringOptions, storage_options: Optional[dict], threads: int,
-                 resize: bool = True, keep_jpeg: bool = False):
+                 resize: bool = True, keep_jpeg: bool = False, reference_size: Optional[int] = None):
         self.size, self.options, self.storage_options = size, options, storage_options
+        self.reference_size = reference_size if reference_size and reference_size != size else None
         self.threads, self.resize, self.keep_jpeg = threads, resize, keep_jpeg
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="headclip-io")
 
@@ -50,7 +52,8 @@ class ImageLoader:
         options = self.options
         return load_image(record, self.size, self.storage_options, options.max_pixels,
                           with_mask=bool(record.get("has_masks")), reduced_decode=options.reduced_decode,
-                          resize=self.resize, keep_jpeg=self.keep_jpeg, data=data)
+                          resize=self.resize, keep_jpeg=self.keep_jpeg, data=data,
+                          reference_size=self.reference_size)
 
     def iterate(self, records: list[dict], blobs: Optional[list[bytes]] = None) -> Iterator[LoadedImage]:
         """One LoadedImage per record, in order; up to a window of reads run ahead. ``blobs``: the
@@ -85,23 +88,26 @@ class ImageLoader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-DECODED_COLUMNS = ("pixels", "width", "height", "decode_error", "gt_mask", "gt_mask_known")
+DECODED_COLUMNS = ("pixels", "width", "height", "decode_error", "gt_mask", "gt_mask_known", "reference_pixels")
 
 
 def decode_records(records: list[dict], size: int, options: ScoringOptions, storage_options: Optional[dict] = None,
                    threads: Optional[int] = None) -> list[LoadedImage]:
-    """The decode stage: read each record's image (and mask) and resize it to (size, size); never raises."""
-    loader = ImageLoader(size, options, storage_options, threads or options.io_threads or 4)
+    """The decode stage: read each record's image (and mask) and resize it to (size, size), and to
+    ``options.reference_size`` where that differs; never raises."""
+    loader = ImageLoader(size, options, storage_options, threads or options.io_threads or 4,
+                         reference_size=options.reference_size)
     try:
         return list(loader.iterate(records))
     finally:
         loader.close()
 
 
-def loaded_to_columns(loaded: list[LoadedImage], size: int) -> dict[str, np.ndarray]:
+def loaded_to_columns(loaded: list[LoadedImage], size: int, reference_size: Optional[int] = None
+                      ) -> dict[str, np.ndarray]:
     """Decoded images as columns (:data:`DECODED_COLUMNS`): pixels (N, S, S, 3) uint8 (zeros for errors),
     width/height (N,) int64 (-1 unknown), decode_error (N,) str ("" none), gt_mask (N, S, S) bool and
-    gt_mask_known (N,) bool."""
+    gt_mask_known (N,) bool; with a ``reference_size`` R other than S, reference_pixels (N, R, R, 3) uint8."""
     n = len(loaded)
     pixels = np.zeros((n, size, size, 3), np.uint8)
     masks = np.zeros((n, size, size), bool)
@@ -114,19 +120,30 @@ def loaded_to_columns(loaded: list[LoadedImage], size: int) -> dict[str, np.ndar
             "width": np.array([-1 if i.width is None else i.width for i in loaded], np.int64),
             "height": np.array([-1 if i.height is None else i.height for i in loaded], np.int64),
             "decode_error": np.array([i.error or "" for i in loaded], dtype=object),
-            "gt_mask": masks, "gt_mask_known": np.array([i.mask is not None for i in loaded], bool)}
+            "gt_mask": masks, "gt_mask_known": np.array([i.mask is not None for i in loaded], bool),
+            **({"reference_pixels": _reference_pixels(loaded, reference_size)}
+               if reference_size and reference_size != size else {})}
+
+
+def _reference_pixels(loaded: list[LoadedImage], side: int) -> np.ndarray:
+    pixels = np.zeros((len(loaded), side, side, 3), np.uint8)
+    for j, image in enumerate(loaded):
+        if image.reference_pixels is not None:
+            pixels[j] = image.reference_pixels
+    return pixels
 
 
 def columns_to_loaded(columns: dict[str, np.ndarray]) -> list[LoadedImage]:
-    """The inverse of :func:`loaded_to_columns`."""
+    """The inverse of :func:`loaded_to_columns` (``reference_pixels`` may be absent)."""
     out = []
+    reference = columns.get("reference_pixels")
     for j in range(len(columns["width"])):
         error = str(columns["decode_error"][j]) or None
         width, height = int(columns["width"][j]), int(columns["height"][j])
         out.append(LoadedImage(pixels=None if error else columns["pixels"][j],
                                mask=columns["gt_mask"][j] if columns["gt_mask_known"][j] else None,
                                width=None if width < 0 else width, height=None if height < 0 else height,
-                               error=error))
+                               error=error, reference_pixels=None if error or reference is None else reference[j]))
     return out
 
 

@@ -34,6 +34,9 @@ class ScoringOptions:
     # A reference bank (jobs.reference) the scoring actor loads once with the model: each image's
     # score and map combine the zero-shot ones with its group's bank (headclip.reference.combine).
     reference: Optional[str] = None
+    # The side that bank resizes images to for its own forward (its reference_size), where it differs
+    # from the model's: the decode stage then also sends each image at that side. None: no second copy.
+    reference_size: Optional[int] = None
 
     def thresholds_for(self, record: dict) -> tuple[float, float]:
         """(threshold, mask_threshold) of one image record."""
