@@ -356,11 +356,15 @@ from jobs.cli import run
 
 RAY_DATA = {"__name__": "ray.data._internal.execution.streaming_executor"}
 exec("""
-import logging, ray
+import logging, sys, ray
 class Iterator:
     def __del__(self):
         logging.getLogger("ray.data").warning("update_execution_metrics failed", exc_info=ValueError("gone"))
-        ray.put(0)
+        try:
+            ray.put(0)
+        finally:
+            if ray.is_initialized():
+                print("a new Ray started", file=sys.stderr)
 """, RAY_DATA)
 
 class Other:
@@ -386,5 +390,6 @@ def test_ray_teardown_after_ctrl_c_prints_nothing_after_the_line(other):
     if other:  # an exception of anyone else's destructor is reported as before, and only it
         assert done.stderr.startswith(line + "\nException ignored in: <function Other.__del__"), done.stderr[-3000:]
         assert done.stderr.count("Traceback") == 1 and "RuntimeError: not a Ray destructor" in done.stderr
+        assert "a new Ray started" not in done.stderr
     else:
         assert done.stderr.strip().splitlines() == [line], done.stderr[-3000:]
