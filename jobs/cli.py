@@ -291,11 +291,13 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
     try:
         code = main(argv)
     except KeyboardInterrupt:
+        _quiet_ray_console()  # Ray Data's threads report the executor they lose as Ray stops
         _stop_ray()
         say("interrupted; run the same command to resume")
         code = EXIT_INTERRUPTED
     except JobError as err:
         _stop_ray()  # the workers' last log lines are printed before the error, not after it
+        _quiet_ray_console()
         say(f"error: {err}")
         code = EXIT_FAILED
     except (HeadCLIPError, FileNotFoundError, PermissionError) as err:
@@ -305,13 +307,60 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
 
 
 def _stop_ray() -> None:
-    """Shut a Ray this process started or joined down (a failed run has nothing left to do with it)."""
+    """Shut a Ray this process started or joined down (a failed run has nothing left to do with it).
+
+    Ray Data's scheduling threads and iterators can outlive the run for a moment (its executor waits 2 s
+    for its thread; iterators stop when collected). Once Ray is down, a Ray call of theirs would start a
+    new local Ray (Ray's auto-init, with its start-up lines), and their destructors raise. Neither is
+    kept: auto-init is off for the rest of this process, and exceptions that Ray's destructors raise are
+    dropped (any other is reported as before).
+    """
+    global _UNRAISABLE
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray is None:
+        return
+    hook = sys.modules.get("ray._private.auto_init_hook")
+    if hook is not None and hasattr(hook, "enable_auto_connect"):
+        hook.enable_auto_connect = False  # read on every call; RAY_ENABLE_AUTO_CONNECT only at import
+    if sys.unraisablehook is not _drop_ray_unraisable:
+        _UNRAISABLE, sys.unraisablehook = sys.unraisablehook, _drop_ray_unraisable
+    if ray.is_initialized():
         try:
             ray.shutdown()
         except Exception:  # noqa: BLE001 - the run has failed already; say why, not this
             pass
+
+
+_UNRAISABLE = sys.unraisablehook
+
+
+def _drop_ray_unraisable(unraisable) -> None:
+    """``sys.unraisablehook`` once Ray is stopped: drop an exception raised in Ray's code where nothing can
+    catch it (a destructor of Ray Data's iterators or executor); report any other as before."""
+    owner = unraisable.object
+    modules = [getattr(owner, "__module__", None) or type(owner).__module__]
+    if unraisable.exc_traceback is not None:  # the frame it was raised from: the destructor, or a generator's
+        modules.append(unraisable.exc_traceback.tb_frame.f_globals.get("__name__"))
+    if any(m and (m == "ray" or m.startswith("ray.")) for m in modules):
+        return
+    _UNRAISABLE(unraisable)
+
+
+def _quiet_ray_console() -> None:
+    """From now on, Ray's loggers print nothing (their files under the session's logs still get it all).
+
+    A run that ends early ends with its own line, last: what Ray Data's threads log as the driver stops
+    Ray (metric updates that fail, with stack traces) is about Ray's own teardown.
+    """
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if (name == "ray" or name.startswith("ray.")) and isinstance(logger, logging.Logger):
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                    handler.addFilter(_drop_record)
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
 
 
 # -- calibrated thresholds and secrets ---------------------------------------------------

@@ -344,3 +344,52 @@ def test_ctrl_c_ends_the_driver_with_one_line_and_the_run_resumes(ray_cluster, t
                                 scoring=ScoringOptions(batch_size=2)))
     assert plan.resumed and summary.shards_skipped == done and summary.images == 60
     assert len(results.read_run(run_uri(str(out), plan.run_id))) == 60
+
+
+# What Ray Data's iterators do when they are collected after the driver stopped Ray: log a failed metric
+# update with its stack trace, call Ray (which would start a new local Ray), and raise. The object is kept
+# alive by the interrupt's traceback, as the pipeline's iterators are, so it goes after the run's line.
+_TEARDOWN_AFTER_CTRL_C = '''
+import logging, sys
+import ray, ray.data
+from jobs.cli import run
+
+RAY_DATA = {"__name__": "ray.data._internal.execution.streaming_executor"}
+exec("""
+import logging, sys, ray
+class Iterator:
+    def __del__(self):
+        logging.getLogger("ray.data").warning("update_execution_metrics failed", exc_info=ValueError("gone"))
+        try:
+            ray.put(0)
+        finally:
+            if ray.is_initialized():
+                print("a new Ray started", file=sys.stderr)
+""", RAY_DATA)
+
+class Other:
+    def __del__(self):
+        raise RuntimeError("not a Ray destructor")
+
+def main(argv):
+    iterator = RAY_DATA["Iterator"]()
+    other = Other() if sys.argv[1:] == ["other"] else None
+    raise KeyboardInterrupt
+
+run(main, "jobs.demo", [])
+'''
+
+
+@pytest.mark.parametrize("other", [False, True])
+def test_ray_teardown_after_ctrl_c_prints_nothing_after_the_line(other):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_AUTO_CONNECT")}
+    done = subprocess.run([sys.executable, "-c", _TEARDOWN_AFTER_CTRL_C, *(["other"] if other else [])], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-3000:]
+    line = "jobs.demo: interrupted; run the same command to resume"
+    if other:  # an exception of anyone else's destructor is reported as before, and only it
+        assert done.stderr.startswith(line + "\nException ignored in: <function Other.__del__"), done.stderr[-3000:]
+        assert done.stderr.count("Traceback") == 1 and "RuntimeError: not a Ray destructor" in done.stderr
+        assert "a new Ray started" not in done.stderr
+    else:
+        assert done.stderr.strip().splitlines() == [line], done.stderr[-3000:]
