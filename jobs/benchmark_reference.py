@@ -8,8 +8,11 @@ applied to the stored outputs, so the settings are compared on the same forward 
 
 Prints, per texture and as the mean: image AUROC (sklearn) of the zero-shot joint score,
 the reference score alone and their combination, and pixel AUROC of the zero-shot and the
-combined map; the same for known-good counts 1, 4, 16 and all; the aggregation (max vs top
-1 %), the coreset (greedy vs random at several budgets) and the layers. Then the index
+combined map; the same for known-good counts 1, 4, 16 and 64 (known-good images beyond the
+demo's are generated as the demo generates them, same seeds); the aggregation (max vs top
+1 %), the coreset (greedy vs random at several budgets) and the layers. Then the reference
+size: the same with the bank's images at 1x, 1.5x and 2x the model's side (a second forward),
+with the time of scoring with each bank against none, in one run. Then the index
 (headclip.reference.index): recall of the true nearest patch, the distances' excess and the
 AUROC with exact vs indexed search on the demo's banks (index forced on, nprobe swept) and
 on one large bank of all other images' patches. Then the cost: the time to score the
@@ -26,15 +29,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .cli import Parser, UsageError, positive_int, run
+from .reference_cost import cost
 
 EXAMPLE = """example:
   python -m jobs.demo && python -m jobs.benchmark_reference --data demo-data
 """
 
-# (backbone, embed_dim, patches per image at its usual input size)
-WIDTHS = (("ViT-B-16", 512, 14 * 14), ("ViT-L-14-336 at 518 px", 768, 37 * 37))
-MAP_LAYERS = 4
-BATCH = 16  # images whose patches one indexed search takes (the scorer searches a batch at once)
+CURVE = (1, 4, 16, 64)  # known-good images per texture, measured
+SIDES = (1.0, 1.5, 2.0)  # reference sizes measured, times the model's side
 
 
 def build_parser() -> Parser:
@@ -43,7 +45,8 @@ def build_parser() -> Parser:
     p.add_argument("--good", type=positive_int, default=16, help="known-good images per texture (default: 16)")
     p.add_argument("--cost-images", type=positive_int, default=64, help="images timed for the cost (default: 64)")
     p.add_argument("--skip-cost", action="store_true", help="accuracy only")
-    p.add_argument("--skip-choices", action="store_true", help="no settings sweep (known-good counts, coreset, layers)")
+    p.add_argument("--skip-choices", action="store_true",
+                   help="no settings sweep (known-good counts, coreset, layers, reference size)")
     p.add_argument("--cost-only", action="store_true", help="the cost only (no accuracy, no forward of every image)")
     return p
 
@@ -55,8 +58,9 @@ class _Out:
         self.joint_score, self.anomaly_map, self.patch_features = joint, anomaly_map, features
 
 
-def _forward(scorer, records: list[dict]):
-    """joint (B,), anomaly maps (B, S, S) and patch features (B, N, L, E) of ``records``, on the CPU."""
+def _forward(scorer, records: list[dict], features_only: bool = False):
+    """joint (B,), anomaly maps (B, S, S) and patch features (B, N, L, E) of ``records``, on the CPU;
+    ``features_only``: the patch features alone, of the images at the side the scorer reads at."""
     import torch
 
     joint, maps, features = [], [], []
@@ -65,11 +69,42 @@ def _forward(scorer, records: list[dict]):
         pixels, errors = scorer.feeder.batch(images[start:start + 32])
         if any(errors):
             raise UsageError(f"an image could not be read: {next(e for e in errors if e)}")
+        if features_only:
+            features.append(scorer.model.patch_features(pixels))
+            continue
         out = scorer.model.score(pixels, patch_features=True)
         joint.append(out.joint_score.float())
         maps.append(out.anomaly_map.float())
         features.append(out.patch_features)
+    if features_only:
+        return torch.cat(features)
     return torch.cat(joint), torch.cat(maps), torch.cat(features)
+
+
+def _rows(folder: Path, name: str) -> list[dict]:
+    rows = list(csv.DictReader(open(folder / name)))
+    for row in rows:
+        row["image_uri"] = str(folder / row["image_uri"])
+    return rows
+
+
+def _more_good(folder: Path, count: int) -> list[dict]:
+    """``count`` known-good images as the demo writes them (the same seeds: the demo's own come first), in a
+    folder beside ``folder``'s (written once)."""
+    from .demo import generate_good
+
+    size = _image_side(folder)
+    extra = folder.parent / f"{folder.name}-known-good-{count}"
+    generate_good(extra, count, size)
+    return _rows(extra, "known-good.csv")
+
+
+def _image_side(folder: Path) -> int:
+    from PIL import Image
+
+    first = _rows(folder, "known-good.csv")[0]["image_uri"]
+    with Image.open(first) as image:
+        return image.width
 
 
 def _masks(folder: Path, rows: list[dict], size: int):
@@ -95,12 +130,10 @@ class Bench:
         import numpy as np
 
         self.scorer = scorer
-        archive = list(csv.DictReader(open(folder / "manifest.csv")))
-        good = list(csv.DictReader(open(folder / "known-good.csv")))
-        for rows in (archive, good):
-            for row in rows:
-                row["image_uri"] = str(folder / row["image_uri"])
+        archive, good = _rows(folder, "manifest.csv"), _rows(folder, "known-good.csv")
         self.textures = sorted({r["class_name"] for r in archive})
+        if min(sum(r["class_name"] == t for r in good) for t in self.textures) < max(CURVE):
+            good = _more_good(folder, max(CURVE) * len(self.textures))
         self.archive, self.good = archive, good
         self.labels = np.array([int(r["label"]) for r in archive])
         self.classes = np.array([r["class_name"] for r in archive])
@@ -108,21 +141,34 @@ class Bench:
         _, _, self.good_features = _forward(scorer, good)
         self.good_classes = [r["class_name"] for r in good]
         self.masks = _masks(folder, archive, scorer.image_size)
+        self.at_side = {scorer.image_size: (self.features, self.good_features)}
+
+    def features_at(self, side: int):
+        """(archive, known-good) patch features of the images resized to ``side`` (a second forward)."""
+        if side not in self.at_side:
+            from headclip.scoring.scorer import ImageScorer, ScoringOptions
+
+            with ImageScorer("bench", None, ScoringOptions(batch_size=32), model=self.scorer.model) as reader:
+                reader.read_at(side)
+                self.at_side[side] = (_forward(reader, self.archive, features_only=True),
+                                      _forward(reader, self.good, features_only=True))
+        return self.at_side[side]
 
     def bank(self, per_texture: int, budget: int = 10_000, coreset: str = "greedy", layers=None,
-             aggregate: str = "max", index=None):
+             aggregate: str = "max", index=None, side: Optional[int] = None):
         from headclip.reference import BankBuilder, IndexSettings
         from headclip.reference.build import BankSettings
 
         settings = BankSettings(budget=budget, coreset=coreset, layers=layers, aggregate=aggregate,
                                 index=index or IndexSettings())
         builder = BankBuilder(self.scorer.model.vision.map_layers, settings)
+        good_features = self.features_at(side or self.scorer.image_size)[1]
         for texture in self.textures:
             rows = [i for i, c in enumerate(self.good_classes) if c == texture][:per_texture]
-            builder.add(self.good_features[rows], [texture] * len(rows))
+            builder.add(good_features[rows], [texture] * len(rows))
         model = self.scorer.model
-        return builder.build("bench", model.config.backbone, model.image_size, model.clip.visual.output_dim,
-                             "class_name")
+        return builder.build(model.checkpoint_id or "untrained", model.config.backbone, model.image_size,
+                             model.clip.visual.output_dim, "class_name", reference_size=side)
 
     def evaluate(self, bank, nprobe=None) -> dict[str, dict[str, float]]:
         """Per texture: image AUROC of zero-shot, reference and combined; pixel AUROC of zero-shot and combined."""
@@ -131,10 +177,12 @@ class Bench:
         from headclip.reference import ReferenceScorer
 
         scorer = ReferenceScorer(bank, self.scorer.model, nprobe=nprobe)
+        features = self.features_at(bank.input_size)[0]
         result = {}
         for texture in self.textures:
             rows = np.flatnonzero(self.classes == texture)
-            ref = scorer.apply(_Out(self.joint[rows], self.maps[rows], self.features[rows]), [texture] * len(rows))
+            ref = scorer.apply(_Out(self.joint[rows], self.maps[rows], self.features[rows]), [texture] * len(rows),
+                               features[rows] if scorer.own_size else None)
             labels, masks = self.labels[rows], self.masks[rows].ravel()
             result[texture] = {
                 "zero-shot": _auroc(labels, self.joint[rows].numpy()),
@@ -172,7 +220,7 @@ def accuracy(bench: Bench, good: int) -> dict:
 def choices(bench: Bench, good: int) -> None:
     print("\nsettings (mean over textures):")
     first = True
-    trials = [(f"known-good {k}", dict(per_texture=k)) for k in (1, 4, 16, 40)]
+    trials = [(f"known-good {k}", dict(per_texture=k)) for k in CURVE]
     trials += [("aggregate max", dict(per_texture=good)), ("aggregate top 1 %", dict(per_texture=good, aggregate="top1"))]
     patches = good * bench.features.shape[1]
     for fraction in (0.01, 0.1, 0.25):
@@ -188,6 +236,45 @@ def choices(bench: Bench, good: int) -> None:
             print(_header(mean))
             first = False
         print(_row(name, mean))
+
+
+def reference_sizes(bench: Bench, good: int, images: int) -> None:
+    """Accuracy and scoring time with the bank's images at 1x, 1.5x and 2x the model's side."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from headclip.reference import write_bank
+    from headclip.scoring.scorer import ImageScorer, ScoringOptions
+
+    model = bench.scorer.model
+    side, patch = model.image_size, model.vision.patch_size
+    sides = sorted({int(round(side * f / patch)) * patch for f in SIDES})
+    table = pa.Table.from_pylist([{"image_id": r["image_id"], "image_uri": r["image_uri"]}
+                                  for r in bench.archive[:images]])
+    means, scorers = {}, {0: bench.scorer}
+    with tempfile.TemporaryDirectory() as folder:
+        for s in sides:
+            bank = bench.bank(good, side=s)
+            means[s] = bench.evaluate(bank)["mean"]
+            write_bank(bank, f"{folder}/bank-{s}.safetensors")
+            scorers[s] = ImageScorer("bench", None, ScoringOptions(batch_size=32,
+                                     reference=f"{folder}/bank-{s}.safetensors"), model=model)
+        times = {}
+        for _ in range(3):
+            for s, scorer in scorers.items():
+                start = time.perf_counter()
+                scorer.score_table(table)
+                times[s] = min(times.get(s, float("inf")), time.perf_counter() - start)
+        for s in sides:
+            scorers[s].close()
+    print(f"\nreference size ({good} known-good images per texture, the model at {side}px; mean over textures; time to "
+          f"score {images} archive images with the bank, read to encoded, best of 3 interleaved, against "
+          f"{times[0]:.2f}s without one):")
+    print(_header(means[side]) + f"{'seconds':>14}{'x no bank':>14}")
+    for s in sides:
+        name = f"{s}px" + (" (the model's: one forward)" if s == side else " (a second forward)")
+        print(_row(name, means[s]) + f"{times[s]:>14.2f}{times[s] / times[0]:>14.2f}")
 
 
 def _recall(exact, approx) -> tuple[float, float]:
@@ -250,92 +337,6 @@ def index_accuracy(bench: Bench, good: int) -> None:
               f"({exact_s / seconds:.0f}x faster)")
 
 
-def cost(folder: Path, scorer, images: int) -> None:
-    """Scoring time without a bank and with a 100k-patch bank (random unit features), exact and indexed, in one run."""
-    import pyarrow as pa
-    import torch
-
-    from headclip.reference import GroupSearch, IndexSettings, ReferenceBank, ReferenceScorer, build_index
-
-    records = list(csv.DictReader(open(folder / "manifest.csv")))[:images]
-    for r in records:
-        r["image_uri"] = str(folder / r["image_uri"])
-    table = pa.Table.from_pylist([{"image_id": r["image_id"], "image_uri": r["image_uri"]} for r in records])
-    model = scorer.model
-    layers, dim = len(model.vision.map_layers), model.clip.visual.output_dim
-    generator = torch.Generator().manual_seed(0)
-    features = torch.nn.functional.normalize(torch.randn(100_000, layers, dim, generator=generator), dim=-1).flatten(1)
-    settings = IndexSettings()
-    start = time.perf_counter()
-    order, index = build_index(features, settings)
-    built = time.perf_counter() - start
-    make = lambda f, indexes: ReferenceBank(  # noqa: E731
-        {"*": f}, {"*": 1.0}, model.checkpoint_id or "untrained", model.config.backbone, model.image_size,
-        tuple(model.vision.map_layers), dim, settings={"index": settings.to_dict()}, indexes=indexes)
-    banked = {"exact": ReferenceScorer(make(features, {}), model),
-              "indexed": ReferenceScorer(make(features[order].contiguous(), {"*": index}), model)}
-    scorer.score_table(table.slice(0, 8))  # warm up
-    times = {}
-    for _ in range(3):
-        for name in ("without", "exact", "indexed"):
-            scorer.reference = banked.get(name)
-            start = time.perf_counter()
-            scorer.score_table(table)
-            times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
-    scorer.reference = None
-    plain = times["without"]
-    print(f"\ncost on this CPU ({torch.get_num_threads()} threads), {images} archive images read, decoded, scored and "
-          f"encoded (best of 3, interleaved): {plain:.2f}s without a bank; with a 100,000-patch bank (random unit "
-          f"features, width {layers} x {dim}): {times['exact']:.2f}s exact ({times['exact'] / plain:.2f}x), "
-          f"{times['indexed']:.2f}s indexed ({times['indexed'] / plain:.2f}x; index of {index.nlist} lists built in "
-          f"{built:.1f}s, nprobe {settings.nprobe}); target <= 1.3x: "
-          f"{'met' if times['indexed'] / plain <= 1.3 else 'NOT met'}")
-    print("\nbank memory (float32, 4 map layers) and nearest-neighbour time per image on this CPU; exact: 1M timed as "
-          "one 100k bank x 10; indexed (nprobe %d): a batch of %d images' patches, the probe timed with the size's "
-          "lists, the scan with its list size on equal lists of random rows:" % (settings.nprobe, BATCH))
-    for backbone, width, patches in WIDTHS:
-        queries = torch.nn.functional.normalize(torch.randn(patches, MAP_LAYERS * width), dim=-1)
-        for size in (10_000, 100_000, 1_000_000):
-            nbytes = size * MAP_LAYERS * width * 4
-            measured = min(size, 100_000)
-            bank_t = torch.nn.functional.normalize(torch.randn(measured, MAP_LAYERS * width), dim=-1)
-            start = time.perf_counter()
-            GroupSearch(bank_t)(queries)
-            seconds = (time.perf_counter() - start) * size / measured
-            batch = torch.nn.functional.normalize(torch.randn(BATCH * patches, MAP_LAYERS * width), dim=-1)
-            indexed = _indexed_time(bank_t, batch, size, settings) / BATCH
-            flops = 2 * patches * size * MAP_LAYERS * width
-            print(f"  {backbone:<24} {size:>9,} patches: {nbytes / 2**30:6.2f} GiB, {flops / 1e12:7.2f} TFLOP and "
-                  f"{seconds * 1e3:8.0f} ms per image exact, {indexed * 1e3:6.1f} ms indexed "
-                  f"({settings.lists_for(size)} lists{', exact by default' if size < settings.exact_below else ''})")
-            del bank_t
-
-
-def _indexed_time(bank, queries, size: int, settings) -> float:
-    """Seconds of an indexed search of ``queries`` in a ``size``-row bank: the probe against its
-    lists_for(size) centroids, then the scan of nprobe lists of size // nlist rows (equal lists of
-    ``bank``'s rows, which holds at most 100k: the scan's cost is set by the lists' sizes)."""
-    import torch
-
-    from headclip.reference import GroupSearch, ListIndex
-
-    nlist = settings.lists_for(size)
-    per_list = max(1, size // nlist)
-    lists = bank.shape[0] // per_list
-    offsets = torch.arange(lists + 1) * per_list
-    centroids = bank[torch.randperm(bank.shape[0])[:nlist]] if nlist <= bank.shape[0] else torch.randn(nlist, bank.shape[1])
-    probe = GroupSearch(bank, ListIndex(centroids, torch.arange(nlist + 1)), settings.nprobe)
-    scan = GroupSearch(bank[:lists * per_list], ListIndex(bank[:lists], offsets), settings.nprobe)
-    picks = torch.rand(queries.shape[0], lists).argsort(1)[:, :min(settings.nprobe, lists)]
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        probe.probe(queries)
-        scan.scan(queries, picks)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     folder = Path(args.data)
@@ -357,6 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         accuracy(bench, args.good)
         if not args.skip_choices:
             choices(bench, args.good)
+            reference_sizes(bench, args.good, args.cost_images)
         index_accuracy(bench, args.good)
         if not args.skip_cost:
             cost(folder, scorer, args.cost_images)

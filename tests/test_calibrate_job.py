@@ -305,12 +305,13 @@ def test_calibrate_inputs_are_checked_in_one_line(tmp_path, capsys, monkeypatch)
 
 # -- one pass: a reference bank from part of the good images, thresholds on the rest -------------------
 
-PER_LINE, IN_BANK, ONE_PASS_TARGET = 6, 2, 0.2
+PER_LINE, IN_BANK, ONE_PASS_TARGET, REFERENCE_SIZE = 6, 2, 0.2, 96
 
 
 @pytest.fixture(scope="module")
 def one_pass(ray_cluster, tiny_checkpoint, tmp_path_factory):
-    """jobs.calibrate --build-reference on six good images of each line, two of each into the bank."""
+    """jobs.calibrate --build-reference on six good images of each line, two of each into the bank, at a
+    reference size of its own (the held-out images are scored with both forwards)."""
     root = tmp_path_factory.mktemp("one-pass")
     lines = ["image_uri,image_id,line"]
     for line_index, line in enumerate(LINES):
@@ -321,7 +322,8 @@ def one_pass(ray_cluster, tiny_checkpoint, tmp_path_factory):
     (root / "good.csv").write_text("\n".join(lines) + "\n")
     argv = ["--input", root / "good.csv", "--checkpoint", tiny_checkpoint, "--output", root / "t.json",
             "--group-column", "line", "--build-reference", root / "bank.safetensors", "--reference-images", IN_BANK,
-            "--budget", "24", "--target-fpr", ONE_PASS_TARGET, "--shard-size", "4", "--batch-size", "4"]
+            "--budget", "24", "--target-fpr", ONE_PASS_TARGET, "--shard-size", "4", "--batch-size", "4",
+            "--reference-size", REFERENCE_SIZE]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert calibrate_job.main([str(a) for a in argv]) == 0
@@ -347,13 +349,15 @@ def test_one_pass_bank_holds_exactly_the_images_not_calibrated_on(one_pass, tiny
     assert [line.split(",")[1] for line in in_bank] == [i for i, c in zip(ids, chosen) if c]
     bank = read_bank(str(root / "bank.safetensors"))
     assert {g: c["images"] for g, c in bank.counts.items()} == {line: IN_BANK for line in LINES}
+    assert bank.input_size == REFERENCE_SIZE and bank.image_size == 64
     assert thresholds.reference == {**thresholds.reference, "bank_images": 2 * IN_BANK,
                                     "held_out_images": len(held_out), "fingerprint": bank_fingerprint(bank)}
     # the same bank as jobs.reference builds from exactly the images not calibrated on
     (root / "in-bank.csv").write_text("image_uri,image_id,line\n" + "\n".join(in_bank) + "\n")
     code, _, err = job_in_process("reference", ["--input", root / "in-bank.csv", "--output", root / "again.safetensors",
                                                 "--group-column", "line", "--budget", "24", "--checkpoint",
-                                                tiny_checkpoint, "--shard-size", "4"], capsys)
+                                                tiny_checkpoint, "--shard-size", "4",
+                                                "--reference-size", REFERENCE_SIZE], capsys)
     assert code == 0, err
     again = read_bank(str(root / "again.safetensors"))
     assert again.counts == bank.counts and again.scales == pytest.approx(bank.scales, rel=1e-4)

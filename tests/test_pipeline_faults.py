@@ -38,13 +38,13 @@ def test_killed_actor_leaves_every_image_once_and_a_rerun_skips_them(ray_cluster
 
     def on_event(name, result):
         if name == "shard_done" and not killed:
-            pids = _model_actor_pids()
-            assert pids, "no live scoring actor to kill"
-            os.kill(pids[0], signal.SIGKILL)
-            killed["done_before"] = result.index
+            pids = _model_actor_pids()  # none seen yet (the actor table lags on a loaded machine): the next shard
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed["done_before"] = result.index
 
     plan, summary = run_job(config, on_event=on_event)
-    assert killed
+    assert killed, "no live scoring actor was seen as any shard was published"
     assert summary.images == 12 and summary.shards_scored + summary.shards_skipped == 12
     frame = results.read_run(run_uri(config.output, plan.run_id))
     assert len(frame) == 12 and frame["image_id"].is_unique

@@ -21,7 +21,6 @@ from headclip.scoring.device_batch import DeviceFeeder
 from headclip.scoring.scorer import ImageScorer, ScoringOptions
 from headclip.scoring.stages import columns_to_loaded, decode_records, loaded_to_columns
 
-from .conftest import tiny_config
 from .scoring_helpers import write_images
 
 SIDE = 96  # the tiny model scores at 64 px (16 px patches): the bank's patches come from a 6 x 6 grid
