@@ -37,11 +37,13 @@ def greedy_coreset(features: torch.Tensor, budget: int, projection: Optional[int
     chosen = torch.empty(budget, dtype=torch.long)
     first = int(torch.randint(n, (1,), generator=generator))
     chosen[0] = first
-    nearest = (x - x[first]).square().sum(1)
+    # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one matrix-vector product per step, no (n, d) temporaries
+    norms = x.square().sum(1)
+    nearest = (norms - 2 * (x @ x[first]) + norms[first]).clamp_(min=0)
     for i in range(1, budget):
         nxt = int(nearest.argmax())
         chosen[i] = nxt
-        nearest = torch.minimum(nearest, (x - x[nxt]).square().sum(1))
+        torch.minimum(nearest, (norms - 2 * (x @ x[nxt]) + norms[nxt]).clamp_(min=0), out=nearest)
     return chosen.sort().values
 
 
