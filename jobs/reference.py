@@ -5,8 +5,10 @@ through the scoring job's stages on Ray (decode tasks, then a pool of model acto
 Ray on a laptop, the cluster's under `ray job submit`); the actors send back each image's
 patch features of the bank's layers, and this process subsamples each group's
 (--group-column, one bank per group; default one pooled bank) to --budget patches: greedy
-k-centre coreset (PatchCore) or random; unreadable images are left out and counted. Writes one
-safetensors file whose header records the checkpoint id, backbone, image size, layers, counts, per-group
+k-centre coreset (PatchCore) or random; unreadable images are left out and counted. The images are
+resized to the model's input side, or to --reference-size: scoring with such a bank then resizes each
+image to that side too and runs a second forward of the map layers there. Writes one safetensors file
+whose header records the checkpoint id, backbone, image size, reference size, layers, counts, per-group
 distance scales and this command (storage options and secrets removed). jobs.score takes it
 with --reference; a bank from another checkpoint or image size is refused there.
 """
