@@ -50,10 +50,9 @@ def build_parser() -> Parser:
 
 
 def _sync(device) -> None:
-    import torch
+    from headclip.model.profile import synchronize
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
 
 
 def forward_rate(model, batch, device, repeats: int) -> float:

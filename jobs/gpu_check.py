@@ -6,7 +6,11 @@ forward, the rewrites are switched on one at a time (split SDPA, class token
 only in the last layer, folded head weights, bf16 tower, cuDNN attention,
 torch.compile); each step is timed in interleaved rounds (best round kept,
 so a busy machine hurts every step alike), its FLOPs counted, and its scores
-and maps compared with the original forward's on the same images.
+and maps compared with the original forward's on the same images. Then the
+last eager step with a reference bank of ``--bank-patches`` random unit
+features at the model's width (headclip.reference): images/s of the forward
+with the bank's search and combination, indexed (the default for such a bank)
+and exact, against the same forward without a bank, in interleaved rounds.
 ``--smoke`` runs the same steps on the tiny test backbone on the CPU.
 """
 
@@ -28,7 +32,8 @@ EXAMPLE = """examples:
 
 log = logging.getLogger("jobs.gpu_check")
 
-SMOKE = dict(backbone="HeadCLIP-Tiny", image_size=64, batch_size=2, device="cpu", rounds=2, repeats=2)
+SMOKE = dict(backbone="HeadCLIP-Tiny", image_size=64, batch_size=2, device="cpu", rounds=2, repeats=2,
+             bank_patches=20_000)
 
 
 def build_parser() -> Parser:
@@ -42,6 +47,8 @@ def build_parser() -> Parser:
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--repeats", type=positive_int, default=10, help="batches per round and step (default 10)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the torch.compile step")
+    p.add_argument("--bank-patches", type=positive_int, default=100_000,
+                   help="patches of the reference bank timed after the steps (default 100000)")
     p.add_argument("--cpu-time", action="store_true",
                    help="on a shared CPU: one thread, timed by this process's CPU seconds instead of wall time")
     p.add_argument("--smoke", action="store_true", help="the tiny backbone at 64 px, batch 2, on the CPU")
@@ -148,12 +155,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{result['step']:40s} {result['flops_per_image'] / 1e9:9.3f} {result['best_images_per_second']:9.2f} "
               f"{result['speedup']:6.2f} {tflops:8.3f} {percent:>6s} {result['max_abs_diff_score']:9.2e} "
               f"{result['max_abs_diff_map']:8.2e}")
+    eager = [s for s in plan if not s[3]][-1]
+    bank = bank_rates(model_for(eager), images, args.bank_patches, args.rounds, args.repeats, clock)
+    print(f"\nwith a reference bank of {args.bank_patches:,} patches (random unit features, {bank['width']} wide), "
+          f"step '{eager[0]}':")
+    for key in ("without", "indexed", "exact"):
+        rate = bank[key]
+        print(f"  {key:<8} {rate:9.2f} images/s  ({rate / bank['without']:.2f} of the rate without a bank)")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(dict(device=name, peak_tflops=peak, cpu_time=args.cpu_time, backbone=args.backbone, image_size=args.image_size,
-                           batch_size=args.batch_size, torch=torch.__version__, time=time.time(), steps=results),
-                      handle, indent=1)
+                           batch_size=args.batch_size, torch=torch.__version__, time=time.time(), steps=results,
+                           reference_bank=bank), handle, indent=1)
     return 0
+
+
+def bank_rates(model, images, patches: int, rounds: int, repeats: int, clock) -> dict:
+    """Images/s of ``model.score`` without a bank and with a ``patches``-row bank searched through its index
+    and exactly (the best of ``rounds`` interleaved rounds of ``repeats`` batches), and the bank's width."""
+    import torch
+
+    from headclip.model.profile import synchronize
+    from headclip.reference import IndexSettings, ReferenceBank, ReferenceScorer, build_index
+
+    device = images.device
+    layers, dim = len(model.vision.map_layers), model.clip.visual.output_dim
+    generator = torch.Generator().manual_seed(1)
+    features = torch.nn.functional.normalize(torch.randn(patches, layers, dim, generator=generator), dim=-1).flatten(1)
+    settings = IndexSettings()
+    order, index = build_index(features.to(device), settings)
+    bank = lambda f, indexes: ReferenceBank(  # noqa: E731
+        {"*": f}, {"*": 1.0}, "gpu-check", model.config.backbone, model.image_size, tuple(model.vision.map_layers),
+        dim, settings={"index": settings.to_dict()}, indexes=indexes)
+    scorers = {"indexed": ReferenceScorer(bank(features[order.cpu()].contiguous(), {"*": index}), model),
+               "exact": ReferenceScorer(bank(features, {}), model)}
+
+    def run(name: str) -> None:
+        if name == "without":
+            model.score(images)
+        else:
+            scorers[name].apply(model.score(images, patch_features=True), [None] * images.shape[0])
+
+    rates = {"without": 0.0, "indexed": 0.0, "exact": 0.0}
+    for round_ in range(rounds):
+        for name in rates:
+            for _ in range(int(round_ == 0)):
+                run(name)
+            synchronize(device)
+            start = clock()
+            for _ in range(repeats):
+                run(name)
+            synchronize(device)
+            rates[name] = max(rates[name], repeats * images.shape[0] / (clock() - start))
+    return {**rates, "patches": patches, "width": layers * dim, "nprobe": settings.nprobe, "lists": index.nlist}
 
 
 if __name__ == "__main__":

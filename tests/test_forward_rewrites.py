@@ -278,7 +278,11 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path, capsys):
     assert all(s["max_abs_diff_map"] <= BF16_MAP_TOL for s in result["steps"])
     flops = [s["flops_per_image"] for s in result["steps"]]
     assert flops[2] < flops[1]  # the class token alone in the last layer
-    assert "original forward" in capsys.readouterr().out
+    bank = result["reference_bank"]
+    assert bank["patches"] == 20_000 and bank["lists"] > 1 and bank["without"] > 0
+    assert bank["indexed"] > 0 and bank["exact"] > 0
+    printed = capsys.readouterr().out
+    assert "original forward" in printed and "with a reference bank of 20,000 patches" in printed
 
 
 def test_score_flags_reach_the_scorer_that_loads_the_model():

@@ -56,7 +56,8 @@ def architecture_config(backbone: str, pretrained_arch: Optional[str], image_siz
                           **changes)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -82,11 +83,11 @@ def images_per_second(model: HeadCLIP, images: torch.Tensor, repeats: int, warmu
     device = images.device
     for _ in range(warmup):
         model.score(images)
-    _sync(device)
+    synchronize(device)
     start = clock()
     for _ in range(repeats):
         model.score(images)
-    _sync(device)
+    synchronize(device)
     return repeats * images.shape[0] / (clock() - start)
 
 
@@ -97,10 +98,10 @@ def top_kernels(model: HeadCLIP, images: torch.Tensor, rows: int = 12) -> str:
     cuda = images.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     model.score(images)
-    _sync(images.device)
+    synchronize(images.device)
     with profile(activities=activities) as prof:
         model.score(images)
-        _sync(images.device)
+        synchronize(images.device)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
 
