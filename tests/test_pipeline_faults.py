@@ -18,6 +18,9 @@ from headclip.storage.layout import run_uri
 from .scoring_helpers import job, run_job, slow_checkpoint, write_images
 
 
+SHARDS = 24  # of one image each: work is left when the first is published
+
+
 def _model_actor_pids() -> list[int]:
     """Process ids of the live actors of Ray Data's pools (the scoring actors)."""
     from ray._private.state import actors
@@ -27,30 +30,43 @@ def _model_actor_pids() -> list[int]:
 
 
 def test_killed_actor_leaves_every_image_once_and_a_rerun_skips_them(ray_cluster, tmp_path):
-    """A scoring actor killed (SIGKILL) after the first shard is published: Ray Data restarts it and
-    runs its shards again. Catches: a shard counted or written twice, a shard lost with the actor, a
-    rerun that scores published shards again."""
+    """A scoring actor killed (SIGKILL) once the first shard is published, with shards left: Ray Data
+    restarts it and runs its shards again. Catches: a shard counted or written twice, a shard lost with
+    the actor, a rerun that scores published shards again."""
+    import threading
+    import time
+
     checkpoint = slow_checkpoint(tmp_path)
-    write_images(tmp_path / "images", 12)
+    write_images(tmp_path / "images", SHARDS)
     config = job(str(tmp_path / "images"), str(tmp_path / "out"), checkpoint, shard_size=1,
                  cpus_per_actor=1)
-    killed = {}
+    killed, stop = {}, threading.Event()
 
-    def on_event(name, result):
-        if name == "shard_done" and not killed:
-            pids = _model_actor_pids()  # none seen yet (the actor table lags on a loaded machine): the next shard
+    def killer():  # watches the output, as an operator would: the driver's events may trail the actors
+        while not stop.is_set():
+            published = len(list((tmp_path / "out").glob("run_id=*/shard-*.parquet")))
+            pids = _model_actor_pids() if published else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
-                killed["done_before"] = result.index
+                killed["published_before"] = published
+                return
+            time.sleep(0.005)
 
-    plan, summary = run_job(config, on_event=on_event)
-    assert killed, "no live scoring actor was seen as any shard was published"
-    assert summary.images == 12 and summary.shards_scored + summary.shards_skipped == 12
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        plan, summary = run_job(config)
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "no live scoring actor was seen once a shard was published"
+    assert killed["published_before"] < SHARDS  # killed with work left
+    assert summary.images == SHARDS and summary.shards_scored + summary.shards_skipped == SHARDS
     frame = results.read_run(run_uri(config.output, plan.run_id))
-    assert len(frame) == 12 and frame["image_id"].is_unique
+    assert len(frame) == SHARDS and frame["image_id"].is_unique
     _, again = run_job(config)
-    assert again.shards_skipped == 12 and again.shards_scored == 0 and again.images == 12
-    assert len(results.read_run(run_uri(config.output, plan.run_id))) == 12
+    assert again.shards_skipped == SHARDS and again.shards_scored == 0 and again.images == SHARDS
+    assert len(results.read_run(run_uri(config.output, plan.run_id))) == SHARDS
 
 
 def test_an_actor_that_keeps_dying_ends_the_run_with_one_line(ray_cluster, tmp_path):
