@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def quick_start_lines() -> list[str]:
     return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+@pytest.mark.own_ray  # the job starts a local Ray of its own, as on a laptop
 def test_readme_quick_start_runs_as_written(tmp_path):
     """Each line in a shell, in a folder of its own (the entry points found as from the checkout, the
     environment's python first on PATH, as after activating it). Catches: a quick start whose flags,

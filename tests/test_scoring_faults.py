@@ -193,7 +193,9 @@ def _wait_for_actors_gone(job_id: str, timeout: float) -> None:
 
     deadline = time.monotonic() + timeout
     while True:
-        actors = [a for a in state.actors().values() if a["JobID"] == job_id]
+        # Ray Data's detached service actors (stats, autoscaling, locations) outlive any driver: the job
+        # that first used Ray Data in this Ray created them, and they are shared, not that job's work
+        actors = [a for a in state.actors().values() if a["JobID"] == job_id and not a.get("IsDetached")]
         alive = [a["Name"] or a["ActorID"] for a in actors if a["State"] != "DEAD" or not _process_gone(a["Pid"])]
         if actors and not alive:
             return
@@ -204,7 +206,7 @@ def _wait_for_actors_gone(job_id: str, timeout: float) -> None:
 
 def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
     checkpoint = slow_checkpoint(tmp_path)
-    write_images(tmp_path / "images", 60)
+    write_images(tmp_path / "images", 40)
     out = tmp_path / "out"
     process = subprocess.Popen(_score_command(tmp_path / "images", out, checkpoint, ray_cluster), cwd=REPO,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -224,13 +226,13 @@ def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
     # snapshot waits until every actor of that job is dead and its process has exited.
     _wait_for_actors_gone(driver_job, timeout=60)
     finished = {p: p.stat().st_mtime_ns for p in out.glob("run_id=*/shard-*.parquet")}
-    assert 3 <= len(finished) < 30, len(finished)
+    assert 3 <= len(finished) < 20, len(finished)
 
     config = job(str(tmp_path / "images"), str(out), checkpoint, shard_size=2,
                  scoring=ScoringOptions(batch_size=2, io_threads=4))
     plan, summary = run_job(config)
     assert plan.resumed and summary.shards_skipped == len(finished)
-    assert summary.shards_scored == 30 - len(finished)
+    assert summary.shards_scored == 20 - len(finished)
     for path, stamp in finished.items():
         assert path.stat().st_mtime_ns == stamp, f"{path.name} was re-scored"
     resumed = results.read_run(run_uri(str(out), plan.run_id))
@@ -240,7 +242,7 @@ def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
                               scoring=ScoringOptions(batch_size=2, io_threads=4)))
     assert plan_ref.run_id == plan.run_id
     reference = results.read_run(run_uri(str(reference_out), plan.run_id))
-    assert len(resumed) == 60 and resumed["image_id"].is_unique
+    assert len(resumed) == 40 and resumed["image_id"].is_unique
     columns = [c for c in reference.columns if c not in ("scored_at", "anomaly_map", "mask_rle", "bbox")]
     pd.testing.assert_frame_equal(resumed[columns], reference[columns], check_exact=False, atol=2e-5)
     def masks(frame):
