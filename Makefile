@@ -26,13 +26,14 @@ install: $(STAMP)
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 # Every test but those that start Ray clusters of their own (four nodes; a head with the job API; a
-# node whose memory monitor kills: about a minute each) and the demo-figure tests; make
-# test-multinode and make test-demo run those, and CI runs all.
+# node whose memory monitor kills; README's quick start), those that run jobs as driver processes and
+# signal or starve them (about a minute each), and the demo-figure tests; make test-multinode and
+# make test-demo run those, and CI runs all.
 test: $(STAMP)
-	$(PY) -m pytest $(XDIST) -m "not multinode and not own_ray and not demo" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not multinode and not own_ray and not processes and not demo" $(PYTEST_ARGS)
 
 test-multinode: $(STAMP)
-	$(PY) -m pytest $(XDIST) -m "multinode or own_ray" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "multinode or own_ray or processes" $(PYTEST_ARGS)
 
 # make demo run once: the figures README and docs/ state against what it prints, and every --help
 # example that names the demo's files run on its output (about 4 minutes on two idle cores).

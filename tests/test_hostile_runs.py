@@ -67,6 +67,7 @@ def test_shards_another_driver_published_are_counted_from_their_files(ray_cluste
     assert (stored["images"], stored["errors"], stored["anomalous"]) == (13, 1, 12)
 
 
+@pytest.mark.processes
 def test_two_drivers_at_once_agree_with_the_files(ray_cluster, tiny_checkpoint, tmp_path):
     """A driver process and this one score the same run together: each image once, both summaries right."""
     write_images(tmp_path / "images", 16)
@@ -273,6 +274,7 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*.tmp"))
 
 
+@pytest.mark.processes
 def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_temporary_files(ray_cluster, tiny_checkpoint,
                                                                               tmp_path, small_disk):
     write_images(tmp_path / "images", 6)
@@ -319,6 +321,7 @@ def test_a_read_only_output_is_one_line(ray_cluster, tiny_checkpoint, tmp_path, 
 # -- 18. Ctrl-C ----------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_ctrl_c_ends_the_driver_with_one_line_and_the_run_resumes(ray_cluster, tmp_path):
     checkpoint = slow_checkpoint(tmp_path)
     write_images(tmp_path / "images", 60)  # 30 shards: work is left when the first one is published

@@ -204,6 +204,7 @@ def _wait_for_actors_gone(job_id: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.processes
 def test_interrupted_run_resumes_with_same_rows(ray_cluster, tmp_path):
     checkpoint = slow_checkpoint(tmp_path)
     write_images(tmp_path / "images", 40)
