@@ -89,12 +89,12 @@ def _rows(folder: Path, name: str) -> list[dict]:
 
 
 def _more_good(folder: Path, count: int) -> list[dict]:
-    """``count`` known-good images as the demo writes them (the same seeds: the demo's own come first), in a
-    folder beside ``folder``'s (written once)."""
+    """``count`` known-good images as the demo writes them (the same seeds: the demo's own come first), in
+    ``folder``/_known-good-<count> (written once; listings skip "_" folders)."""
     from .demo import generate_good
 
     size = _image_side(folder)
-    extra = folder.parent / f"{folder.name}-known-good-{count}"
+    extra = folder / f"_known-good-{count}"
     generate_good(extra, count, size)
     return _rows(extra, "known-good.csv")
 
