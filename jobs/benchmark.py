@@ -49,36 +49,34 @@ def build_parser() -> Parser:
     return p
 
 
-def _sync(device) -> None:
-    from headclip.model.profile import synchronize
-
-    synchronize(device)
-
-
 def forward_rate(model, batch, device, repeats: int) -> float:
     """Images per second of model.score on a uint8 batch already on the device (one sync after the loop)."""
+    from headclip.model.profile import synchronize
+
     batch = batch.to(device)
     model.score(batch)  # warm-up
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         model.score(batch)
-    _sync(device)
+    synchronize(device)
     return repeats * batch.shape[0] / (time.perf_counter() - start)
 
 
 def vv_overhead(model, batch, device, repeats: int) -> float:
     """Time of the dual-path vision forward over open_clip's plain encode_image."""
+    from headclip.model.profile import synchronize
+
     import torch
 
     images = model.normalize(batch.to(device))
     with torch.inference_mode(), model._autocast(images):
         model.vision(images)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             model.vision(images)
-        _sync(device)
+        synchronize(device)
         dual = time.perf_counter() - start
         x = model.vision.embed(images)
         start = time.perf_counter()
@@ -86,7 +84,7 @@ def vv_overhead(model, batch, device, repeats: int) -> float:
             h = x
             for block in model.clip.visual.transformer.resblocks:
                 h, _ = model.vision.block_forward(block, h, None, None)
-        _sync(device)
+        synchronize(device)
         plain = time.perf_counter() - start
     return dual / plain
 

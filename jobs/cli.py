@@ -583,5 +583,5 @@ def apply_reference_arg(args, config) -> None:
         bank.check(checkpoint.checkpoint_id, size, f"reference bank {redact_text(args.reference)}")
     except (BankError, CheckpointError) as err:
         raise UsageError(str(err)) from None
-    own = bank.input_size if bank.input_size != size else None  # the decode stage sends that side too
-    config.scoring = dataclasses.replace(config.scoring, reference=args.reference, reference_size=own)
+    # the decode stage sends each image at the bank's own side too (the bank fits this image size: checked above)
+    config.scoring = dataclasses.replace(config.scoring, reference=args.reference, reference_size=bank.own_size)

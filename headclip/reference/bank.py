@@ -65,6 +65,12 @@ class ReferenceBank:
         return int(self.reference_size or self.image_size)
 
     @property
+    def own_size(self) -> Optional[int]:
+        """The reference size where it differs from the model's input size (scoring then runs a second
+        forward at that side), else None (the zero-shot forward's patch features are used)."""
+        return self.input_size if self.input_size != self.image_size else None
+
+    @property
     def groups(self) -> list[str]:
         return sorted(self.features)
 

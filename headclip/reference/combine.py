@@ -71,7 +71,7 @@ class ReferenceScorer:
         self.index = [map_layers.index(l) for l in bank.layers]
         self.bank = bank.to(device or model.image_mean.device)
         # the side of a second forward for the bank's features; None: the zero-shot forward's are used
-        self.own_size = bank.input_size if bank.input_size != bank.image_size else None
+        self.own_size = bank.own_size
         self.grid, self.size, self.sigma = model.vision.grid, model.image_size, model.config.sigma
         if self.own_size is not None:
             patch = model.vision.patch_size
